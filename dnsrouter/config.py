@@ -1,0 +1,138 @@
+"""The configuration: built-in defaults, then the INI file, then the flags."""
+from __future__ import annotations
+
+import argparse
+import configparser
+from dataclasses import field, make_dataclass
+from typing import Any, Sequence
+
+from . import __version__
+from .errors import ConfigError
+from .settings import SETTINGS, Setting
+
+Config = make_dataclass(
+    "Config",
+    [(s.name, Any) for s in SETTINGS] + [("config_file", Any, field(default=None))],
+    frozen=True,
+)
+Config.__doc__ = "The effective configuration; one attribute per Setting (section_key)."
+
+
+def build_parser(prog: str = "dnsrouter") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Route DNS queries to the authoritative backend whose regexp matches the name.",
+    )
+    parser.add_argument("--config", metavar="FILE", help="INI configuration file")
+    for setting in SETTINGS:
+        if setting.flag is None:
+            continue
+        kwargs: dict[str, Any] = {"dest": setting.name, "help": f"{setting.help} "
+                                  f"([{setting.section}] {setting.key}, default {setting.default or 'none'})"}
+        if setting.name == "server_listen":
+            kwargs["action"] = "append"
+        parser.add_argument(setting.flag, **kwargs)
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the configuration, print it, exit 0 (or 2 with the reason)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def _locate(lines: list[str], section: str, key: str) -> int:
+    """The line of ``key`` in ``[section]``, for messages (configparser has none)."""
+    current = None
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if text.startswith("[") and text.endswith("]"):
+            current = text[1:-1].strip()
+        elif current == section and text.split("=", 1)[0].split(":", 1)[0].strip().lower() == key:
+            return number
+    return 0
+
+
+def read_file(path: str) -> dict[str, str]:
+    """Raw values by setting name; unknown sections and keys are errors."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    parser = configparser.ConfigParser(interpolation=None, strict=True,
+                                       inline_comment_prefixes=("#", ";"), default_section="\0")
+    try:
+        parser.read_string(text, source=path)
+    except configparser.Error as e:
+        raise ConfigError(f"{path}: {e}".replace("\n", " ")) from None
+    lines = text.splitlines()
+    known = {(s.section, s.key): s for s in SETTINGS}
+    values: dict[str, str] = {}
+    for section in parser.sections():
+        if section not in {s.section for s in SETTINGS}:
+            line = next((n for n, l in enumerate(lines, 1) if l.strip() == f"[{section}]"), 0)
+            raise ConfigError(f"{path}:{line}: unknown section [{section}]")
+        for key, value in parser.items(section):
+            setting = known.get((section, key))
+            if setting is None:
+                raise ConfigError(f"{path}:{_locate(lines, section, key)}: "
+                                  f"unknown key {key!r} in [{section}]")
+            values[setting.name] = value
+            try:
+                setting.parse(value)
+            except ValueError as e:
+                raise ConfigError(f"{path}:{_locate(lines, section, key)}: "
+                                  f"[{section}] {key}: {e}") from None
+    return values
+
+
+def _parse(setting: Setting, raw: str, where: str) -> Any:
+    try:
+        return setting.parse(raw)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def load(args: argparse.Namespace) -> Any:
+    """Build the Config from parsed flags and the file they name."""
+    from_file = read_file(args.config) if args.config else {}
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        flag = getattr(args, setting.name, None) if setting.flag else None
+        if flag is not None:
+            raw = " ".join(flag) if isinstance(flag, list) else flag
+            values[setting.name] = _parse(setting, raw, setting.flag)
+        elif setting.name in from_file:
+            values[setting.name] = setting.parse(from_file[setting.name])
+        else:
+            values[setting.name] = _parse(setting, setting.default, f"default {setting.name}")
+    return Config(config_file=args.config, **values)
+
+
+def reload(config: Any, args: argparse.Namespace) -> tuple[Any, list[str], list[str]]:
+    """Re-read the file (SIGHUP): the new config, names applied, names needing a restart.
+
+    Flags still win over the file, as at start.
+    """
+    new = load(args)
+    applied, restart = [], []
+    for setting in SETTINGS:
+        if getattr(new, setting.name) != getattr(config, setting.name):
+            (applied if setting.live else restart).append(f"[{setting.section}] {setting.key}")
+    # Keep the old values of what cannot change live, so the running state stays true.
+    kept = {s.name: getattr(config if not s.live else new, s.name) for s in SETTINGS}
+    return Config(config_file=config.config_file, **kept), applied, restart
+
+
+def describe(config: Any) -> str:
+    """The effective configuration as an INI file (``--check-config``)."""
+    out, section = [], None
+    for setting in SETTINGS:
+        if setting.section != section:
+            section = setting.section
+            out.append(f"\n[{section}]")
+        value = getattr(config, setting.name)
+        if isinstance(value, tuple):
+            value = " ".join(str(v) for v in value)
+        if setting.key == "password" and value:
+            value = "********"
+        out.append(f"{setting.key} = {'' if value is None else value}")
+    return "\n".join(out).lstrip() + "\n"

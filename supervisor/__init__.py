@@ -1,0 +1,1 @@
+"""The supervisor: registry, health, metrics, signals and the workers' lifecycle."""

@@ -1,0 +1,262 @@
+"""The supervisor's main loop, in the manner of gunicorn's arbiter.
+
+Signal handlers only record the signal; the loop dispatches it by name
+(``handle_term``, ``handle_hup``). Registry and health threads hand their
+news to the loop through a queue; only the loop touches the route table
+and the workers, so none of that needs a lock.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from multiprocessing.connection import wait
+from typing import Any, Callable
+
+import setproctitle
+
+from dnsrouter import control
+from dnsrouter.errors import ConfigError
+
+from . import sockets, workerset
+from .registry import Registry
+from .table import RouteTable
+
+log = logging.getLogger("dnsrouter.supervisor")
+
+RESPAWN_BACKOFF_MAX = 5.0
+
+
+class BootError(Exception):
+    """a worker failed to start"""
+
+
+class Supervisor:
+    SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
+
+    def __init__(self, config: Any, worker_main: Callable, registry: Registry,
+                 reload_config: Callable[[], Any] | None = None) -> None:
+        self.config = config
+        self.worker_main = worker_main
+        self.registry = registry
+        self.reload_config = reload_config
+        self.table = RouteTable()
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.workers: dict[int, workerset.WorkerHandle] = {}
+        self.sockets: list = []
+        self.stop_event = threading.Event()
+        self._signals: list[str] = []
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._respawn_at: dict[int, float] = {}
+        self._deaths: dict[int, list[float]] = {}
+        self.restarts = 0
+        self.cpus = workerset.usable_cpus()
+        self._wire = self.table.snapshot().to_wire()  # empty until the registry speaks
+
+    # -- plumbing ----------------------------------------------------------
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"!")
+        except BlockingIOError:
+            pass  # already awake
+
+    def post(self, kind: str, payload: Any) -> None:
+        """For other threads: hand news to the main loop."""
+        self.events.put((kind, payload))
+        self.wake()
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self._signals.append(signal.Signals(signum).name)
+        self.wake()
+
+    # -- start and run -------------------------------------------------------
+    def run(self) -> int:
+        setproctitle.setproctitle("dnsrouter: supervisor")
+        self.sockets = sockets.bind(self.config.server_listen, self.config.server_workers)
+        for name in self.SIGNALS:
+            signal.signal(getattr(signal, name), self._on_signal)
+        threading.Thread(target=self.registry.run, name="registry",
+                         args=(lambda records: self.post("records", records), self.stop_event),
+                         daemon=True).start()
+        log.info("dnsrouter listening on %s with %d workers",
+                 ", ".join(str(a) for a in self.config.server_listen), self.config.server_workers)
+        for index in range(self.config.server_workers):
+            self.spawn(index)
+        try:
+            return self.loop()
+        except BootError as e:
+            log.error("%s; stopping", e)
+            self.kill_all()
+            return 1
+
+    def spawn(self, index: int) -> None:
+        udp, tcp = self.sockets[index]
+        cpu = self.cpus[index % len(self.cpus)] if self.config.server_workers <= len(self.cpus) else None
+        spec = control.WorkerSpec(
+            index=index, cpu=cpu, udp_sockets=udp, tcp_sockets=tcp,
+            forward_timeout=self.config.forward_timeout,
+            tcp_connections=self.config.server_tcp_connections,
+            tcp_idle_timeout=self.config.server_tcp_idle_timeout,
+            log_level=self.config.log_level)
+        handle = workerset.spawn(spec, self.worker_main)
+        handle.post(control.SNAPSHOT, self._wire)
+        self.workers[index] = handle
+        log.debug("worker %d started, pid %s", index, handle.pid)
+
+    def loop(self) -> int:
+        while True:
+            self._dispatch_signals()
+            if self.stop_event.is_set():
+                return self.shutdown()
+            self._drain_events()
+            self._respawn_due()
+            handles = list(self.workers.values())
+            ready = wait([self._wake_r] + [h.conn for h in handles] + [h.process.sentinel for h in handles],
+                         timeout=0.5)
+            if self._wake_r in ready:
+                os.read(self._wake_r, 4096)
+            for handle in handles:
+                if handle.conn in ready:
+                    self._read_worker(handle)
+                if handle.process.sentinel in ready:
+                    self._reap(handle)
+
+    # -- signals ---------------------------------------------------------------
+    def _dispatch_signals(self) -> None:
+        while self._signals:
+            name = self._signals.pop(0)
+            getattr(self, f"handle_{name[3:].lower()}")()
+
+    def handle_term(self) -> None:
+        log.info("stopping: finishing queries in flight")
+        self.stop_event.set()
+
+    handle_int = handle_term
+
+    def handle_hup(self) -> None:
+        if self.reload_config is None:
+            return
+        try:
+            config, applied, restart = self.reload_config()
+        except ConfigError as e:
+            log.error("reload refused, configuration kept: %s", e)
+            return
+        self.config = config
+        logging.getLogger().setLevel(config.log_level.upper())
+        for handle in self.workers.values():
+            handle.post(control.SETTINGS, {"forward_timeout": config.forward_timeout,
+                                           "log_level": config.log_level})
+        log.info("reloaded %s: applied %s%s", config.config_file, ", ".join(applied) or "nothing new",
+                 f"; needs a restart: {', '.join(restart)}" if restart else "")
+        self.events.put(("config", config))
+
+    # -- news from the registry and health threads -----------------------------------
+    def _drain_events(self) -> None:
+        changed = False
+        while True:
+            try:
+                kind, payload = self.events.get_nowait()
+            except queue.Empty:
+                break
+            changed |= self.on_event(kind, payload)
+        if changed:
+            self.publish()
+
+    def on_event(self, kind: str, payload: Any) -> bool:
+        """Apply one piece of news; True when the snapshot must change."""
+        if kind == "records":
+            return self.table.set_records(payload)
+        if kind == "down":
+            return self.table.set_down(payload)
+        return False
+
+    def publish(self) -> None:
+        snapshot = self.table.snapshot()
+        self._wire = snapshot.to_wire()
+        for handle in self.workers.values():
+            handle.post(control.SNAPSHOT, self._wire)
+        log.info("routes version %d: %d routes, %d backends, %d down, %d invalid values",
+                 snapshot.version, len(snapshot.routes), len(self.table.backends),
+                 len(snapshot.down), len(self.table.invalid))
+
+    # -- workers -------------------------------------------------------------------
+    def _read_worker(self, handle: workerset.WorkerHandle) -> None:
+        try:
+            while handle.conn.poll():
+                tag, payload = handle.conn.recv()
+                handle.last_seen = time.monotonic()
+                self.on_worker_message(handle, tag, payload)
+        except (EOFError, OSError):
+            pass  # it died; the sentinel tells the loop
+
+    def on_worker_message(self, handle: workerset.WorkerHandle, tag: str, payload: Any) -> None:
+        if tag == control.READY:
+            handle.ready = True
+            handle.version = payload
+        elif tag == control.REPORT:
+            handle.version = payload["version"]
+        elif tag == control.BOOT_FAILED:
+            raise BootError(payload)
+
+    def _reap(self, handle: workerset.WorkerHandle) -> None:
+        handle.process.join(0)
+        code = handle.process.exitcode
+        if code is None:
+            return
+        index = handle.spec.index
+        self._read_worker(handle)  # a last message (a boot failure) may be waiting
+        handle.close()
+        del self.workers[index]
+        if self.stop_event.is_set():
+            return
+        if code == control.EXIT_BOOT_FAILED:
+            raise BootError(f"worker {index} failed to start")
+        if not handle.ready and self.restarts == 0 and index not in self._deaths:
+            raise BootError(f"worker {index} exited with code {code} during start-up")
+        self.restarts += 1
+        now = time.monotonic()
+        deaths = [t for t in self._deaths.get(index, []) if now - t < 60] + [now]
+        self._deaths[index] = deaths
+        # The first death is replaced at once; a worker that keeps dying
+        # waits longer each time, up to a few seconds, instead of a storm.
+        delay = 0.0 if len(deaths) <= 1 else min(0.1 * 2 ** (len(deaths) - 2), RESPAWN_BACKOFF_MAX)
+        log.warning("worker %d (pid %s) exited with code %s; replacing it%s", index, handle.pid, code,
+                    f" in {delay:.1f}s" if delay else "")
+        self._respawn_at[index] = now + delay
+
+    def _respawn_due(self) -> None:
+        now = time.monotonic()
+        for index, when in list(self._respawn_at.items()):
+            if when <= now:
+                del self._respawn_at[index]
+                self.spawn(index)
+
+    # -- stop ------------------------------------------------------------------------
+    def shutdown(self) -> int:
+        for handle in self.workers.values():
+            handle.post(control.STOP)
+        deadline = time.monotonic() + 2 * self.config.forward_timeout + 3
+        while self.workers and time.monotonic() < deadline:
+            handles = list(self.workers.values())
+            ready = wait([h.process.sentinel for h in handles] + [h.conn for h in handles], timeout=0.1)
+            for handle in handles:
+                if handle.conn in ready:
+                    self._read_worker(handle)
+                if handle.process.sentinel in ready:
+                    self._reap(handle)
+        self.kill_all()
+        log.info("stopped")
+        return 0
+
+    def kill_all(self) -> None:
+        self.stop_event.set()
+        for handle in list(self.workers.values()):
+            if handle.process.is_alive():
+                handle.process.kill()
+            handle.process.join(2)
+            handle.close()
+        self.workers.clear()

@@ -1,0 +1,84 @@
+"""The file registry: a directory where each regular file is one key.
+
+The file name is the key, the content the value; names order the routes.
+The directory is polled (a stat per file) so that edits, renames and
+removals are seen within the poll interval, on any filesystem.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from . import Publish, Record
+
+log = logging.getLogger("dnsrouter.registry")
+
+POLL_INTERVAL = 0.2
+MAX_READ = 1 << 16  # a larger file is not a value; read no more than this
+
+
+class FileRegistry:
+    def __init__(self, directory: str, interval: float = POLL_INTERVAL) -> None:
+        self.directory = directory
+        self.interval = interval
+        self._seen: dict[str, tuple] = {}  # name -> (stat signature, value)
+        self._ignored: set[str] = set()
+        self._missing_logged = False
+
+    def scan(self) -> list[Record] | None:
+        """The current records, or None when nothing changed."""
+        try:
+            entries = sorted(os.scandir(self.directory), key=lambda e: e.name)
+        except OSError as e:
+            if not self._missing_logged:
+                log.warning("routes directory %s: %s", self.directory, e.strerror or e)
+                self._missing_logged = True
+            entries = []
+        else:
+            self._missing_logged = False
+        changed = False
+        current: dict[str, tuple] = {}
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue  # editors' and atomic writers' temporary files
+            try:
+                if not entry.is_file():
+                    if entry.name not in self._ignored:
+                        log.info("routes directory: %s is not a regular file, ignored", entry.name)
+                        self._ignored.add(entry.name)
+                    continue
+                st = entry.stat()
+            except OSError:
+                continue
+            signature = (st.st_ino, st.st_size, st.st_mtime_ns)
+            old = self._seen.get(entry.name)
+            if old is not None and old[0] == signature:
+                current[entry.name] = old
+                continue
+            try:
+                with open(entry.path, "rb") as f:
+                    raw = f.read(MAX_READ + 1)
+            except OSError:
+                continue  # removed between the listing and the read
+            value = raw.decode("utf-8", "surrogateescape")
+            current[entry.name] = (signature, value)
+            changed = changed or old is None or old[1] != value
+        if changed or current.keys() != self._seen.keys():
+            self._seen = current
+            return [Record(name, value, order) for order, (name, (_, value)) in enumerate(current.items())]
+        self._seen = current
+        return None
+
+    def run(self, publish: Publish, stop: threading.Event) -> None:
+        first = True
+        while not stop.is_set():
+            try:
+                records = self.scan()
+            except Exception:
+                log.exception("routes directory scan failed")
+                records = None
+            if records is not None or first:
+                publish(records or [])
+                first = False
+            stop.wait(self.interval)

@@ -1,0 +1,78 @@
+"""Registry records and backend health, turned into route snapshots."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterable, Sequence
+
+from dnsrouter.address import Address
+from dnsrouter.errors import ValueParseError
+from dnsrouter.routes import Route, RouteValue, build_routes, parse_value
+from dnsrouter.snapshot import Snapshot
+
+from .registry import Record
+
+log = logging.getLogger("dnsrouter.routes")
+
+
+class RouteTable:
+    """The supervisor's view: records by key, what parsed, who is down.
+
+    Values are parsed once per (key, value): a registry that republishes its
+    whole set costs a dict look-up per unchanged key.
+    """
+
+    def __init__(self) -> None:
+        self.records: tuple[Record, ...] = ()
+        self.routes: tuple[Route, ...] = ()
+        self.down: frozenset[Address] = frozenset()
+        self.invalid: dict[str, str] = {}  # key -> reason, for metrics and `list`
+        self.version = 0
+        self.updated = 0.0  # time.time() of the last snapshot
+        self._parsed: dict[tuple[str, str], RouteValue | ValueParseError] = {}
+
+    def set_records(self, records: Sequence[Record]) -> bool:
+        """Take the registry's current records; True when the routes changed."""
+        parsed: dict[tuple[str, str], RouteValue | ValueParseError] = {}
+        values: list[tuple[int, RouteValue]] = []
+        invalid: dict[str, str] = {}
+        for record in records:
+            ident = (record.key, record.value)
+            result = self._parsed.get(ident)
+            if result is None:
+                try:
+                    result = parse_value(record.value)
+                except ValueParseError as e:
+                    result = e
+                    # Logged once: the next publish of the same value finds it parsed.
+                    log.warning("registry key %s skipped: %s", record.key, e)
+            parsed[ident] = result
+            if isinstance(result, ValueParseError):
+                invalid[record.key] = str(result)
+            else:
+                values.append((record.order, result))
+        self._parsed = parsed
+        self.records = tuple(records)
+        self.invalid = invalid
+        routes = build_routes(values)
+        if routes == self.routes:
+            return False
+        self.routes = routes
+        return True
+
+    def set_down(self, down: Iterable[Address]) -> bool:
+        down = frozenset(down)
+        if down == self.down:
+            return False
+        self.down = down
+        return True
+
+    @property
+    def backends(self) -> frozenset[Address]:
+        return frozenset(b for r in self.routes for b in r.backends)
+
+    def snapshot(self) -> Snapshot:
+        """A new version of the table, for the workers."""
+        self.version += 1
+        self.updated = time.time()
+        return Snapshot(self.version, self.routes, self.down & self.backends, self.updated)

@@ -1,0 +1,79 @@
+"""The worker processes: start, feed, watch, replace, stop."""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import threading
+import time
+from typing import Callable
+
+from dnsrouter import control
+
+log = logging.getLogger("dnsrouter.supervisor")
+
+# spawn, not fork: the supervisor runs threads (registry, health, metrics),
+# and a forked child would inherit their locks in whatever state they were.
+_CONTEXT = multiprocessing.get_context("spawn")
+
+
+class WorkerHandle:
+    """One worker slot. Messages to the worker go through a sender thread so
+    that a stuck worker (a full pipe) can never block the supervisor; queued
+    snapshots collapse to the newest.
+    """
+
+    def __init__(self, spec: control.WorkerSpec, target: Callable) -> None:
+        self.spec = spec
+        parent, child = _CONTEXT.Pipe()
+        self.conn = parent
+        self.process = _CONTEXT.Process(target=target, args=(spec, child),
+                                         name=f"dnsrouter worker {spec.index}")
+        self.process.start()
+        child.close()  # so the worker sees EOF when we are gone, and we when it is
+        self.started = self.last_seen = time.monotonic()
+        self.ready = False
+        self.version = -1
+        self.stopping = False
+        self._outbox: list[tuple[str, object]] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        threading.Thread(target=self._sender, name=f"to-worker-{spec.index}", daemon=True).start()
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    def post(self, tag: str, payload: object = None) -> None:
+        with self._cond:
+            if tag == control.SNAPSHOT:
+                self._outbox = [m for m in self._outbox if m[0] != control.SNAPSHOT]
+            self._outbox.append((tag, payload))
+            self._cond.notify()
+
+    def _sender(self) -> None:
+        while True:
+            with self._cond:
+                while not self._outbox and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                message = self._outbox.pop(0)
+            try:
+                self.conn.send(message)
+            except (OSError, ValueError):
+                return  # the worker is gone; its slot is replaced by the main loop
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self.conn.close()
+
+
+def spawn(spec: control.WorkerSpec, target: Callable) -> WorkerHandle:
+    return WorkerHandle(spec, target)
+
+
+def usable_cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0))

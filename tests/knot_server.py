@@ -1,0 +1,351 @@
+"""A real Knot DNS (knotd) authoritative server for integration tests.
+
+    with KnotServer({"a.example.com.": zone_text}) as knot:
+        query("h0001.a.example.com.", "A", port=knot.port)
+
+Each server lives in its own temporary directory (config, zone files,
+databases, pid file, control socket, log) and listens on 127.0.0.1 only,
+UDP and TCP on the same free port. It answers `id.server. CH TXT` with its
+identity (default "knot-<port>") so tests can tell backends apart, and
+REFUSED for names outside its zones.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.query
+import dns.rcode
+
+from netutil import HOST, free_port, wait_until
+
+# knotd processes still running, killed at interpreter exit so that a test
+# that forgot stop() (or crashed) never leaves a server behind.
+_live: set[subprocess.Popen] = set()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for proc in list(_live):
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def knotd_path() -> str:
+    """Path of the knotd binary; RuntimeError if Knot is not installed.
+
+    Not a skip: the integration tests are meant to run against a real Knot,
+    and a missing package must show up as a failure, not as green.
+    """
+    path = shutil.which("knotd") or ("/usr/sbin/knotd" if os.access("/usr/sbin/knotd", os.X_OK) else None)
+    if path is None:
+        raise RuntimeError("knotd not found (PATH or /usr/sbin/knotd): install the Debian package 'knot'")
+    return path
+
+
+class KnotServer:
+    """knotd on 127.0.0.1:<port>, serving the given zones.
+
+    zones maps zone name -> zone file text (or is an iterable of such
+    pairs). The port is chosen free unless given; it stays the same over
+    stop()/kill()/start(), so restart tests hit the same address.
+    """
+
+    def __init__(
+        self,
+        zones: Mapping[str, str] | Iterable[tuple[str, str]],
+        *,
+        port: int | None = None,
+        identity: str | None = None,
+        workdir: str | None = None,
+        startup_timeout: float = 10.0,
+        workers: int = 1,
+    ) -> None:
+        items = zones.items() if isinstance(zones, Mapping) else zones
+        self.zones: dict[str, str] = {_fqdn(name): text for name, text in items}
+        if not self.zones:
+            raise ValueError("KnotServer needs at least one zone")
+        self._fixed_port = port is not None
+        self._fixed_identity = identity
+        self._started_once = False
+        self.startup_timeout = startup_timeout
+        self.workers = workers
+        self._own_dir = workdir is None
+        self.dir: str = workdir or tempfile.mkdtemp(prefix="knot-")
+        self.conf_path = os.path.join(self.dir, "knot.conf")
+        self.socket_path = os.path.join(self.dir, "run", "knot.sock")
+        self.log_path = os.path.join(self.dir, "knotd.log")
+        self.proc: subprocess.Popen | None = None
+        self._set_port(port if port is not None else free_port("both"))
+
+    def _set_port(self, port: int) -> None:
+        self.port: int = port
+        self.addr: str = f"{HOST}:{port}"
+        self.identity: str = f"knot-{port}" if self._fixed_identity is None else self._fixed_identity
+        self._write_files()
+
+    # -- files -------------------------------------------------------------
+
+    def zone_path(self, zone: str) -> str:
+        return os.path.join(self.dir, "zones", _fqdn(zone) + "zone")
+
+    def _write_files(self) -> None:
+        for sub in ("run", "db", "zones"):
+            os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
+        for name, text in self.zones.items():
+            with open(self.zone_path(name), "w") as f:
+                f.write(text if text.endswith("\n") else text + "\n")
+        zone_lines = "".join(
+            f'  - domain: "{name}"\n    file: "{self.zone_path(name)}"\n' for name in self.zones
+        )
+        # No `user:` line: knotd then keeps the uid it was started with (root
+        # in CI), and every path it writes is inside our own directory.
+        # zonefile-sync -1 / journal-content none: never rewrite the zone
+        # files or keep state between restarts, so a restart serves exactly
+        # the text we wrote.
+        conf = f"""\
+server:
+    rundir: "{self.dir}/run"
+    pidfile: "{self.dir}/run/knot.pid"
+    identity: "{self.identity}"
+    listen: {HOST}@{self.port}
+    udp-workers: {self.workers}
+    tcp-workers: {self.workers}
+    background-workers: 1
+
+log:
+  - target: stderr
+    any: info
+
+database:
+    storage: "{self.dir}/db"
+
+control:
+    listen: "{self.socket_path}"
+
+template:
+  - id: default
+    storage: "{self.dir}/zones"
+    zonefile-sync: -1
+    zonefile-load: whole
+    journal-content: none
+
+zone:
+{zone_lines}"""
+        with open(self.conf_path, "w") as f:
+            f.write(conf)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc and self.proc.poll() is None else None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> "KnotServer":
+        """Start knotd (again, on the same port) and wait until every zone answers."""
+        if self.running():
+            raise RuntimeError(f"knotd already running on {self.addr}")
+        for attempt in range(3):
+            try:
+                self._spawn_and_wait()
+                self._started_once = True
+                return self
+            except _PortTaken:
+                # free_port() only promised "free at that moment"; another
+                # socket (a client's ephemeral port, say) may have taken it.
+                # Move on a fresh port, unless the caller chose the port or
+                # clients already know this one (a restart).
+                if self._fixed_port or self._started_once or attempt == 2:
+                    raise RuntimeError(f"port {self.port} taken\n{self.log_tail()}") from None
+                self._set_port(free_port("both"))
+        raise AssertionError("unreachable")
+
+    def _spawn_and_wait(self) -> None:
+        self._log_start = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [knotd_path(), "-c", self.conf_path],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                # Own session: a Ctrl-C in the terminal reaches pytest, whose
+                # cleanup then stops knotd in order.
+                start_new_session=True,
+            )
+        _live.add(self.proc)
+        try:
+            wait_until(self._ready, timeout=self.startup_timeout, interval=0.05,
+                       message=f"knotd on {self.addr} did not answer for its zones")
+        except BaseException as e:
+            self.stop()
+            # knotd exits 1 at once when it cannot bind.
+            if "address already in use" in self._log_since_start():
+                raise _PortTaken() from None
+            if isinstance(e, AssertionError):
+                raise RuntimeError(f"{e}\n{self.log_tail()}") from None
+            raise
+
+    def _ready(self) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            raise RuntimeError(f"knotd exited with {self.proc and self.proc.returncode}\n{self.log_tail()}")
+        # A zone that fails to load leaves knotd running without it: fail now
+        # with the reason rather than at the deadline.
+        if "zone event 'load' failed" in self._log_since_start():
+            raise RuntimeError(f"knotd could not load a zone\n{self.log_tail()}")
+        # Zones load after the sockets are bound, so an authoritative SOA for
+        # every zone (UDP) plus one TCP answer means fully serving.
+        try:
+            for zone in self.zones:
+                r = dns.query.udp(dns.message.make_query(zone, "SOA"), HOST, port=self.port, timeout=0.2)
+                if r.rcode() != dns.rcode.NOERROR or not r.flags & dns.flags.AA or not r.answer:
+                    return False
+            r = dns.query.tcp(dns.message.make_query(zone, "SOA"), HOST, port=self.port, timeout=0.5)
+            return bool(r.answer)
+        except (dns.exception.DNSException, OSError):
+            return False
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM knotd and wait for it; SIGKILL if it does not exit in time."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        _live.discard(self.proc)
+
+    def kill(self) -> None:
+        """SIGKILL knotd (a crash, as far as clients can tell) and reap it."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+        _live.discard(self.proc)
+
+    def close(self) -> None:
+        """stop() and remove the temporary directory (if we made it)."""
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> "KnotServer":
+        try:
+            return self.start()
+        except BaseException:
+            self.close()  # __exit__ will not run
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- diagnostics / control --------------------------------------------
+
+    def _log_since_start(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            f.seek(self._log_start)
+            return f.read()
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def knotc(self, *args: str, timeout: float = 10.0) -> str:
+        """Run knotc against this server (e.g. 'zone-reload', 'a.example.com.'); returns stdout."""
+        knotc = shutil.which("knotc") or "/usr/sbin/knotc"
+        out = subprocess.run(
+            [knotc, "-c", self.conf_path, "-s", self.socket_path, *args],
+            capture_output=True, text=True, timeout=timeout,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"knotc {' '.join(args)} failed: {out.stdout}{out.stderr}")
+        return out.stdout
+
+    def __repr__(self) -> str:
+        return f"KnotServer({self.addr}, zones={list(self.zones)}, running={self.running()})"
+
+
+class _PortTaken(Exception):
+    """knotd could not bind its port."""
+
+
+def _fqdn(name: str) -> str:
+    return name if name.endswith(".") else name + "."
+
+
+# -- test data -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SplitZone:
+    """Two backend halves of one namespace, as two separate zones.
+
+    dnsrouter routes by regexp over names, so each Knot gets its own zone
+    (a.<origin> and b.<origin>) rather than half of one zone.
+    """
+
+    origin: str
+    zones: dict[str, str]            # zone name -> zone file text
+    names: dict[str, list[str]]      # zone name -> owner names that have an A record
+    addresses: dict[str, str]        # owner name -> its A address
+    big_txt: dict[str, str]          # zone name -> owner of the big TXT RRset
+    big_txt_strings: dict[str, list[str]]  # zone name -> the TXT strings at big_txt
+
+    @property
+    def zone_names(self) -> list[str]:
+        return list(self.zones)
+
+
+def make_split_zone(origin: str = "example.com.", n: int = 300, big_txt_count: int = 8) -> SplitZone:
+    """Zones a.<origin> and b.<origin>, each with n A records h0001..hNNNN.
+
+    Each zone also has big.<zone> with big_txt_count TXT records of 200
+    characters: about 1.7 KB on the wire with the defaults, so over UDP it
+    exceeds both 512 (no EDNS) and Knot's 1232-byte EDNS cap and comes back
+    with TC, while over TCP it arrives whole (and stays below 4000 bytes).
+    """
+    origin = _fqdn(origin)
+    zones: dict[str, str] = {}
+    names: dict[str, list[str]] = {}
+    addresses: dict[str, str] = {}
+    big_txt: dict[str, str] = {}
+    big_strings: dict[str, list[str]] = {}
+    for half, label in enumerate(("a", "b"), start=1):
+        zone = f"{label}.{origin}"
+        lines = [
+            f"$ORIGIN {zone}",
+            "$TTL 300",
+            "@ SOA ns hostmaster 1 3600 900 604800 300",
+            "@ NS ns",
+            "ns A 192.0.2.53",
+        ]
+        names[zone] = []
+        for i in range(1, n + 1):
+            owner = f"h{i:04d}.{zone}"
+            # 10.<half>.x.y: distinct per name, so answers identify the zone too.
+            addr = f"10.{half}.{i // 256}.{i % 256}"
+            lines.append(f"h{i:04d} A {addr}")
+            names[zone].append(owner)
+            addresses[owner] = addr
+        strings = [(f"{label}-{j:02d}-" + "x" * 200)[:200] for j in range(big_txt_count)]
+        lines += [f'big TXT "{s}"' for s in strings]
+        zones[zone] = "\n".join(lines) + "\n"
+        big_txt[zone] = f"big.{zone}"
+        big_strings[zone] = strings
+    return SplitZone(origin, zones, names, addresses, big_txt, big_strings)

@@ -1,0 +1,253 @@
+"""Self-checks of the test-support modules: netutil, knot_server, fake_backend.
+
+If these fail, integration test failures elsewhere say nothing about
+dnsrouter.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import pytest
+
+import knot_server
+from fake_backend import ANSWER_ADDRESS, FakeBackend
+from knot_server import KnotServer, make_split_zone
+from netutil import free_port, query, wait_until
+
+SPLIT = make_split_zone(n=20)
+ZONE_A, ZONE_B = SPLIT.zone_names
+
+
+def port_is_free(port: int) -> bool:
+    try:
+        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+            with socket.socket(socket.AF_INET, kind) as s:
+                s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+
+
+def identity_of(port: int) -> str:
+    r = query("id.server.", "TXT", port=port, transport="tcp", rdclass="CH")
+    assert r.rcode() == dns.rcode.NOERROR
+    return b"".join(r.answer[0][0].strings).decode()
+
+
+# -- netutil -------------------------------------------------------------------
+
+def test_free_port_is_bindable_for_udp_and_tcp():
+    port = free_port()
+    assert 1024 <= port <= 65535
+    assert port_is_free(port)
+
+
+def test_wait_until_returns_value_and_fails_at_deadline():
+    calls = []
+    assert wait_until(lambda: calls.append(1) or (len(calls) >= 3 and "done")) == "done"
+    start = time.monotonic()
+    with pytest.raises(AssertionError, match="never"):
+        wait_until(lambda: False, timeout=0.2, message="never")
+    assert 0.2 <= time.monotonic() - start < 2
+
+
+# -- knot_server ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def knots():
+    with KnotServer({ZONE_A: SPLIT.zones[ZONE_A]}) as a, KnotServer({ZONE_B: SPLIT.zones[ZONE_B]}) as b:
+        yield a, b
+
+
+def test_split_zone_shape():
+    assert SPLIT.zone_names == ["a.example.com.", "b.example.com."]
+    assert SPLIT.names[ZONE_A][0] == "h0001.a.example.com."
+    assert len(SPLIT.names[ZONE_B]) == 20
+    assert SPLIT.big_txt[ZONE_B] == "big.b.example.com."
+
+
+def test_knot_answers_its_zone(knots):
+    a, b = knots
+    for server, zone in ((a, ZONE_A), (b, ZONE_B)):
+        for transport in ("udp", "tcp"):
+            name = SPLIT.names[zone][-1]
+            r = query(name, "A", port=server.port, transport=transport)
+            assert r.rcode() == dns.rcode.NOERROR
+            assert r.flags & dns.flags.AA
+            assert [rd.address for rd in r.answer[0]] == [SPLIT.addresses[name]]
+    assert a.addr == f"127.0.0.1:{a.port}"
+
+
+def test_knot_refuses_names_outside_its_zones(knots):
+    a, _ = knots
+    r = query(SPLIT.names[ZONE_B][0], "A", port=a.port)
+    assert r.rcode() == dns.rcode.REFUSED
+
+
+def test_knot_identity_over_tcp_tells_servers_apart(knots):
+    a, b = knots
+    assert identity_of(a.port) == a.identity == f"knot-{a.port}"
+    assert identity_of(b.port) == b.identity != a.identity
+
+
+def test_big_txt_truncated_over_udp_whole_over_tcp(knots):
+    a, _ = knots
+    big = SPLIT.big_txt[ZONE_A]
+    r = query(big, "TXT", port=a.port, use_edns=False)
+    assert r.flags & dns.flags.TC
+    # Knot caps UDP at 1232 bytes even when the client offers more.
+    r = query(big, "TXT", port=a.port, use_edns=0, payload=4096)
+    assert r.flags & dns.flags.TC
+    r = query(big, "TXT", port=a.port, transport="tcp")
+    assert not r.flags & dns.flags.TC
+    got = sorted(b"".join(rd.strings).decode() for rd in r.answer[0])
+    assert got == sorted(SPLIT.big_txt_strings[ZONE_A])
+    assert 1232 < len(r.to_wire()) < 4000
+
+
+def test_knot_kill_restart_same_port_then_stop():
+    with KnotServer({ZONE_A: SPLIT.zones[ZONE_A]}) as k:
+        port, pid = k.port, k.pid
+        k.kill()
+        assert not k.running()
+        with pytest.raises(ConnectionRefusedError):
+            query(ZONE_A, "SOA", port=port, transport="tcp", timeout=1)
+        k.start()
+        assert (k.port, k.identity) == (port, f"knot-{port}")
+        assert k.pid != pid
+        assert query(SPLIT.names[ZONE_A][0], port=port).answer
+        k.stop()
+        assert not k.running()
+        assert port_is_free(port)
+        k.start()  # stop() too leaves it restartable
+        assert identity_of(port) == k.identity
+        workdir = k.dir
+    assert not k.running()
+    assert not os.path.exists(workdir)
+
+
+def test_missing_knotd_is_an_error_not_a_skip(monkeypatch):
+    monkeypatch.setattr(knot_server.shutil, "which", lambda name: None)
+    monkeypatch.setattr(knot_server.os, "access", lambda path, mode: False)
+    with pytest.raises(RuntimeError, match="knotd not found"):
+        knot_server.knotd_path()
+
+
+def test_bad_zone_fails_fast_with_log():
+    k = KnotServer({"bad.example.": "this is not a zone file\n"}, startup_timeout=5)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="could not load a zone(.|\n)*unsupported record type"):
+        k.start()
+    assert time.monotonic() - start < 3
+    assert not k.running()
+    k.close()
+
+
+# -- fake_backend --------------------------------------------------------------
+
+def raw_udp(port: int, wire: bytes, timeout: float = 2.0) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.sendto(wire, ("127.0.0.1", port))
+        return s.recv(65535)
+
+
+def test_fake_ok_answers_and_records():
+    with FakeBackend("ok") as b:
+        for transport in ("udp", "tcp"):
+            q = dns.message.make_query("anything.example.", "A")
+            r = query(q, port=b.port, transport=transport)
+            assert r.id == q.id and r.question == q.question
+            assert r.rcode() == dns.rcode.NOERROR
+            assert [rd.address for rd in r.answer[0]] == [ANSWER_ADDRESS]
+        assert identity_of(b.port) == b.identity == f"fake-{b.port}"
+        assert (b.count("udp"), b.count("tcp"), b.count()) == (1, 2, 3)
+        first = b.received[0]
+        assert (first.transport, first.qname) == ("udp", "anything.example.")
+        assert first.message.question[0].rdtype == dns.rdatatype.A
+        assert b.addr == f"127.0.0.1:{b.port}"
+
+
+def test_fake_records_unparsable_queries_without_answering():
+    with FakeBackend("ok") as b:
+        with pytest.raises(socket.timeout):
+            raw_udp(b.port, b"\x01\x02\x03", timeout=0.3)
+        assert b.received[0].message is None and b.received[0].wire == b"\x01\x02\x03"
+
+
+def test_fake_drop_never_answers_udp_or_tcp():
+    with FakeBackend("drop") as b:
+        with pytest.raises(dns.exception.Timeout):
+            query("x.example.", port=b.port, timeout=0.3)
+        with pytest.raises(dns.exception.Timeout):
+            query("x.example.", port=b.port, transport="tcp", timeout=0.3)
+        wait_until(lambda: b.count() == 2, timeout=2, message="drop mode did not record both queries")
+
+
+def test_fake_delay_answers_late_without_serialising():
+    with FakeBackend("delay", delay=0.4) as b:
+        start = time.monotonic()
+        # Two queries in flight at once: both must come back after ~one delay.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(3)
+            for name in ("one.example.", "two.example."):
+                s.sendto(dns.message.make_query(name, "A").to_wire(), ("127.0.0.1", b.port))
+            replies = [dns.message.from_wire(s.recv(65535)) for _ in range(2)]
+        elapsed = time.monotonic() - start
+        assert 0.4 <= elapsed < 0.75
+        assert all(r.answer for r in replies)
+
+
+def test_fake_wrong_id_refused_garbage():
+    q = dns.message.make_query("x.example.", "A")
+    with FakeBackend("wrong_id") as b:
+        r = dns.message.from_wire(raw_udp(b.port, q.to_wire()))
+        assert r.id != q.id and r.question == q.question
+        b.mode = "refused"
+        r = query("x.example.", port=b.port, transport="tcp")
+        assert r.rcode() == dns.rcode.REFUSED
+        b.mode = "garbage"
+        data = raw_udp(b.port, q.to_wire())
+        assert 1 <= len(data) <= 64
+        try:
+            assert not q.is_response(dns.message.from_wire(data))
+        except dns.exception.DNSException:
+            pass  # the usual outcome: not a DNS message at all
+        # TCP garbage keeps the length framing, so a client reads exactly it.
+        with socket.create_connection(("127.0.0.1", b.port), timeout=2) as s:
+            wire = q.to_wire()
+            s.sendall(struct.pack("!H", len(wire)) + wire)
+            (length,) = struct.unpack("!H", s.recv(2))
+            assert 1 <= length <= 64
+
+
+def test_fake_mode_switch_at_runtime_and_stop_frees_port():
+    b = FakeBackend("ok").start()
+    try:
+        assert query("x.example.", port=b.port, timeout=1).answer
+        b.mode = "drop"
+        with pytest.raises(dns.exception.Timeout):
+            query("x.example.", port=b.port, timeout=0.3)
+        b.mode = "ok"
+        assert query("x.example.", port=b.port, timeout=1).answer
+        with pytest.raises(ValueError):
+            b.mode = "nonsense"
+    finally:
+        b.stop()
+    assert not b._thread.is_alive()
+    assert port_is_free(b.port)
+
+
+def test_fake_udp_only():
+    with FakeBackend("ok", transports=("udp",)) as b:
+        assert query("x.example.", port=b.port).answer
+        with pytest.raises(ConnectionRefusedError):
+            query("x.example.", port=b.port, transport="tcp", timeout=1)

@@ -1,0 +1,170 @@
+"""The decision for every query: answer it here, or forward it to a backend."""
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Callable
+
+import dns.rcode
+
+from dnsrouter import wire
+from dnsrouter.address import Address
+from dnsrouter.routes import Matcher
+from dnsrouter.snapshot import Snapshot
+
+from .stats import Stats, observe_latency
+from .upstream import Pending, Upstream
+from . import tcp_fetch
+
+log = logging.getLogger("dnsrouter.worker")
+
+_FORMERR, _SERVFAIL, _NOTIMP = dns.rcode.FORMERR, dns.rcode.SERVFAIL, dns.rcode.NOTIMP
+
+
+class Forwarder:
+    """Shared by every serving thread of a worker.
+
+    ``matcher`` is replaced whole when a snapshot arrives; a thread that read
+    the old one a moment earlier finishes its query with it, which is fine.
+    """
+
+    def __init__(self, timeout: float, stats: Stats, report_timeout: Callable[[Address], None]) -> None:
+        self.timeout = timeout
+        self.stats = stats
+        self.matcher = Matcher(())
+        self.version = -1
+        self._report_timeout = report_timeout
+        self.upstreams = {
+            family: Upstream(family, self._on_reply, stats.for_thread())
+            for family in (socket.AF_INET, socket.AF_INET6)
+        }
+
+    # -- snapshots -------------------------------------------------------
+    def apply(self, snapshot: Snapshot) -> None:
+        old = self.matcher
+        same_routes = tuple(r.pattern for r in snapshot.routes) == tuple(r.pattern for r in old.routes)
+        # A health-only change keeps the compiled RE2 set: no recompile.
+        self.matcher = Matcher(snapshot.routes, snapshot.down, old.set if same_routes and old.routes else None)
+        self.version = snapshot.version
+
+    # -- threads ---------------------------------------------------------
+    def start(self) -> None:
+        for upstream in self.upstreams.values():
+            threading.Thread(target=upstream.serve, name="upstream", daemon=True).start()
+        threading.Thread(target=self._timer, name="timer", daemon=True).start()
+
+    def in_flight(self) -> int:
+        return sum(len(u.pending) for u in self.upstreams.values())
+
+    # -- the packet path -------------------------------------------------
+    def handle(self, data: bytes, addr, client, counts, tcp: bool = False) -> None:
+        """One query from a client; never raises."""
+        try:
+            self._handle(data, addr, client, counts, tcp)
+        except Exception:  # a bug must cost one query, never the worker
+            counts["dropped", "error"] += 1
+            log.exception("query handling failed")
+
+    def _handle(self, data: bytes, addr, client, counts, tcp: bool) -> None:
+        if len(data) < 12:
+            counts["dropped", "short"] += 1
+            return
+        flags = data[2]
+        if flags & 0x80:
+            counts["dropped", "response"] += 1
+            return
+        counts["queries", "tcp" if tcp else "udp"] += 1
+        question = None
+        try:
+            qname, qtype, qclass, end = wire.parse_question(data)
+            question = (qname, qtype, qclass)
+        except (wire.WireError, IndexError):
+            end = 0
+        if (flags >> 3) & 0xF:  # opcode
+            return self._answer(data, _NOTIMP, question, end, addr, client, counts)
+        if data[4] or data[5] != 1 or question is None:  # QDCOUNT must be 1
+            return self._answer(data, _FORMERR, question if data[5] == 1 and not data[4] else None,
+                                end, addr, client, counts)
+        if qtype == wire.TYPE_AXFR or qtype == wire.TYPE_IXFR:
+            return self._answer(data, _NOTIMP, question, end, addr, client, counts)
+        lower = data[12:end].lower()
+        pool = self.matcher.lookup_wire(lower[:-4], wire.name_to_text)
+        if pool is None:
+            return self._answer(data, _SERVFAIL, question, end, addr, client, counts)
+        strip_opt = False
+        query = data
+        if tcp:
+            query, strip_opt = wire.with_large_buffer(data, end)
+        entry = Pending(client, addr, data[:2], query, lower, pool, pool.next(), strip_opt, tcp)
+        self._send(entry, counts)
+
+    def _send(self, entry: Pending, counts) -> None:
+        counts["backend_queries", str(entry.backend)] += 1
+        if not self.upstreams[entry.backend.family].send(entry, self.timeout):
+            counts["dropped", "in_flight_limit"] += 1
+
+    def _answer(self, data: bytes, rcode: int, question, end: int, addr, client, counts) -> None:
+        edns = bool(end) and wire.has_opt(data, end)
+        counts["responses", rcode] += 1
+        client.send(wire.make_answer(data, rcode, question, edns), addr)
+
+    # -- replies and timeouts ----------------------------------------------
+    def _on_reply(self, entry: Pending, data: bytes, counts) -> None:
+        observe_latency(counts, time.monotonic() - entry.sent)
+        if entry.tcp and data[2] & 0x02:  # TC: fetch it whole over TCP, off this thread
+            threading.Thread(target=self._fetch_tcp, args=(entry,), daemon=True).start()
+            return
+        reply = entry.client_id + data[2:]
+        if entry.strip_opt:
+            try:
+                reply = wire.without_opt(reply)
+            except wire.WireError:
+                pass
+        counts["responses", data[3] & 0xF] += 1
+        entry.client.send(reply, entry.addr)
+
+    def _fetch_tcp(self, entry: Pending) -> None:
+        counts = self.stats.for_thread()
+        try:
+            reply = tcp_fetch.exchange(entry.backend, entry.query, self.timeout)
+        except (OSError, ValueError):
+            counts["backend_timeouts", str(entry.backend)] += 1
+            self._servfail(entry, counts)
+        else:
+            reply = entry.client_id + reply[2:]
+            if entry.strip_opt:
+                reply = wire.without_opt(reply)
+            counts["responses", reply[3] & 0xF] += 1
+            entry.client.send(reply, entry.addr)
+        finally:
+            self.stats.release(counts)
+
+    def _timer(self) -> None:
+        counts = self.stats.for_thread()
+        while True:
+            time.sleep(0.02)
+            now = time.monotonic()
+            for upstream in self.upstreams.values():
+                for entry in upstream.expired(now):
+                    self._expired(entry, counts)
+
+    def _expired(self, entry: Pending, counts) -> None:
+        counts["backend_timeouts", str(entry.backend)] += 1
+        self._report_timeout(entry.backend)
+        if not entry.retried:
+            other = entry.pool.other(entry.backend)
+            if other is not None:
+                entry.retried = True
+                entry.backend = other
+                return self._send(entry, counts)
+        self._servfail(entry, counts)
+
+    def _servfail(self, entry: Pending, counts) -> None:
+        qname, qtype, qclass, end = wire.parse_question(entry.query)
+        # An OPT the router added for a TCP client is not the client's EDNS.
+        edns = not entry.strip_opt and wire.has_opt(entry.query, end)
+        counts["responses", _SERVFAIL] += 1
+        entry.client.send(wire.make_answer(entry.query, _SERVFAIL, (qname, qtype, qclass), edns),
+                          entry.addr)

@@ -1,0 +1,149 @@
+"""A worker process: the packet path and nothing else.
+
+The supervisor starts it with ``run`` (the one entry point) through the
+``spawn`` start method, handing it already-bound sockets and one end of a
+pipe. The worker leaves when that pipe closes: the supervisor is gone.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import signal
+import socket
+import sys
+import threading
+import time
+
+import psutil
+import setproctitle
+
+from dnsrouter import control
+from dnsrouter.address import Address
+from dnsrouter.snapshot import Snapshot
+
+from . import tcp, udp
+from .forwarder import Forwarder
+from .stats import Stats
+
+log = logging.getLogger("dnsrouter.worker")
+
+
+class _Stop(Exception):
+    """SIGTERM: leave the control loop and drain."""
+
+
+def _die_with_parent() -> None:
+    # Belt and braces beside the pipe: the kernel kills us when the
+    # supervisor dies, even if a thread of ours is stuck.
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class Worker:
+    def __init__(self, spec: control.WorkerSpec, conn) -> None:
+        self.spec = spec
+        self.conn = conn
+        self.send_lock = threading.Lock()
+        self.stats = Stats()
+        self.stopping = threading.Event()
+        self.forwarder = Forwarder(spec.forward_timeout, self.stats, self._report_timeout)
+
+    def send(self, tag: str, payload) -> None:
+        with self.send_lock:
+            try:
+                self.conn.send((tag, payload))
+            except (OSError, ValueError):
+                pass  # the supervisor is gone; the control loop will notice
+
+    def _report_timeout(self, backend: Address) -> None:
+        self.send(control.TIMEOUT, str(backend))
+
+    def _reporter(self) -> None:
+        while not self.stopping.is_set():
+            time.sleep(control.REPORT_INTERVAL)
+            self.send(control.REPORT, {"delta": self.stats.delta(), "version": self.forwarder.version,
+                                       "in_flight": self.forwarder.in_flight()})
+
+    def boot(self) -> None:
+        spec = self.spec
+        setproctitle.setproctitle(f"dnsrouter: worker {spec.index}")
+        if spec.cpu is not None:
+            psutil.Process().cpu_affinity([spec.cpu])
+        self.forwarder.start()
+
+    def serve(self) -> None:
+        spec = self.spec
+        for sock in spec.udp_sockets:
+            threading.Thread(target=udp.serve, name="udp",
+                             args=(sock, self.forwarder, self.stats.for_thread(), self.stopping),
+                             daemon=True).start()
+        for sock in spec.tcp_sockets:
+            threading.Thread(target=tcp.serve, name="tcp-accept",
+                             args=(sock, self.forwarder, self.stats, self.stopping,
+                                   spec.tcp_connections, spec.tcp_idle_timeout),
+                             daemon=True).start()
+        threading.Thread(target=self._reporter, name="reporter", daemon=True).start()
+        self.send(control.READY, self.forwarder.version)
+
+    def control_loop(self) -> None:
+        """Apply what the supervisor says until it says stop or disappears."""
+        serving = False
+        while True:
+            try:
+                tag, payload = self.conn.recv()
+            except (EOFError, OSError):
+                log.warning("supervisor gone, worker %d exits", self.spec.index)
+                raise SystemExit(control.EXIT_OK)
+            if tag == control.SNAPSHOT:
+                self.forwarder.apply(Snapshot.from_wire(payload))
+                if not serving:  # answer nothing before the first routes are known
+                    self.serve()
+                    serving = True
+            elif tag == control.SETTINGS:
+                self.forwarder.timeout = payload["forward_timeout"]
+                logging.getLogger().setLevel(payload["log_level"].upper())
+            elif tag == control.STOP:
+                return
+
+    def drain(self) -> None:
+        """Stop reading clients, let in-flight queries finish (bounded), leave."""
+        self.stopping.set()
+        for sock in self.spec.udp_sockets + self.spec.tcp_sockets:
+            try:
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 2 * self.forwarder.timeout + 0.5
+        while self.forwarder.in_flight() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.send(control.REPORT, {"delta": self.stats.delta(), "version": self.forwarder.version,
+                                   "in_flight": self.forwarder.in_flight()})
+
+
+def run(spec: control.WorkerSpec, conn) -> None:
+    """The worker's entry point (the target of its Process)."""
+    logging.basicConfig(level=spec.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s dnsrouter[worker {spec.index}] %(levelname)s %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C reaches the whole group; the supervisor decides
+
+    def on_term(signum, frame):
+        raise _Stop
+
+    signal.signal(signal.SIGTERM, on_term)
+    _die_with_parent()
+    worker = Worker(spec, conn)
+    try:
+        worker.boot()
+    except Exception as e:
+        log.error("worker %d failed to start: %s", spec.index, e)
+        worker.send(control.BOOT_FAILED, f"worker {spec.index} failed to start: {e}")
+        raise SystemExit(control.EXIT_BOOT_FAILED)
+    try:
+        worker.control_loop()
+    except _Stop:
+        pass
+    worker.drain()
+    raise SystemExit(control.EXIT_OK)

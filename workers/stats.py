@@ -1,0 +1,54 @@
+"""Counters without a lock or a system call per packet.
+
+Every thread counts into a dict of its own; the reporter sums copies of them
+(a dict copy is atomic under the GIL) and sends the difference since the
+last report.
+"""
+from __future__ import annotations
+
+import threading
+from collections import Counter, defaultdict
+
+# Upper bounds (seconds) of the backend latency histogram buckets.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Stats:
+    def __init__(self) -> None:
+        self._threads: list[defaultdict] = []
+        self._lock = threading.Lock()  # taken per thread start, never per packet
+        self._last: Counter = Counter()
+        self._retired: Counter = Counter()  # counts of threads that have ended
+
+    def for_thread(self) -> defaultdict:
+        counts: defaultdict = defaultdict(int)
+        with self._lock:
+            self._threads.append(counts)
+        return counts
+
+    def release(self, counts: defaultdict) -> None:
+        """A short-lived thread is done counting: keep its counts, drop its dict."""
+        with self._lock:
+            self._threads.remove(counts)
+            self._retired.update(counts)
+
+    def delta(self) -> dict:
+        """Counts since the previous call, as {(name, label): n}."""
+        with self._lock:
+            copies = [dict(c) for c in self._threads]
+            total = Counter(self._retired)
+        for copy in copies:
+            total.update(copy)
+        delta = {k: v - self._last.get(k, 0) for k, v in total.items() if v != self._last.get(k, 0)}
+        self._last = total
+        return delta
+
+
+def observe_latency(counts: defaultdict, seconds: float) -> None:
+    for index, bound in enumerate(LATENCY_BUCKETS):
+        if seconds <= bound:
+            counts["latency_bucket", index] += 1
+            break
+    else:
+        counts["latency_bucket", len(LATENCY_BUCKETS)] += 1
+    counts["latency_sum", ""] += seconds

@@ -1,0 +1,137 @@
+"""Queries in flight to the backends, over UDP.
+
+Each upstream socket has a receiving thread and a table of pending queries
+keyed by the 16-bit upstream ID. Nothing here takes a lock per packet:
+inserts and removals are single dict operations, atomic under the GIL, and
+a reply and a timeout race for the same entry through ``dict.pop``.
+
+Deadlines all have the same length, so appending them to a deque keeps it
+sorted: the timer only ever looks at its head (no scan of the table).
+"""
+from __future__ import annotations
+
+import array
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+from dnsrouter.address import Address
+
+log = logging.getLogger("dnsrouter.worker")
+
+MAX_IN_FLIGHT = 60_000  # per upstream socket; of 65,536 IDs, keep some free
+
+
+class Pending:
+    """One query waiting for a backend's reply."""
+
+    __slots__ = ("client", "addr", "client_id", "query", "question", "pool",
+                 "backend", "retried", "strip_opt", "sent", "tcp")
+
+    def __init__(self, client, addr, client_id: bytes, query: bytes, question: bytes,
+                 pool, backend: Address, strip_opt: bool, tcp: bool) -> None:
+        self.client = client  # has .send(data, addr)
+        self.addr = addr
+        self.client_id = client_id
+        self.query = query
+        self.question = question  # wire bytes of the question, to check the reply
+        self.pool = pool
+        self.backend = backend
+        self.retried = False
+        self.strip_opt = strip_opt
+        self.sent = 0.0
+        self.tcp = tcp
+
+
+class _RandomIds:
+    """Unpredictable 16-bit IDs, drawn from the kernel in batches."""
+
+    def __init__(self) -> None:
+        self._it = iter(())
+
+    def next(self) -> int:
+        try:
+            return next(self._it)
+        except StopIteration:
+            self._it = iter(array.array("H", os.urandom(8192)))
+            return next(self._it)
+
+
+class Upstream:
+    """One UDP socket towards the backends of one address family."""
+
+    def __init__(self, family: int, on_reply: Callable, counts: dict) -> None:
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        # Port 0: the kernel picks a random ephemeral port.
+        self.sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+        self.pending: dict[int, Pending] = {}
+        self.deadlines: deque = deque()
+        self._ids = _RandomIds()
+        self._on_reply = on_reply  # (entry, reply, counts), on this socket's thread
+        self.counts = counts  # this socket's thread counts here
+
+    def send(self, entry: Pending, timeout: float) -> bool:
+        """Send ``entry.query`` to ``entry.backend``; False when too busy."""
+        pending = self.pending
+        if len(pending) >= MAX_IN_FLIGHT:
+            return False
+        while True:
+            uid = self._ids.next()
+            if pending.setdefault(uid, entry) is entry:
+                break
+        entry.sent = time.monotonic()
+        self.deadlines.append((entry.sent + timeout, uid, entry))
+        try:
+            self.sock.sendto(uid.to_bytes(2, "big") + entry.query[2:], entry.backend.sockaddr)
+        except OSError:
+            # Unreachable or buffer full: let the deadline treat it as a timeout.
+            pass
+        return True
+
+    def serve(self) -> None:
+        """Receive replies forever (the socket's own thread)."""
+        recvfrom = self.sock.recvfrom
+        pending = self.pending
+        on_reply = self._on_reply
+        counts = self.counts
+        while True:
+            try:
+                data, addr = recvfrom(65535)
+            except OSError:
+                continue  # ICMP errors surface here on Linux; the deadline covers them
+            if len(data) < 12:
+                counts["ignored_replies", "short"] += 1
+                continue
+            uid = data[0] << 8 | data[1]
+            entry = pending.get(uid)
+            if entry is None:
+                counts["ignored_replies", "unknown_id"] += 1
+                continue
+            if addr[:2] != entry.backend.sockaddr[:2]:
+                counts["ignored_replies", "wrong_source"] += 1
+                continue
+            question = entry.question
+            if not data[2] & 0x80 or data[12:12 + len(question)].lower() != question:
+                counts["ignored_replies", "wrong_question"] += 1
+                continue
+            if pending.pop(uid, None) is not entry:
+                continue  # the timer took it a moment ago
+            on_reply(entry, data, counts)
+
+    def expired(self, now: float) -> list[Pending]:
+        """Entries whose deadline passed and that got no reply."""
+        out = []
+        deadlines, pending = self.deadlines, self.pending
+        while deadlines and deadlines[0][0] <= now:
+            _, uid, entry = deadlines.popleft()
+            taken = pending.pop(uid, None)
+            if taken is entry:
+                out.append(entry)
+            elif taken is not None:
+                pending.setdefault(uid, taken)  # the ID was reused; put it back
+        return out
