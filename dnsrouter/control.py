@@ -16,7 +16,7 @@ STOP = "stop"  # payload: None; finish in-flight queries and exit 0
 # worker -> supervisor
 READY = "ready"  # payload: snapshot version applied; the worker serves
 REPORT = "report"  # payload: dict of counter deltas; also the heartbeat
-TIMEOUT = "timeout"  # payload: "ip:port" of a backend that did not answer
+TIMEOUT = "timeout"  # payload: ("ip:port", timeouts in a row) of a backend that did not answer
 BOOT_FAILED = "boot_failed"  # payload: the reason, before exiting EXIT_BOOT_FAILED
 
 # Worker exit codes. A worker that cannot boot must not be respawned in a

@@ -21,7 +21,10 @@ import setproctitle
 from dnsrouter import control
 from dnsrouter.errors import ConfigError
 
+from dnsrouter.address import parse_address
+
 from . import sockets, workerset
+from .health import HealthChecker, HealthSettings
 from .registry import Registry
 from .table import RouteTable
 
@@ -56,6 +59,12 @@ class Supervisor:
         self.restarts = 0
         self.cpus = workerset.usable_cpus()
         self._wire = self.table.snapshot().to_wire()  # empty until the registry speaks
+        self.health = HealthChecker(self._health_settings(config), lambda up: self.post("up", up))
+
+    @staticmethod
+    def _health_settings(config: Any) -> HealthSettings:
+        return HealthSettings(config.health_interval, config.health_timeout,
+                              config.health_fall, config.health_rise)
 
     # -- plumbing ----------------------------------------------------------
     def wake(self) -> None:
@@ -79,6 +88,7 @@ class Supervisor:
         self.sockets = sockets.bind(self.config.server_listen, self.config.server_workers)
         for name in self.SIGNALS:
             signal.signal(getattr(signal, name), self._on_signal)
+        self.health.start()
         threading.Thread(target=self.registry.run, name="registry",
                          args=(lambda records: self.post("records", records), self.stop_event),
                          daemon=True).start()
@@ -147,6 +157,7 @@ class Supervisor:
             return
         self.config = config
         logging.getLogger().setLevel(config.log_level.upper())
+        self.health.configure(self._health_settings(config))
         for handle in self.workers.values():
             handle.post(control.SETTINGS, {"forward_timeout": config.forward_timeout,
                                            "log_level": config.log_level})
@@ -169,9 +180,12 @@ class Supervisor:
     def on_event(self, kind: str, payload: Any) -> bool:
         """Apply one piece of news; True when the snapshot must change."""
         if kind == "records":
-            return self.table.set_records(payload)
-        if kind == "down":
-            return self.table.set_down(payload)
+            if not self.table.set_records(payload):
+                return False
+            self.health.set_backends(self.table.backends)
+            return True
+        if kind == "up":
+            return self.table.set_up(payload)
         return False
 
     def publish(self) -> None:
@@ -199,6 +213,9 @@ class Supervisor:
             handle.version = payload
         elif tag == control.REPORT:
             handle.version = payload["version"]
+        elif tag == control.TIMEOUT:
+            backend, streak = payload
+            self.health.forward_timeout(parse_address(backend), streak)
         elif tag == control.BOOT_FAILED:
             raise BootError(payload)
 

@@ -25,7 +25,7 @@ class RouteTable:
     def __init__(self) -> None:
         self.records: tuple[Record, ...] = ()
         self.routes: tuple[Route, ...] = ()
-        self.down: frozenset[Address] = frozenset()
+        self.up: frozenset[Address] = frozenset()  # what health checks vouch for
         self.invalid: dict[str, str] = {}  # key -> reason, for metrics and `list`
         self.version = 0
         self.updated = 0.0  # time.time() of the last snapshot
@@ -60,12 +60,16 @@ class RouteTable:
         self.routes = routes
         return True
 
-    def set_down(self, down: Iterable[Address]) -> bool:
-        down = frozenset(down)
-        if down == self.down:
-            return False
-        self.down = down
-        return True
+    def set_up(self, up: Iterable[Address]) -> bool:
+        """Take the health checker's verdict; True when the snapshot must change."""
+        old_down = self.down
+        self.up = frozenset(up)
+        return self.down != old_down
+
+    @property
+    def down(self) -> frozenset[Address]:
+        """Backends not (yet) known to be up: a new one waits for its first check."""
+        return self.backends - self.up
 
     @property
     def backends(self) -> frozenset[Address]:
@@ -75,4 +79,4 @@ class RouteTable:
         """A new version of the table, for the workers."""
         self.version += 1
         self.updated = time.time()
-        return Snapshot(self.version, self.routes, self.down & self.backends, self.updated)
+        return Snapshot(self.version, self.routes, self.down, self.updated)

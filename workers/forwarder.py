@@ -30,12 +30,14 @@ class Forwarder:
     the old one a moment earlier finishes its query with it, which is fine.
     """
 
-    def __init__(self, timeout: float, stats: Stats, report_timeout: Callable[[Address], None]) -> None:
+    def __init__(self, timeout: float, stats: Stats, report_timeout: Callable[[Address, int], None]) -> None:
         self.timeout = timeout
         self.stats = stats
         self.matcher = Matcher(())
         self.version = -1
         self._report_timeout = report_timeout
+        # Forwarding timeouts in a row per backend, the passive health evidence.
+        self.streaks: dict[Address, int] = {}
         self.upstreams = {
             family: Upstream(family, self._on_reply, stats.for_thread())
             for family in (socket.AF_INET, socket.AF_INET6)
@@ -112,6 +114,8 @@ class Forwarder:
 
     # -- replies and timeouts ----------------------------------------------
     def _on_reply(self, entry: Pending, data: bytes, counts) -> None:
+        if self.streaks:  # nearly always empty: no cost per reply
+            self.streaks.pop(entry.backend, None)
         observe_latency(counts, time.monotonic() - entry.sent)
         if entry.tcp and data[2] & 0x02:  # TC: fetch it whole over TCP, off this thread
             threading.Thread(target=self._fetch_tcp, args=(entry,), daemon=True).start()
@@ -152,7 +156,8 @@ class Forwarder:
 
     def _expired(self, entry: Pending, counts) -> None:
         counts["backend_timeouts", str(entry.backend)] += 1
-        self._report_timeout(entry.backend)
+        streak = self.streaks[entry.backend] = self.streaks.get(entry.backend, 0) + 1
+        self._report_timeout(entry.backend, streak)
         if not entry.retried:
             other = entry.pool.other(entry.backend)
             if other is not None:

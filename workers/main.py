@@ -58,8 +58,8 @@ class Worker:
             except (OSError, ValueError):
                 pass  # the supervisor is gone; the control loop will notice
 
-    def _report_timeout(self, backend: Address) -> None:
-        self.send(control.TIMEOUT, str(backend))
+    def _report_timeout(self, backend: Address, streak: int) -> None:
+        self.send(control.TIMEOUT, (str(backend), streak))
 
     def _reporter(self) -> None:
         while not self.stopping.is_set():
