@@ -1,0 +1,183 @@
+"""Health checks that heal, and failover without failed queries (real Knot, fake backends)."""
+from __future__ import annotations
+
+import threading
+import time
+
+import dns.exception
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import pytest
+
+from fake_backend import FakeBackend
+from knot_server import KnotServer
+from netutil import HOST, wait_until
+
+INTERVAL, RISE, FALL = 0.2, 2, 2
+
+
+@pytest.fixture
+def health_router(router, tmp_path):
+    conf = tmp_path / "dnsrouter.ini"
+    conf.write_text(f"[health]\ninterval = {INTERVAL}\ntimeout = 0.3\nfall = {FALL}\nrise = {RISE}\n"
+                    "[forward]\ntimeout = 0.5\n")
+
+    def make(**kw):
+        return router(args=["--config", str(conf)], **kw)
+
+    return make
+
+
+def ask(r, name: str, timeout: float = 2.0) -> dns.message.Message | None:
+    try:
+        return dns.query.udp(dns.message.make_query(name, "A"), HOST, port=r.port, timeout=timeout)
+    except dns.exception.Timeout:
+        return None
+
+
+def rcode_of(r, name: str):
+    reply = ask(r, name, 0.5)
+    return None if reply is None else reply.rcode()
+
+
+def state_change(r, backend, old: str, new: str) -> bool:
+    return f"backend {backend.addr}: {old} -> {new}" in r.log()
+
+
+def test_the_health_query_is_id_server_ch_txt_over_tcp(health_router):
+    with FakeBackend("ok") as fake:
+        r = health_router()
+        r.route("a", rf"{fake.addr},\.test\.$")
+        wait_until(lambda: fake.count("tcp") >= 2, 3, message="no health check arrived")
+        checks = [q for q in fake.received if q.transport == "tcp"]
+        for check in checks:
+            question = check.message.question[0]
+            assert question.name.to_text() == "id.server."
+            assert question.rdclass == dns.rdataclass.CH and question.rdtype == dns.rdatatype.TXT
+        assert rcode_of(r, "x.test.") == dns.rcode.NOERROR
+
+
+@pytest.mark.parametrize("mode", ["drop", "wrong_id", "garbage"])
+def test_a_backend_that_fails_checks_goes_down(health_router, mode):
+    with FakeBackend("ok") as fake:
+        r = health_router()
+        r.route("a", rf"{fake.addr},\.test\.$")
+        wait_until(lambda: rcode_of(r, "x.test.") == dns.rcode.NOERROR, 3, message="never up")
+        fake.mode = mode
+        wait_until(lambda: state_change(r, fake, "up", "down"), 3, message=f"{mode} backend stays up")
+        started = time.monotonic()
+        assert rcode_of(r, "x.test.") == dns.rcode.SERVFAIL
+        assert time.monotonic() - started < 0.2
+
+
+def test_a_backend_answering_refused_stays_up(health_router):
+    with FakeBackend("refused") as fake:
+        r = health_router()
+        r.route("a", rf"{fake.addr},\.test\.$")
+        wait_until(lambda: fake.count("tcp") >= 5, 5, message="not checked repeatedly")
+        # REFUSED is a well-formed reply: the backend is alive, its answer relayed.
+        assert rcode_of(r, "x.test.") == dns.rcode.REFUSED
+        assert not state_change(r, fake, "up", "down") and state_change(r, fake, "new", "up")
+
+
+def test_all_members_down_servfail_comes_at_once(health_router):
+    with FakeBackend("ok") as one, FakeBackend("ok") as two:
+        r = health_router()
+        r.route("a", rf"{one.addr},\.test\.$")
+        r.route("b", rf"{two.addr},\.test\.$")
+        wait_until(lambda: rcode_of(r, "x.test.") == dns.rcode.NOERROR, 3, message="never up")
+        one.mode = two.mode = "drop"
+        wait_until(lambda: state_change(r, one, "up", "down") and state_change(r, two, "up", "down"), 5,
+                   message="members not marked down")
+        for i in range(10):
+            started = time.monotonic()
+            assert rcode_of(r, f"q{i}.test.") == dns.rcode.SERVFAIL
+            assert time.monotonic() - started < 0.05
+
+
+def test_a_down_backend_comes_back_by_itself(health_router):
+    with FakeBackend("drop") as fake:
+        r = health_router()
+        r.route("a", rf"{fake.addr},\.test\.$")
+        wait_until(lambda: "new -> down" in r.log(), 3, message="dead backend not reported")
+        assert rcode_of(r, "x.test.") == dns.rcode.SERVFAIL
+        fake.mode = "ok"
+        wait_until(lambda: state_change(r, fake, "down", "up"), 3, message="never came back")
+        assert rcode_of(r, "x.test.") == dns.rcode.NOERROR
+
+
+def test_a_new_backend_takes_queries_after_its_first_check(health_router):
+    with FakeBackend("ok") as fake:
+        r = health_router()
+        r.route("a", rf"{fake.addr},\.test\.$")
+        wait_until(lambda: rcode_of(r, "x.test.") == dns.rcode.NOERROR, 2, message="not taken")
+        assert state_change(r, fake, "new", "up")
+
+
+class Load:
+    """Queries at a steady rate from a few threads; counts what clients would see fail."""
+
+    def __init__(self, port: int, names: list[str], rate: int = 300, threads: int = 4) -> None:
+        self.port, self.names, self.interval = port, names, threads / rate
+        self.sent = self.failed = 0
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def _run(self, index: int) -> None:
+        i = index
+        next_at = time.monotonic()
+        while not self.stop.is_set():
+            name = self.names[i % len(self.names)]
+            i += len(self.threads)
+            try:
+                reply = dns.query.udp(dns.message.make_query(name, "A"), HOST, port=self.port, timeout=3)
+                ok = reply.rcode() == dns.rcode.NOERROR and reply.answer
+            except dns.exception.DNSException:
+                ok = False
+            with self.lock:
+                self.sent += 1
+                self.failed += not ok
+            next_at += self.interval
+            self.stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
+def test_kill_one_of_two_knot_members_under_load(health_router, split_zone):
+    zone = split_zone.zone_names[0]
+    with KnotServer({zone: split_zone.zones[zone]}) as one, KnotServer({zone: split_zone.zones[zone]}) as two:
+        r = health_router(workers=2)
+        r.route("a1", rf"{one.addr},\.a\.example\.com\.$")
+        r.route("a2", rf"{two.addr},\.a\.example\.com\.$")
+        names = split_zone.names[zone]
+        wait_until(lambda: state_change(r, one, "new", "up") and state_change(r, two, "new", "up"), 3,
+                   message="members never up")
+        with Load(r.port, names) as load:
+            wait_until(lambda: load.sent > 300, 10, message="load not running")
+            one.kill()
+            killed_at = load.sent
+            wait_until(lambda: state_change(r, one, "up", "down"), 3, message="killed member stays up")
+            wait_until(lambda: load.sent > killed_at + 600, 15, message="load stalled")
+            failed_after_kill = load.failed
+            one.start()
+            restarted = time.monotonic()
+            wait_until(lambda: state_change(r, one, "down", "up"), RISE * INTERVAL + 1.5,
+                       message="restarted member not taken back")
+            assert time.monotonic() - restarted < RISE * INTERVAL * 1.1 + 1
+        assert failed_after_kill == 0, f"{failed_after_kill} of {load.sent} client queries failed"
+        # The restarted member serves: with the other one gone, queries still succeed.
+        two.kill()
+        wait_until(lambda: state_change(r, two, "up", "down"), 3, message="second kill not seen")
+        assert all(ask(r, n).rcode() == dns.rcode.NOERROR for n in names[:30])
