@@ -24,6 +24,10 @@ BOOT_FAILED = "boot_failed"  # payload: the reason, before exiting EXIT_BOOT_FAI
 EXIT_OK = 0
 EXIT_BOOT_FAILED = 3
 
+# Upper bounds (seconds) of the backend latency histogram: the worker counts
+# into them, the supervisor exposes them.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
 REPORT_INTERVAL = 1.0  # seconds between two reports (heartbeats) of a worker
 
 

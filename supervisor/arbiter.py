@@ -25,6 +25,7 @@ from dnsrouter.address import parse_address
 
 from . import sockets, workerset
 from .health import HealthChecker, HealthSettings
+from .metrics import Metrics
 from .registry import Registry
 from .table import RouteTable
 
@@ -60,6 +61,9 @@ class Supervisor:
         self.cpus = workerset.usable_cpus()
         self._wire = self.table.snapshot().to_wire()  # empty until the registry speaks
         self.health = HealthChecker(self._health_settings(config), lambda up: self.post("up", up))
+        self.metrics = Metrics(self._metrics_state, control.LATENCY_BUCKETS)
+        self.loaded = False  # the registry has published at least once
+        self._metrics_address = None
 
     @staticmethod
     def _health_settings(config: Any) -> HealthSettings:
@@ -89,6 +93,7 @@ class Supervisor:
         for name in self.SIGNALS:
             signal.signal(getattr(signal, name), self._on_signal)
         self.health.start()
+        self._serve_metrics()
         threading.Thread(target=self.registry.run, name="registry",
                          args=(lambda records: self.post("records", records), self.stop_event),
                          daemon=True).start()
@@ -158,6 +163,10 @@ class Supervisor:
         self.config = config
         logging.getLogger().setLevel(config.log_level.upper())
         self.health.configure(self._health_settings(config))
+        try:
+            self._serve_metrics()
+        except ConfigError as e:
+            log.error("%s", e)
         for handle in self.workers.values():
             handle.post(control.SETTINGS, {"forward_timeout": config.forward_timeout,
                                            "log_level": config.log_level})
@@ -180,6 +189,7 @@ class Supervisor:
     def on_event(self, kind: str, payload: Any) -> bool:
         """Apply one piece of news; True when the snapshot must change."""
         if kind == "records":
+            self.loaded = True
             if not self.table.set_records(payload):
                 return False
             self.health.set_backends(self.table.backends)
@@ -197,6 +207,49 @@ class Supervisor:
                  snapshot.version, len(snapshot.routes), len(self.table.backends),
                  len(snapshot.down), len(self.table.invalid))
 
+    # -- metrics and the HTTP endpoint -------------------------------------------------
+    def _serve_metrics(self) -> None:
+        address = self.config.metrics_listen
+        if address == self._metrics_address:
+            return
+        self.metrics.close()
+        self._metrics_address = address
+        if address is not None:
+            try:
+                self.metrics.serve(address, self.routes, self.healthy)
+            except OSError as e:
+                raise ConfigError(f"cannot serve metrics on {address}: {e.strerror or e}") from None
+
+    def _metrics_state(self) -> dict:
+        return {"health": dict(self.health.states), "invalid": len(self.table.invalid),
+                "version": self.table.version, "updated": self.table.updated,
+                "routes": len(self.table.routes), "restarts": self.restarts,
+                "workers": {i: h.pid for i, h in list(self.workers.items())}}
+
+    def routes(self) -> dict:
+        """The live table with each backend's health (``/routes``)."""
+        states = dict(self.health.states)
+        table = self.table
+        return {
+            "version": table.version, "updated": table.updated,
+            "routes": [{"pattern": route.pattern, "backends": [
+                {"address": str(b), "up": b in table.up,
+                 "reason": states[b].reason if b in states else "not checked yet",
+                 "check_latency": states[b].latency if b in states else None}
+                for b in route.backends]} for route in table.routes],
+            "invalid": dict(table.invalid),
+        }
+
+    def healthy(self) -> tuple[bool, str]:
+        """Serving means: every worker slot has a live, ready worker, and routes are loaded."""
+        missing = [i for i in range(self.config.server_workers)
+                   if i not in self.workers or not self.workers[i].ready]
+        if missing:
+            return False, f"workers not serving: {missing}"
+        if not self.loaded:
+            return False, "no routes loaded from the registry yet"
+        return True, f"ok: {len(self.workers)} workers, routes version {self.table.version}"
+
     # -- workers -------------------------------------------------------------------
     def _read_worker(self, handle: workerset.WorkerHandle) -> None:
         try:
@@ -213,6 +266,7 @@ class Supervisor:
             handle.version = payload
         elif tag == control.REPORT:
             handle.version = payload["version"]
+            self.metrics.add(payload["delta"])
         elif tag == control.TIMEOUT:
             backend, streak = payload
             self.health.forward_timeout(parse_address(backend), streak)

@@ -9,8 +9,7 @@ from __future__ import annotations
 import threading
 from collections import Counter, defaultdict
 
-# Upper bounds (seconds) of the backend latency histogram buckets.
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+from dnsrouter.control import LATENCY_BUCKETS
 
 
 class Stats:

@@ -1,0 +1,113 @@
+"""/metrics, /routes and /healthz of a running router."""
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+import dns.message
+import dns.query
+import dns.rcode
+from prometheus_client.parser import text_string_to_metric_families
+
+from fake_backend import FakeBackend
+from netutil import HOST, free_port, wait_until
+
+
+def get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def samples(port: int) -> dict:
+    _, body = get(f"http://{HOST}:{port}/metrics")
+    out = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            out[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def test_counters_match_the_traffic_sent(router):
+    mport = free_port("tcp")
+    with FakeBackend("ok") as fake:
+        r = router(workers=2, args=["--metrics", f"{HOST}:{mport}"])
+        r.route("a", rf"{fake.addr},\.test\.$")
+        r.route("bad", "no comma here")
+        wait_until(lambda: dns.query.udp(dns.message.make_query("w.test.", "A"), HOST, port=r.port,
+                                         timeout=1).rcode() == dns.rcode.NOERROR, 3, message="not routed")
+
+        def value(snapshot, name, **labels):
+            return snapshot.get((name, tuple(sorted(labels.items()))), 0)
+
+        # Workers report once a second: wait until the warm-up queries are all counted.
+        seen = []
+
+        def settled():
+            seen.append((time.monotonic(), samples(mport)))
+            first = [s for t, s in seen if t < seen[-1][0] - 1.5]
+            udp = [value(s, "dnsrouter_queries_total", transport="udp") for s in (first or [{}])[-1:] + [seen[-1][1]]]
+            return bool(first) and udp[0] == udp[1] and seen[-1][1]
+
+        base = wait_until(settled, 10, interval=0.3, message="counters never settled")
+
+        for i in range(50):
+            assert dns.query.udp(dns.message.make_query(f"q{i}.test.", "A"), HOST, port=r.port,
+                                 timeout=2).rcode() == dns.rcode.NOERROR
+        for i in range(20):
+            assert dns.query.udp(dns.message.make_query(f"q{i}.other.", "A"), HOST, port=r.port,
+                                 timeout=2).rcode() == dns.rcode.SERVFAIL
+        for i in range(10):
+            assert dns.query.tcp(dns.message.make_query(f"t{i}.test.", "A"), HOST, port=r.port,
+                                 timeout=2).rcode() == dns.rcode.NOERROR
+
+        def grown():
+            now = samples(mport)
+            return now if value(now, "dnsrouter_queries_total", transport="udp") - \
+                value(base, "dnsrouter_queries_total", transport="udp") >= 70 and \
+                value(now, "dnsrouter_queries_total", transport="tcp") - \
+                value(base, "dnsrouter_queries_total", transport="tcp") >= 10 else None
+
+        now = wait_until(grown, 5, interval=0.2, message="counters never caught up")
+        diff = {k: now[k] - base.get(k, 0) for k in now}
+
+        def d(name, **labels):
+            return diff.get((name, tuple(sorted(labels.items()))), 0)
+
+        assert d("dnsrouter_queries_total", transport="udp") == 70
+        assert d("dnsrouter_queries_total", transport="tcp") == 10
+        assert d("dnsrouter_responses_total", rcode="NOERROR") == 60
+        assert d("dnsrouter_responses_total", rcode="SERVFAIL") == 20
+        assert d("dnsrouter_backend_queries_total", backend=fake.addr) == 60
+        assert d("dnsrouter_backend_latency_seconds_count") == 60
+        assert value(now, "dnsrouter_backend_up", backend=fake.addr) == 1
+        assert value(now, "dnsrouter_registry_invalid_values") == 1
+        assert value(now, "dnsrouter_snapshot_version") >= 2
+        assert value(now, "dnsrouter_worker_rss_bytes", worker="0") > 1e6
+
+
+def test_routes_and_healthz(router):
+    mport = free_port("tcp")
+    with FakeBackend("ok") as one, FakeBackend("drop") as two:
+        r = router(args=["--metrics", f"{HOST}:{mport}"])
+        r.route("1", rf"{one.addr},\.one\.$")
+        r.route("2", rf"{two.addr},\.two\.$")
+        r.route("3", rf"{one.addr},\.two\.$")
+        r.route("4", "127.0.0.1:0,x")
+
+        def table():
+            status, body = get(f"http://{HOST}:{mport}/routes")
+            routes = json.loads(body)
+            return routes if len(routes["routes"]) == 2 and "not checked yet" not in body.decode() else None
+
+        routes = wait_until(table, 5, message="/routes never showed the table")
+        assert [x["pattern"] for x in routes["routes"]] == [r"\.one\.$", r"\.two\.$"]
+        assert [[(b["address"], b["up"]) for b in x["backends"]] for x in routes["routes"]] == \
+            [[(one.addr, True)], [(two.addr, False), (one.addr, True)]]
+        assert "port" in routes["invalid"]["4"]
+        status, body = get(f"http://{HOST}:{mport}/healthz")
+        assert status == 200 and body.startswith(b"ok")
