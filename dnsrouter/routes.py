@@ -18,6 +18,10 @@ MAX_VALUE_BYTES = 4096
 # tens of thousands of patterns (the default of 8 MiB fits about 5,000).
 SET_MAX_MEM = 256 << 20
 
+# RE2 would print every rejected pattern to stderr; we log it once ourselves.
+_QUIET = re2.Options()
+_QUIET.log_errors = False
+
 
 @dataclass(frozen=True)
 class RouteValue:
@@ -52,9 +56,10 @@ def parse_value(value: str | bytes) -> RouteValue:
     except ValueError as e:
         raise ValueParseError(str(e)) from None
     try:
-        re2.compile(pattern)
+        re2.compile(pattern, _QUIET)
     except re2.error as e:
-        raise ValueParseError(f"regexp does not compile under RE2: {e}") from None
+        reason = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else e
+        raise ValueParseError(f"regexp does not compile under RE2: {reason}") from None
     return RouteValue(backend, pattern)
 
 
@@ -135,6 +140,7 @@ class Matcher:
 def compile_set(patterns: Iterable[str]) -> "re2.Set":
     options = re2.Options()
     options.max_mem = SET_MAX_MEM
+    options.log_errors = False
     matcher = re2.Set.SearchSet(options)
     for pattern in patterns:
         matcher.Add(pattern)
