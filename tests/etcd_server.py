@@ -1,0 +1,329 @@
+"""Real etcd servers for tests: one member, or a static three-member cluster.
+
+Everything listens on 127.0.0.1 on free ports, in its own temporary data
+directory, with the v2 keys API enabled (the API dnsrouter speaks). Readiness
+is polled with a deadline; nothing here sleeps blindly.
+
+A missing ``etcd`` binary raises (so the test fails): etcd is a declared test
+dependency (Debian package ``etcd-server``), not an optional one.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any, NamedTuple, Optional
+
+from netutil import free_port as _free_port
+
+ETCD = os.environ.get("ETCD_BINARY", "etcd")
+START_TIMEOUT = 20.0
+
+
+def _die_with_parent() -> None:
+    # An interrupted test run (Ctrl-C, SIGKILL of pytest) must not leave etcd
+    # servers behind holding ports: ask the kernel to kill the child when we
+    # go away. Best effort: Linux only.
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _request(method: str, url: str, data: Optional[dict] = None,
+             timeout: float = 5.0) -> dict:
+    body = urllib.parse.urlencode(data).encode() if data is not None else None
+    req = urllib.request.Request(url, data=body, method=method)
+    if body is not None:
+        req.add_header("Content-Type", "application/x-www-form-urlencoded")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        # etcd answers errors (key not found, ...) as JSON bodies
+        return json.loads(e.read())
+
+
+def _key_url(url: str, key: str) -> str:
+    return url.rstrip("/") + "/v2/keys/" + urllib.parse.quote(key.lstrip("/"), safe="/")
+
+
+def put(url: str, key: str, value: Optional[str], ttl: Optional[float] = None,
+        **params: Any) -> dict:
+    """``curl -XPUT $url/v2/keys/$key -d value=...``; returns etcd's JSON.
+
+    Extra ``params`` (prevExist, prevValue, dir, ...) are passed as form
+    fields; ``value=None`` sends no value (for ``dir="true"``).
+    """
+    data: dict = {**params} if value is None else {"value": value, **params}
+    if ttl is not None:
+        data["ttl"] = ttl
+    return _request("PUT", _key_url(url, key), data)
+
+
+def delete(url: str, key: str, **params: Any) -> dict:
+    """``curl -XDELETE $url/v2/keys/$key``; returns etcd's JSON."""
+    q = urllib.parse.urlencode(params)
+    return _request("DELETE", _key_url(url, key) + ("?" + q if q else ""))
+
+
+def get(url: str, key: str, **params: Any) -> dict:
+    """``curl $url/v2/keys/$key``; returns etcd's JSON."""
+    q = urllib.parse.urlencode(params)
+    return _request("GET", _key_url(url, key) + ("?" + q if q else ""))
+
+
+def enable_auth(url: str, root_password: str) -> None:
+    """Turn on v2 authentication with user ``root``. The guest role keeps its
+    access, so requests without credentials still work; wrong ones do not."""
+    body = json.dumps({"user": "root", "password": root_password}).encode()
+    for path, data in (("/v2/auth/users/root", body), ("/v2/auth/enable", None)):
+        req = urllib.request.Request(url + path, data=data, method="PUT")
+        with urllib.request.urlopen(req, timeout=5):
+            pass
+
+
+def read_dir(url: str, prefix: str) -> dict[str, tuple[str, int]]:
+    """The plain keys directly under ``prefix``: {name: (value, createdIndex)}."""
+    res = get(url, prefix, quorum="true")
+    out = {}
+    for node in res.get("node", {}).get("nodes", []):
+        if not node.get("dir"):
+            out[node["key"].rsplit("/", 1)[1]] = (node.get("value", ""), node["createdIndex"])
+    return out
+
+
+class TLSFiles(NamedTuple):
+    ca: str
+    server_cert: str
+    server_key: str
+    client_cert: str
+    client_key: str
+
+
+def make_tls_files(directory: str) -> TLSFiles:
+    """A throwaway CA, a server certificate for IP 127.0.0.1 and a client
+    certificate, made with the ``openssl`` command line tool."""
+    def path(name: str) -> str:
+        return os.path.join(directory, name)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+            "-keyout", path("ca.key"), "-out", path("ca.pem"))
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
+                      ("client", "extendedKeyUsage=clientAuth\n")):
+        with open(path(name + ".ext"), "w") as f:
+            f.write(ext)
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                "-keyout", path(name + ".key"), "-out", path(name + ".csr"))
+        openssl("x509", "-req", "-days", "2", "-in", path(name + ".csr"), "-CA", path("ca.pem"),
+                "-CAkey", path("ca.key"), "-CAcreateserial", "-extfile", path(name + ".ext"),
+                "-out", path(name + ".pem"))
+    return TLSFiles(path("ca.pem"), path("server.pem"), path("server.key"),
+                    path("client.pem"), path("client.key"))
+
+
+class EtcdServer:
+    """One etcd member on 127.0.0.1.
+
+    Ports and the data directory are chosen at construction and kept across
+    ``stop()``/``kill()``/``start()``, so a restart is the same server with
+    the same data. Used as a context manager it starts (if not started) and
+    on exit stops and removes its data.
+
+    With ``tls``, etcd also serves ``tls_url`` (https, client certificates
+    required); ``url`` stays plain http for the test's own requests.
+    """
+
+    def __init__(self, name: str = "default", *, client_port: Optional[int] = None,
+                 peer_port: Optional[int] = None, initial_cluster: Optional[str] = None,
+                 workdir: Optional[str] = None, tls: Optional[TLSFiles] = None) -> None:
+        self.name = name
+        self.client_port = client_port or _free_port("tcp")
+        self.peer_port = peer_port or _free_port("tcp")
+        self.url = f"http://127.0.0.1:{self.client_port}"
+        self.peer_url = f"http://127.0.0.1:{self.peer_port}"
+        self.initial_cluster = initial_cluster or f"{name}={self.peer_url}"
+        self.tls = tls
+        self.tls_url = f"https://127.0.0.1:{_free_port('tcp')}" if tls else None
+        self._own_workdir = workdir is None
+        self.workdir = workdir or tempfile.mkdtemp(prefix="etcd-test-")
+        self.data_dir = os.path.join(self.workdir, f"{name}.etcd")
+        self.log_path = os.path.join(self.workdir, f"{name}.log")
+        self.proc: Optional[subprocess.Popen] = None
+
+    def command(self) -> list[str]:
+        tls = []
+        if self.tls:
+            tls = ["--cert-file", self.tls.server_cert, "--key-file", self.tls.server_key,
+                   "--trusted-ca-file", self.tls.ca, "--client-cert-auth"]
+        return [
+            ETCD,
+            "--name", self.name,
+            "--data-dir", self.data_dir,
+            "--enable-v2",
+            "--listen-client-urls", ",".join(filter(None, [self.url, self.tls_url])),
+            *tls,
+            "--advertise-client-urls", self.url,
+            "--listen-peer-urls", self.peer_url,
+            "--initial-advertise-peer-urls", self.peer_url,
+            "--initial-cluster", self.initial_cluster,
+            "--initial-cluster-state", "new",
+            "--initial-cluster-token", "dnsrouter-test",
+            "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn",
+            # small snapshots keep restarts fast; short raft timers keep
+            # elections (cluster start, member killed) well under a second
+            "--snapshot-count", "2000",
+            "--heartbeat-interval", "25",
+            "--election-timeout", "250",
+        ]
+
+    def start(self, wait: bool = True) -> "EtcdServer":
+        """Start (again) on the same ports and data dir; wait until it serves."""
+        if self.running:
+            return self
+        if shutil.which(ETCD) is None:
+            raise RuntimeError(f"etcd binary {ETCD!r} not found (Debian package etcd-server)")
+        log = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=log,
+                                         preexec_fn=_die_with_parent)
+        finally:
+            log.close()
+        if wait:
+            self.wait_ready()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def healthy(self) -> bool:
+        """True when the member has a leader and its v2 keys API answers."""
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
+                if json.loads(r.read()).get("health") != "true":
+                    return False
+            with urllib.request.urlopen(self.url + "/v2/keys/", timeout=1) as r:
+                return r.status == 200
+        except (OSError, ValueError):
+            return False
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.healthy():
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"etcd {self.name} exited with {self.proc.returncode}:\n"
+                                   + self.log_tail())
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"etcd {self.name} not ready after {timeout}s:\n"
+                                   + self.log_tail())
+            time.sleep(0.02)
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read()[-n:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    def _signal(self, sig: int, timeout: float) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, escalating to SIGKILL after ``timeout``."""
+        self._signal(signal.SIGTERM, timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, no goodbye to clients or peers."""
+        self._signal(signal.SIGKILL, 10.0)
+
+    def cleanup(self) -> None:
+        self.kill()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "EtcdServer":
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+        self.cleanup()
+
+
+class EtcdCluster:
+    """A static cluster of ``n`` members on 127.0.0.1 (``--initial-cluster``)."""
+
+    def __init__(self, n: int = 3) -> None:
+        self.workdir = tempfile.mkdtemp(prefix="etcd-cluster-")
+        ports = [(_free_port("tcp"), _free_port("tcp")) for _ in range(n)]
+        initial = ",".join(f"m{i}=http://127.0.0.1:{p}" for i, (_, p) in enumerate(ports))
+        self.members = [EtcdServer(f"m{i}", client_port=c, peer_port=p,
+                                   initial_cluster=initial, workdir=self.workdir)
+                        for i, (c, p) in enumerate(ports)]
+
+    @property
+    def urls(self) -> list[str]:
+        return [m.url for m in self.members]
+
+    def start(self) -> "EtcdCluster":
+        # all members must be up before any has a quorum: start, then wait
+        for m in self.members:
+            m.start(wait=False)
+        self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Wait until every running member has a leader and serves.
+
+        After a member is killed, writes through the others hang until they
+        elect a new leader (if it was the leader): call this first.
+        """
+        for m in self.members:
+            if m.running:
+                m.wait_ready(timeout)
+
+    def stop(self) -> None:
+        for m in self.members:
+            m.stop()
+
+    def cleanup(self) -> None:
+        for m in self.members:
+            m.kill()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "EtcdCluster":
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+        self.cleanup()
