@@ -46,6 +46,6 @@ def parse_address(text: str) -> Address:
         raise ValueError(f"{host!r} is not a literal IP address") from None
     if ip.version != version:
         raise ValueError(f"{text!r}: IPv6 addresses are written [addr]:port")
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise ValueError(f"port {port!r} is not in 1-65535")
     return Address(str(ip), int(port))

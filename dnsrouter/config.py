@@ -7,6 +7,7 @@ from dataclasses import field, make_dataclass
 from typing import Any, Sequence
 
 from . import __version__
+from .address import Address
 from .errors import ConfigError
 from .settings import SETTINGS, Setting
 
@@ -31,6 +32,8 @@ def build_parser(prog: str = "dnsrouter") -> argparse.ArgumentParser:
                                   f"([{setting.section}] {setting.key}, default {setting.default or 'none'})"}
         if setting.name == "server_listen":
             kwargs["action"] = "append"
+        elif setting.parse.__name__ == "_bool":  # a switch: --allow-root means yes
+            kwargs.update(action="store_const", const="yes")
         parser.add_argument(setting.flag, **kwargs)
     parser.add_argument("--check-config", action="store_true",
                         help="validate the configuration, print it, exit 0 (or 2 with the reason)")
@@ -38,11 +41,15 @@ def build_parser(prog: str = "dnsrouter") -> argparse.ArgumentParser:
     return parser
 
 
+def _uncomment(line: str) -> str:
+    return line.split("#", 1)[0].split(";", 1)[0].strip()
+
+
 def _locate(lines: list[str], section: str, key: str) -> int:
     """The line of ``key`` in ``[section]``, for messages (configparser has none)."""
     current = None
     for number, line in enumerate(lines, 1):
-        text = line.strip()
+        text = _uncomment(line)
         if text.startswith("[") and text.endswith("]"):
             current = text[1:-1].strip()
         elif current == section and text.split("=", 1)[0].split(":", 1)[0].strip().lower() == key:
@@ -68,7 +75,7 @@ def read_file(path: str) -> dict[str, str]:
     values: dict[str, str] = {}
     for section in parser.sections():
         if section not in {s.section for s in SETTINGS}:
-            line = next((n for n, l in enumerate(lines, 1) if l.strip() == f"[{section}]"), 0)
+            line = next((n for n, l in enumerate(lines, 1) if _uncomment(l) == f"[{section}]"), 0)
             raise ConfigError(f"{path}:{line}: unknown section [{section}]")
         for key, value in parser.items(section):
             setting = known.get((section, key))
@@ -130,8 +137,8 @@ def describe(config: Any) -> str:
             section = setting.section
             out.append(f"\n[{section}]")
         value = getattr(config, setting.name)
-        if isinstance(value, tuple):
-            value = " ".join(str(v) for v in value)
+        if isinstance(value, tuple) and not isinstance(value, Address):
+            value = ", ".join(str(v) for v in value)
         if setting.key == "password" and value:
             value = "********"
         out.append(f"{setting.key} = {'' if value is None else value}")

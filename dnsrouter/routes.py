@@ -41,7 +41,11 @@ def parse_value(value: str | bytes) -> RouteValue:
             value = value.decode("utf-8")
         except UnicodeDecodeError:
             raise ValueParseError("value is not UTF-8 text") from None
-    if len(value.encode("utf-8")) > MAX_VALUE_BYTES:
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:  # a file registry value that was not UTF-8
+        raise ValueParseError("value is not UTF-8 text") from None
+    if size > MAX_VALUE_BYTES:
         raise ValueParseError(f"value is longer than {MAX_VALUE_BYTES} bytes")
     value = value.strip()
     if not value:

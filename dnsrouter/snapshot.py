@@ -41,5 +41,5 @@ class Snapshot:
                              for p, backends in obj["routes"]),
                 down=frozenset(parse_address(b) for b in obj["down"]),
             )
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise SnapshotError(f"snapshot does not decode: {e}") from None

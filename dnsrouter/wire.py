@@ -143,6 +143,8 @@ def with_large_buffer(query: bytes, offset: int) -> tuple[bytes, bool]:
     ar = query[10] << 8 | query[11]
     if ar == 0:
         return query[:10] + b"\x00\x01" + query[10 + 2:] + _OPT_65535, True
+    if ar > 1:
+        return query, False  # OPT and a TSIG: the signature covers the buffer size
     try:
         opt = find_opt(query, offset)
     except (WireError, struct.error):

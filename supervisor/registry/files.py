@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 from . import Publish, Record
 
@@ -38,6 +39,7 @@ class FileRegistry:
         else:
             self._missing_logged = False
         changed = False
+        now = time.time()
         current: dict[str, tuple] = {}
         for entry in entries:
             if entry.name.startswith("."):
@@ -53,7 +55,11 @@ class FileRegistry:
                 continue
             signature = (st.st_ino, st.st_size, st.st_mtime_ns)
             old = self._seen.get(entry.name)
-            if old is not None and old[0] == signature:
+            # A file changed within the timestamp granularity of some
+            # filesystems (up to 2 s) may change again without a new mtime:
+            # read those again until they are older.
+            settled = now - st.st_mtime_ns / 1e9 > 2.0
+            if old is not None and old[0] == signature and settled:
                 current[entry.name] = old
                 continue
             try:
