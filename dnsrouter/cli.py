@@ -2,16 +2,11 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from . import config as configuration
+from . import logs
 from .errors import ConfigError
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s dnsrouter[supervisor] %(levelname)s %(message)s")
 
 
 def make_registry(config):
@@ -36,7 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         sys.stdout.write(configuration.describe(config))
         return 0
-    setup_logging(config.log_level)
+    try:
+        logs.setup(config.log_target, config.log_level, "supervisor")
+    except OSError as e:
+        print(f"dnsrouter: cannot log to {config.log_target}: {e}", file=sys.stderr)
+        return 2
 
     from .supervisor.arbiter import Supervisor
     from .workers import run as worker_main

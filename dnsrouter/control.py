@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 # supervisor -> worker
 SNAPSHOT = "snapshot"  # payload: Snapshot.to_wire() bytes
-SETTINGS = "settings"  # payload: dict of live settings (forward_timeout, log_level)
+SETTINGS = "settings"  # payload: dict of live settings (forward_timeout, log_level, log_queries)
+REOPEN_LOGS = "reopen_logs"  # payload: None (SIGUSR1)
 STOP = "stop"  # payload: None; finish in-flight queries and exit 0
 
 # worker -> supervisor
@@ -43,3 +44,5 @@ class WorkerSpec:
     tcp_connections: int
     tcp_idle_timeout: float
     log_level: str
+    log_target: str
+    log_queries: bool

@@ -64,6 +64,29 @@ def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse_or_none
 
 
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("yes", "true", "on", "1"):
+        return True
+    if value in ("no", "false", "off", "0"):
+        return False
+    raise ValueError(f"{text!r} is not yes or no")
+
+
+def _cpus(text: str) -> str | tuple[int, ...]:
+    """``auto`` (pin when workers <= CPUs), ``off``, or CPU numbers to pin to in turn."""
+    value = text.strip().lower()
+    if value in ("auto", "off"):
+        return value
+    try:
+        cpus = tuple(int(part) for part in value.replace(",", " ").split())
+    except ValueError:
+        raise ValueError(f"{text!r} is not auto, off or a list of CPU numbers") from None
+    if not cpus or min(cpus) < 0:
+        raise ValueError(f"{text!r} is not auto, off or a list of CPU numbers")
+    return cpus
+
+
 def _string(text: str) -> str:
     return text.strip()
 
@@ -104,6 +127,12 @@ SETTINGS: tuple[Setting, ...] = (
             "run as this user after binding the sockets", flag="--user"),
     Setting("server", "pidfile", "", _optional(_string),
             "write the supervisor's PID to this file", flag="--pidfile"),
+    Setting("server", "allow_root", "no", _bool,
+            "allow running as root on a privileged port without `user`", flag="--allow-root"),
+    Setting("server", "cpu_affinity", "auto", _cpus,
+            "pin worker K to CPU K (auto: when workers <= CPUs), off, or a list of CPUs"),
+    Setting("server", "heartbeat_timeout", "10", _positive_float,
+            "seconds a worker may stay silent before it is killed and replaced"),
     Setting("server", "tcp_connections", "256", _positive_int,
             "TCP client connections per worker; more are closed at once"),
     Setting("server", "tcp_idle_timeout", "10", _positive_float,
@@ -134,4 +163,8 @@ SETTINGS: tuple[Setting, ...] = (
             "serve /metrics and /routes over HTTP at ip:port", flag="--metrics", live=True),
     Setting("log", "level", "info", _level,
             "log level: debug, info, warning, error", flag="--log-level", live=True),
+    Setting("log", "target", "stderr", _string,
+            "where the log goes: stderr, syslog, or a file path (reopened on SIGUSR1)"),
+    Setting("log", "queries", "no", _bool,
+            "log every query (client, name, type, backend); costs nothing when off", live=True),
 )

@@ -18,12 +18,12 @@ from typing import Any, Callable
 
 import setproctitle
 
-from dnsrouter import control
+from dnsrouter import control, logs
 from dnsrouter.errors import ConfigError
 
 from dnsrouter.address import parse_address
 
-from . import sockets, workerset
+from . import privileges, sockets, workerset
 from .health import HealthChecker, HealthSettings
 from .metrics import Metrics
 from .registry import Registry
@@ -39,7 +39,7 @@ class BootError(Exception):
 
 
 class Supervisor:
-    SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
+    SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1")
 
     def __init__(self, config: Any, worker_main: Callable, registry: Registry,
                  reload_config: Callable[[], Any] | None = None) -> None:
@@ -64,6 +64,7 @@ class Supervisor:
         self.metrics = Metrics(self._metrics_state, control.LATENCY_BUCKETS)
         self.loaded = False  # the registry has published at least once
         self._metrics_address = None
+        self._pidfile: str | None = None
 
     @staticmethod
     def _health_settings(config: Any) -> HealthSettings:
@@ -89,11 +90,18 @@ class Supervisor:
     # -- start and run -------------------------------------------------------
     def run(self) -> int:
         setproctitle.setproctitle("dnsrouter: supervisor")
+        privileges.check(self.config)
         self.sockets = sockets.bind(self.config.server_listen, self.config.server_workers)
+        self._serve_metrics()
+        if self.config.server_pidfile:
+            self._write_pidfile(self.config.server_pidfile)
+        if self.config.server_user:
+            privileges.drop(self.config.server_user)
+        elif os.geteuid() == 0:
+            log.warning("running as root: set [server] user to drop root after binding")
         for name in self.SIGNALS:
             signal.signal(getattr(signal, name), self._on_signal)
         self.health.start()
-        self._serve_metrics()
         threading.Thread(target=self.registry.run, name="registry",
                          args=(lambda records: self.post("records", records), self.stop_event),
                          daemon=True).start()
@@ -110,17 +118,32 @@ class Supervisor:
 
     def spawn(self, index: int) -> None:
         udp, tcp = self.sockets[index]
-        cpu = self.cpus[index % len(self.cpus)] if self.config.server_workers <= len(self.cpus) else None
         spec = control.WorkerSpec(
-            index=index, cpu=cpu, udp_sockets=udp, tcp_sockets=tcp,
+            index=index, cpu=self._cpu(index), udp_sockets=udp, tcp_sockets=tcp,
             forward_timeout=self.config.forward_timeout,
             tcp_connections=self.config.server_tcp_connections,
             tcp_idle_timeout=self.config.server_tcp_idle_timeout,
-            log_level=self.config.log_level)
+            log_level=self.config.log_level, log_target=self.config.log_target,
+            log_queries=self.config.log_queries)
         handle = workerset.spawn(spec, self.worker_main)
         handle.post(control.SNAPSHOT, self._wire)
         self.workers[index] = handle
         log.debug("worker %d started, pid %s", index, handle.pid)
+
+    def _cpu(self, index: int) -> int | None:
+        setting = self.config.server_cpu_affinity
+        if setting == "off" or (setting == "auto" and self.config.server_workers > len(self.cpus)):
+            return None  # more workers than CPUs: let the scheduler place them
+        cpus = self.cpus if setting == "auto" else setting
+        return cpus[index % len(cpus)]
+
+    def _write_pidfile(self, path: str) -> None:
+        try:
+            with open(path, "w") as f:
+                f.write(f"{os.getpid()}\n")
+        except OSError as e:
+            raise ConfigError(f"cannot write pidfile {path}: {e.strerror or e}") from None
+        self._pidfile = path
 
     def loop(self) -> int:
         while True:
@@ -129,6 +152,7 @@ class Supervisor:
                 return self.shutdown()
             self._drain_events()
             self._respawn_due()
+            self._check_heartbeats()
             handles = list(self.workers.values())
             ready = wait([self._wake_r] + [h.conn for h in handles] + [h.process.sentinel for h in handles],
                          timeout=0.5)
@@ -152,6 +176,12 @@ class Supervisor:
 
     handle_int = handle_term
 
+    def handle_usr1(self) -> None:
+        logs.reopen()
+        for handle in self.workers.values():
+            handle.post(control.REOPEN_LOGS)
+        log.info("log files reopened")
+
     def handle_hup(self) -> None:
         if self.reload_config is None:
             return
@@ -169,7 +199,8 @@ class Supervisor:
             log.error("%s", e)
         for handle in self.workers.values():
             handle.post(control.SETTINGS, {"forward_timeout": config.forward_timeout,
-                                           "log_level": config.log_level})
+                                           "log_level": config.log_level,
+                                           "log_queries": config.log_queries})
         log.info("reloaded %s: applied %s%s", config.config_file, ", ".join(applied) or "nothing new",
                  f"; needs a restart: {', '.join(restart)}" if restart else "")
         self.events.put(("config", config))
@@ -299,6 +330,21 @@ class Supervisor:
                     f" in {delay:.1f}s" if delay else "")
         self._respawn_at[index] = now + delay
 
+    def _check_heartbeats(self) -> None:
+        """A worker silent for too long (stopped, wedged) is killed and replaced.
+
+        SIGKILL at once: a stopped process would not act on SIGTERM, and a
+        wedged one holds nothing that needs a clean exit.
+        """
+        now = time.monotonic()
+        limit = self.config.server_heartbeat_timeout
+        for handle in self.workers.values():
+            if handle.ready and now - handle.last_seen > limit and handle.process.is_alive():
+                log.warning("worker %d (pid %s) silent for %.1fs; killing it", handle.spec.index,
+                            handle.pid, now - handle.last_seen)
+                handle.process.kill()
+                handle.last_seen = now  # once; the sentinel brings the respawn
+
     def _respawn_due(self) -> None:
         now = time.monotonic()
         for index, when in list(self._respawn_at.items()):
@@ -320,6 +366,11 @@ class Supervisor:
                 if handle.process.sentinel in ready:
                     self._reap(handle)
         self.kill_all()
+        if self._pidfile:
+            try:
+                os.unlink(self._pidfile)
+            except OSError:
+                pass  # we may no longer have the rights for its directory
         log.info("stopped")
         return 0
 

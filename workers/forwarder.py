@@ -19,6 +19,7 @@ from .upstream import Pending, Upstream
 from . import tcp_fetch
 
 log = logging.getLogger("dnsrouter.worker")
+qlog = logging.getLogger("dnsrouter.queries")
 
 _FORMERR, _SERVFAIL, _NOTIMP = dns.rcode.FORMERR, dns.rcode.SERVFAIL, dns.rcode.NOTIMP
 
@@ -35,6 +36,7 @@ class Forwarder:
         self.stats = stats
         self.matcher = Matcher(())
         self.version = -1
+        self.query_log = False
         self._report_timeout = report_timeout
         # Forwarding timeouts in a row per backend, the passive health evidence.
         self.streaks: dict[Address, int] = {}
@@ -93,6 +95,9 @@ class Forwarder:
             return self._answer(data, _NOTIMP, question, end, addr, client, counts)
         lower = data[12:end].lower()
         pool = self.matcher.lookup_wire(lower[:-4], wire.name_to_text)
+        if self.query_log:
+            qlog.info("%s %s %s %d -> %s", "tcp" if tcp else "udp", addr[0] if addr else "-",
+                      wire.name_to_text(qname), qtype, pool.route.pattern if pool else "SERVFAIL")
         if pool is None:
             return self._answer(data, _SERVFAIL, question, end, addr, client, counts)
         strip_opt = False

@@ -10,14 +10,13 @@ import ctypes
 import logging
 import signal
 import socket
-import sys
 import threading
 import time
 
 import psutil
 import setproctitle
 
-from dnsrouter import control
+from dnsrouter import control, logs
 from dnsrouter.address import Address
 from dnsrouter.snapshot import Snapshot
 
@@ -50,6 +49,7 @@ class Worker:
         self.stats = Stats()
         self.stopping = threading.Event()
         self.forwarder = Forwarder(spec.forward_timeout, self.stats, self._report_timeout)
+        self.forwarder.query_log = spec.log_queries
 
     def send(self, tag: str, payload) -> None:
         with self.send_lock:
@@ -104,7 +104,10 @@ class Worker:
                     serving = True
             elif tag == control.SETTINGS:
                 self.forwarder.timeout = payload["forward_timeout"]
+                self.forwarder.query_log = payload["log_queries"]
                 logging.getLogger().setLevel(payload["log_level"].upper())
+            elif tag == control.REOPEN_LOGS:
+                logs.reopen()
             elif tag == control.STOP:
                 return
 
@@ -125,8 +128,7 @@ class Worker:
 
 def run(spec: control.WorkerSpec, conn) -> None:
     """The worker's entry point (the target of its Process)."""
-    logging.basicConfig(level=spec.log_level.upper(), stream=sys.stderr,
-                        format=f"%(asctime)s dnsrouter[worker {spec.index}] %(levelname)s %(message)s")
+    logs.setup(spec.log_target, spec.log_level, f"worker {spec.index}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C reaches the whole group; the supervisor decides
 
     def on_term(signum, frame):
