@@ -5,12 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(knot knot-dnsutils etcd-server dnsperf curl openssl)
+# Debian's own Python, not whatever python3 comes first on PATH: it is
+# readable by every user, so the router can drop root to any --user.
+PYTHON=/usr/bin/python3
+packages=(knot knot-dnsutils etcd-server dnsperf curl openssl python3 python3-venv)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)
 if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
@@ -24,6 +26,9 @@ for service in knot etcd; do
     fi
 done
 
-[ -x .venv/bin/python ] || python3 -m venv .venv
+if [ "$(readlink -f .venv/bin/python 2>/dev/null)" != "$(readlink -f $PYTHON)" ]; then
+    rm -rf .venv
+    "$PYTHON" -m venv .venv
+fi
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q '.[test]'

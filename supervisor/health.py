@@ -58,6 +58,7 @@ class HealthChecker:
         self.states: dict[Address, BackendState] = {}
         self._on_change = on_change
         self._tasks: dict[Address, asyncio.Task] = {}
+        self._wakeup = asyncio.Event()  # set (and replaced) when the settings change
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="health", daemon=True)
 
@@ -73,7 +74,7 @@ class HealthChecker:
         self._loop.call_soon_threadsafe(self._set_backends, backends)
 
     def configure(self, settings: HealthSettings) -> None:
-        self._loop.call_soon_threadsafe(setattr, self, "settings", settings)
+        self._loop.call_soon_threadsafe(self._configure, settings)
 
     def forward_timeout(self, backend: Address, streak: int) -> None:
         """A worker saw ``streak`` forwarding timeouts in a row for ``backend``."""
@@ -83,6 +84,13 @@ class HealthChecker:
         return frozenset(b for b, s in list(self.states.items()) if s.up)
 
     # -- the health thread ----------------------------------------------------
+    def _configure(self, settings: HealthSettings) -> None:
+        self.settings = settings
+        # Wake every task from its sleep: a shorter interval applies now,
+        # not after the longer one runs out.
+        self._wakeup.set()
+        self._wakeup = asyncio.Event()
+
     def _set_backends(self, backends: frozenset[Address]) -> None:
         for backend in set(self._tasks) - backends:
             self._tasks.pop(backend).cancel()
@@ -96,7 +104,10 @@ class HealthChecker:
             ok, reason, latency = await self._check(backend)
             self._record(backend, ok, reason, latency)
             # A little jitter keeps thousands of checks from firing in step.
-            await asyncio.sleep(self.settings.interval * random.uniform(0.9, 1.1))
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), self.settings.interval * random.uniform(0.9, 1.1))
+            except asyncio.TimeoutError:
+                pass
 
     async def _check(self, backend: Address) -> tuple[bool, str, float | None]:
         started = time.monotonic()
