@@ -92,10 +92,14 @@ def test_all_members_down_servfail_comes_at_once(health_router):
         one.mode = two.mode = "drop"
         wait_until(lambda: state_change(r, one, "up", "down") and state_change(r, two, "up", "down"), 5,
                    message="members not marked down")
-        for i in range(10):
+        took = []
+        for i in range(11):
             started = time.monotonic()
             assert rcode_of(r, f"q{i}.test.") == dns.rcode.SERVFAIL
-            assert time.monotonic() - started < 0.05
+            took.append(time.monotonic() - started)
+        # The median, so that one scheduling hiccup of a loaded CI machine does
+        # not count; waiting for a backend would take the forward timeout (0.5 s).
+        assert sorted(took)[5] < 0.05 and max(took) < 0.5
 
 
 def test_a_down_backend_comes_back_by_itself(health_router):
