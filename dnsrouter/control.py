@@ -42,6 +42,9 @@ class WorkerSpec:
     tcp_sockets: list[socket.socket]
     forward_timeout: float
     tcp_connections: int
+    max_in_flight: int
+    allow: tuple  # ip_network objects; empty: everyone
+    deny_action: str
     tcp_idle_timeout: float
     log_level: str
     log_target: str

@@ -5,6 +5,7 @@ work from this table, so a setting cannot exist in one place and not another.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -87,6 +88,23 @@ def _cpus(text: str) -> str | tuple[int, ...]:
     return cpus
 
 
+def _networks(text: str) -> tuple:
+    networks = []
+    for part in text.replace(",", " ").split():
+        try:
+            networks.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ValueError(f"{part!r} is not an address or network (CIDR)") from None
+    return tuple(networks)
+
+
+def _deny_action(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("refuse", "drop"):
+        raise ValueError(f"{text!r} is not refuse or drop")
+    return value
+
+
 def _string(text: str) -> str:
     return text.strip()
 
@@ -133,6 +151,13 @@ SETTINGS: tuple[Setting, ...] = (
             "pin worker K to CPU K (auto: when workers <= CPUs), off, or a list of CPUs"),
     Setting("server", "heartbeat_timeout", "10", _positive_float,
             "seconds a worker may stay silent before it is killed and replaced"),
+    Setting("server", "allow", "", _networks,
+            "clients allowed, as addresses or CIDR networks; empty: everyone (an authoritative "
+            "front serves the Internet)"),
+    Setting("server", "deny_action", "refuse", _deny_action,
+            "what other clients get over UDP: refuse (REFUSED) or drop; over TCP they are closed"),
+    Setting("server", "max_in_flight", "20000", _positive_int,
+            "queries a worker may have waiting for backends; beyond it new ones are dropped"),
     Setting("server", "tcp_connections", "256", _positive_int,
             "TCP client connections per worker; more are closed at once"),
     Setting("server", "tcp_idle_timeout", "10", _positive_float,

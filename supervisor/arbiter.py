@@ -122,6 +122,8 @@ class Supervisor:
             index=index, cpu=self._cpu(index), udp_sockets=udp, tcp_sockets=tcp,
             forward_timeout=self.config.forward_timeout,
             tcp_connections=self.config.server_tcp_connections,
+            max_in_flight=self.config.server_max_in_flight,
+            allow=self.config.server_allow, deny_action=self.config.server_deny_action,
             tcp_idle_timeout=self.config.server_tcp_idle_timeout,
             log_level=self.config.log_level, log_target=self.config.log_target,
             log_queries=self.config.log_queries)

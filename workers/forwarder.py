@@ -15,13 +15,14 @@ from dnsrouter.routes import Matcher
 from dnsrouter.snapshot import Snapshot
 
 from .stats import Stats, observe_latency
-from .upstream import Pending, Upstream
+from .upstream import Pending, RandomIds, Upstream
 from . import tcp_fetch
 
 log = logging.getLogger("dnsrouter.worker")
 qlog = logging.getLogger("dnsrouter.queries")
 
 _FORMERR, _SERVFAIL, _NOTIMP = dns.rcode.FORMERR, dns.rcode.SERVFAIL, dns.rcode.NOTIMP
+_REFUSED = dns.rcode.REFUSED
 
 
 class Forwarder:
@@ -31,19 +32,27 @@ class Forwarder:
     the old one a moment earlier finishes its query with it, which is fine.
     """
 
-    def __init__(self, timeout: float, stats: Stats, report_timeout: Callable[[Address, int], None]) -> None:
+    # Upstream sockets per address family, each query sent from one picked at
+    # random: the source port an off-path spoofer must guess, beside the ID.
+    SOCKETS = 4
+
+    def __init__(self, timeout: float, stats: Stats, report_timeout: Callable[[Address, int], None],
+                 max_in_flight: int = 20000, allow: Callable[[str], bool] | None = None,
+                 deny_action: str = "refuse") -> None:
         self.timeout = timeout
         self.stats = stats
+        self.allowed = allow
+        self.deny_action = deny_action
+        self._per_socket = -(-max_in_flight // self.SOCKETS)
         self.matcher = Matcher(())
         self.version = -1
         self.query_log = False
         self._report_timeout = report_timeout
         # Forwarding timeouts in a row per backend, the passive health evidence.
         self.streaks: dict[Address, int] = {}
-        self.upstreams = {
-            family: Upstream(family, self._on_reply, stats.for_thread())
-            for family in (socket.AF_INET, socket.AF_INET6)
-        }
+        self.upstreams: dict[int, list[Upstream]] = {}
+        self._upstreams_lock = threading.Lock()  # taken once per family, at its first query
+        self._random = RandomIds()
 
     # -- snapshots -------------------------------------------------------
     def apply(self, snapshot: Snapshot) -> None:
@@ -55,12 +64,24 @@ class Forwarder:
 
     # -- threads ---------------------------------------------------------
     def start(self) -> None:
-        for upstream in self.upstreams.values():
-            threading.Thread(target=upstream.serve, name="upstream", daemon=True).start()
+        self._family(socket.AF_INET)  # IPv6 ones come with the first IPv6 backend
         threading.Thread(target=self._timer, name="timer", daemon=True).start()
 
+    def _family(self, family: int) -> list[Upstream]:
+        with self._upstreams_lock:
+            if family not in self.upstreams:
+                pool = [Upstream(family, self._on_reply, self.stats.for_thread(), self._per_socket)
+                        for _ in range(self.SOCKETS)]
+                for upstream in pool:
+                    threading.Thread(target=upstream.serve, name="upstream", daemon=True).start()
+                self.upstreams[family] = pool
+            return self.upstreams[family]
+
+    def _all_upstreams(self) -> list[Upstream]:
+        return [u for pool in list(self.upstreams.values()) for u in pool]
+
     def in_flight(self) -> int:
-        return sum(len(u.pending) for u in self.upstreams.values())
+        return sum(len(u.pending) for u in self._all_upstreams())
 
     # -- the packet path -------------------------------------------------
     def handle(self, data: bytes, addr, client, counts, tcp: bool = False) -> None:
@@ -80,6 +101,11 @@ class Forwarder:
             counts["dropped", "response"] += 1
             return
         counts["queries", "tcp" if tcp else "udp"] += 1
+        if self.allowed is not None and addr is not None and not self.allowed(addr[0]):
+            if self.deny_action == "drop":
+                counts["dropped", "acl"] += 1
+                return
+            return self._answer(data, _REFUSED, None, 0, addr, client, counts)
         question = None
         try:
             qname, qtype, qclass, end = wire.parse_question(data)
@@ -108,9 +134,12 @@ class Forwarder:
         self._send(entry, counts)
 
     def _send(self, entry: Pending, counts) -> None:
+        family = entry.backend.family
+        pool = self.upstreams.get(family) or self._family(family)
+        if not pool[self._random.next() % self.SOCKETS].send(entry, self.timeout):
+            counts["dropped", "in_flight_limit"] += 1  # never unbounded memory
+            return
         counts["backend_queries", str(entry.backend)] += 1
-        if not self.upstreams[entry.backend.family].send(entry, self.timeout):
-            counts["dropped", "in_flight_limit"] += 1
 
     def _answer(self, data: bytes, rcode: int, question, end: int, addr, client, counts) -> None:
         edns = bool(end) and wire.has_opt(data, end)
@@ -155,7 +184,7 @@ class Forwarder:
         while True:
             time.sleep(0.02)
             now = time.monotonic()
-            for upstream in self.upstreams.values():
+            for upstream in self._all_upstreams():
                 for entry in upstream.expired(now):
                     self._expired(entry, counts)
 

@@ -20,7 +20,7 @@ from dnsrouter import control, logs
 from dnsrouter.address import Address
 from dnsrouter.snapshot import Snapshot
 
-from . import tcp, udp
+from . import acl, tcp, udp
 from .forwarder import Forwarder
 from .stats import Stats
 
@@ -48,7 +48,8 @@ class Worker:
         self.send_lock = threading.Lock()
         self.stats = Stats()
         self.stopping = threading.Event()
-        self.forwarder = Forwarder(spec.forward_timeout, self.stats, self._report_timeout)
+        self.forwarder = Forwarder(spec.forward_timeout, self.stats, self._report_timeout,
+                                   spec.max_in_flight, acl.make(spec.allow), spec.deny_action)
         self.forwarder.query_log = spec.log_queries
 
     def send(self, tag: str, payload) -> None:

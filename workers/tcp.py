@@ -90,10 +90,14 @@ def serve(listener: socket.socket, forwarder, stats, stopping: threading.Event,
     grace = 2 * forwarder.timeout + 1
     while True:
         try:
-            conn, _ = listener.accept()
+            conn, peer = listener.accept()
         except OSError:
             if stopping.is_set():
                 return
+            continue
+        if forwarder.allowed is not None and not forwarder.allowed(peer[0]):
+            counts["tcp_closed", "acl"] += 1
+            conn.close()
             continue
         if not slots.acquire(blocking=False):
             counts["tcp_closed", "limit"] += 1

@@ -23,7 +23,7 @@ from dnsrouter.address import Address
 
 log = logging.getLogger("dnsrouter.worker")
 
-MAX_IN_FLIGHT = 60_000  # per upstream socket; of 65,536 IDs, keep some free
+MAX_IN_FLIGHT = 60_000  # per upstream socket at most; of 65,536 IDs, keep some free
 
 
 class Pending:
@@ -47,7 +47,7 @@ class Pending:
         self.tcp = tcp
 
 
-class _RandomIds:
+class RandomIds:
     """Unpredictable 16-bit IDs, drawn from the kernel in batches."""
 
     def __init__(self) -> None:
@@ -64,21 +64,22 @@ class _RandomIds:
 class Upstream:
     """One UDP socket towards the backends of one address family."""
 
-    def __init__(self, family: int, on_reply: Callable, counts: dict) -> None:
+    def __init__(self, family: int, on_reply: Callable, counts: dict, limit: int = MAX_IN_FLIGHT) -> None:
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         # Port 0: the kernel picks a random ephemeral port.
         self.sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
         self.pending: dict[int, Pending] = {}
         self.deadlines: deque = deque()
-        self._ids = _RandomIds()
+        self._ids = RandomIds()
         self._on_reply = on_reply  # (entry, reply, counts), on this socket's thread
         self.counts = counts  # this socket's thread counts here
+        self.limit = min(limit, MAX_IN_FLIGHT)
 
     def send(self, entry: Pending, timeout: float) -> bool:
         """Send ``entry.query`` to ``entry.backend``; False when too busy."""
         pending = self.pending
-        if len(pending) >= MAX_IN_FLIGHT:
+        if len(pending) >= self.limit:
             return False
         while True:
             uid = self._ids.next()
