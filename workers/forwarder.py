@@ -48,8 +48,12 @@ class Forwarder:
         self.version = -1
         self.query_log = False
         self._report_timeout = report_timeout
-        # Forwarding timeouts in a row per backend, the passive health evidence.
+        # Passive health evidence: timeouts in a row per backend, "in a row"
+        # by the order queries were sent. A backend that answered a query sent
+        # after the lost one is alive; a burst of packets lost to a full buffer
+        # must not take down a backend that answers thousands of others.
         self.streaks: dict[Address, int] = {}
+        self.answered: dict[Address, float] = {}  # backend -> send time of its latest answered query
         self.upstreams: dict[int, list[Upstream]] = {}
         self._upstreams_lock = threading.Lock()  # taken once per family, at its first query
         self._random = RandomIds()
@@ -148,8 +152,7 @@ class Forwarder:
 
     # -- replies and timeouts ----------------------------------------------
     def _on_reply(self, entry: Pending, data: bytes, counts) -> None:
-        if self.streaks:  # nearly always empty: no cost per reply
-            self.streaks.pop(entry.backend, None)
+        self.answered[entry.backend] = entry.sent
         observe_latency(counts, time.monotonic() - entry.sent)
         if entry.tcp and data[2] & 0x02:  # TC: fetch it whole over TCP, off this thread
             threading.Thread(target=self._fetch_tcp, args=(entry,), daemon=True).start()
@@ -190,8 +193,11 @@ class Forwarder:
 
     def _expired(self, entry: Pending, counts) -> None:
         counts["backend_timeouts", str(entry.backend)] += 1
-        streak = self.streaks[entry.backend] = self.streaks.get(entry.backend, 0) + 1
-        self._report_timeout(entry.backend, streak)
+        if self.answered.get(entry.backend, 0.0) > entry.sent:
+            self.streaks[entry.backend] = 0  # it answered later queries: alive
+        else:
+            streak = self.streaks[entry.backend] = self.streaks.get(entry.backend, 0) + 1
+            self._report_timeout(entry.backend, streak)
         if not entry.retried:
             other = entry.pool.other(entry.backend)
             if other is not None:
