@@ -1,0 +1,643 @@
+#!/usr/bin/env python3
+"""Benchmark dnsrouter against the bare backend and against dnsdist.
+
+One invocation starts one Knot backend, then measures with dnsperf:
+
+* the backend directly (baseline);
+* dnsrouter with R routes (the matching route registered last, R-1
+  non-matching routes before it) for each worker count;
+* dnsdist with the equivalent R RegexRule/PoolAction rules, same order;
+* a fixed-rate run (dnsperf -Q) against backend, router and dnsdist, to
+  compare the latency each hop adds when nobody is saturated.
+
+It prints Markdown tables (and writes them to --out). See bench/README.md.
+
+    python3 bench/run.py --quick
+    python3 bench/run.py --transport udp,tcp --out bench/results.md
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.join(os.path.dirname(HERE), "tests")
+sys.path.insert(0, TESTS)
+
+import dns.exception  # noqa: E402
+import dns.message  # noqa: E402
+import dns.query  # noqa: E402
+import dns.rcode  # noqa: E402
+import psutil  # noqa: E402
+
+from knot_server import KnotServer  # noqa: E402
+from netutil import HOST, free_port, wait_until  # noqa: E402
+
+ZONE = "zone.example.com."
+# The same regexp text serves both routers: dnsrouter matches the name with
+# its trailing dot under RE2, dnsdist 1.7's RegexRule matches the name
+# without it under POSIX ERE; "\.?$" accepts both.
+MATCH_RE = r"^h[0-9]+\.zone\.example\.com\.?$"
+
+
+def nomatch_re(i: int) -> str:
+    return rf"^x\.zone{i}\.example\.com\.?$"
+
+
+# -- process bookkeeping -----------------------------------------------------
+
+# Every process this script starts, stopped in the finally block of main()
+# even on Ctrl-C. Children get their own session, so a Ctrl-C in the
+# terminal reaches only us and we stop them in order.
+_procs: list[subprocess.Popen] = []
+
+
+def spawn(argv: list[str], **kw) -> subprocess.Popen:
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True, **kw)
+    _procs.append(proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    """SIGTERM, wait, then SIGKILL the process group on timeout."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            print(f"  ! pid {proc.pid} ignored SIGTERM for {timeout:g}s, killing its group", file=sys.stderr)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+    # Leftovers in the group (a worker that outlived its supervisor).
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if proc in _procs:
+        _procs.remove(proc)
+
+
+def stop_all() -> None:
+    for proc in reversed(list(_procs)):
+        stop(proc, timeout=5.0)
+
+
+# -- dnsperf -----------------------------------------------------------------
+
+@dataclass
+class Perf:
+    sent: int = 0
+    completed: int = 0
+    lost: int = 0
+    qps: float = 0.0
+    avg_ms: float = math.nan
+    p99_ms: float = math.nan
+    rcodes: dict[str, int] = field(default_factory=dict)
+    reconnections: int = 0
+    kernel: dict[str, int] = field(default_factory=dict)  # counter deltas during the run
+    raw_tail: str = ""
+
+
+def kernel_counters() -> dict[str, int]:
+    """Host-wide UDP/TCP drop counters (/proc/net/snmp, netstat): on this
+    machine only the benchmark's processes move them, so a delta over one
+    run says whether a socket buffer or a listen queue overflowed."""
+    want = {("Udp", "RcvbufErrors"), ("Udp", "SndbufErrors"), ("Udp", "InErrors"),
+            ("TcpExt", "ListenOverflows"), ("TcpExt", "ListenDrops")}
+    out: dict[str, int] = {}
+    for path in ("/proc/net/snmp", "/proc/net/netstat"):
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        for head, vals in zip(lines[::2], lines[1::2]):
+            proto, names = head.split(":", 1)
+            for name, val in zip(names.split(), vals.split(":", 1)[1].split()):
+                if (proto, name) in want:
+                    out[f"{proto}.{name}"] = int(val)
+    return out
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    if not sorted_values:
+        return math.nan
+    k = max(0, min(len(sorted_values) - 1, math.ceil(p / 100.0 * len(sorted_values)) - 1))
+    return sorted_values[k]
+
+
+def run_dnsperf(port: int, qfile: str, transport: str, args: argparse.Namespace,
+                workdir: str, tag: str, qps_limit: int | None = None) -> Perf:
+    """dnsperf against 127.0.0.1:port. -v gives every query's latency, from
+    which the 99th percentile is computed (dnsperf 2.10 prints none)."""
+    argv = ["dnsperf", "-s", HOST, "-p", str(port), "-d", qfile, "-m", transport,
+            "-c", str(args.clients), "-q", str(args.outstanding), "-l", str(args.duration),
+            "-t", str(args.timeout), "-v"]
+    if qps_limit:
+        argv += ["-Q", str(qps_limit)]
+    out_path = os.path.join(workdir, f"dnsperf-{tag}.out")
+    before = kernel_counters()
+    with open(out_path, "w") as out:
+        proc = spawn(argv, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(args.duration + args.timeout + 30)
+        finally:
+            stop(proc)
+    after = kernel_counters()
+    perf = parse_dnsperf(out_path)
+    perf.kernel = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    return perf
+
+
+_STAT = {
+    "sent": re.compile(r"^\s*Queries sent:\s+(\d+)"),
+    "completed": re.compile(r"^\s*Queries completed:\s+(\d+)"),
+    "lost": re.compile(r"^\s*Queries lost:\s+(\d+)"),
+    "qps": re.compile(r"^\s*Queries per second:\s+([\d.]+)"),
+    "avg": re.compile(r"^\s*Average Latency \(s\):\s+([\d.]+)"),
+}
+
+
+def parse_dnsperf(path: str) -> Perf:
+    perf = Perf()
+    lat: list[float] = []
+    tail: list[str] = []
+    section = "queries"
+    with open(path, errors="replace") as f:
+        for line in f:
+            if line.startswith("> "):
+                # "> NOERROR h0001.zone.example.com. A 0.000114"
+                parts = line.split()
+                try:
+                    lat.append(float(parts[-1]))
+                except (ValueError, IndexError):
+                    pass
+                continue
+            tail.append(line)
+            # dnsperf -m tcp adds "Connection Statistics" with its own
+            # "Average Latency" (of connecting): not the queries' latency.
+            if line.startswith("Connection Statistics"):
+                section = "connections"
+            m = re.match(r"^\s*Reconnections:\s+(\d+)", line)
+            if m:
+                perf.reconnections = int(m.group(1))
+            if section != "queries":
+                continue
+            for key, rx in _STAT.items():
+                m = rx.match(line)
+                if m:
+                    v = m.group(1)
+                    if key == "qps":
+                        perf.qps = float(v)
+                    elif key == "avg":
+                        perf.avg_ms = float(v) * 1000.0
+                    else:
+                        setattr(perf, key, int(v))
+            if "Response codes:" in line:
+                for code, n in re.findall(r"([A-Z]+)\s+(\d+)\s+\(", line.split(":", 1)[1]):
+                    perf.rcodes[code] = int(n)
+    lat.sort()
+    perf.p99_ms = percentile(lat, 99.0) * 1000.0
+    # Keep the non-per-query lines that are not boilerplate (timeouts, errors).
+    perf.raw_tail = "".join(t for t in tail[-40:])
+    if perf.sent == 0:
+        raise RuntimeError(f"dnsperf produced no statistics, see {path}:\n{perf.raw_tail}")
+    return perf
+
+
+# -- servers -----------------------------------------------------------------
+
+def make_zone(n: int) -> str:
+    lines = [f"$ORIGIN {ZONE}", "$TTL 300", "@ SOA ns hostmaster 1 3600 900 604800 300",
+             "@ NS ns", "ns A 192.0.2.53"]
+    lines += [f"h{i:04d} A 10.{i // 65536}.{(i // 256) % 256}.{i % 256}" for i in range(1, n + 1)]
+    return "\n".join(lines) + "\n"
+
+
+def answers(port: int, transport: str = "udp") -> bool:
+    q = dns.message.make_query(f"h0001.{ZONE}", "A")
+    try:
+        if transport == "udp":
+            r = dns.query.udp(q, HOST, port=port, timeout=0.5)
+        else:
+            r = dns.query.tcp(q, HOST, port=port, timeout=1.0)
+    except (dns.exception.DNSException, OSError):
+        return False
+    return r.rcode() == dns.rcode.NOERROR and bool(r.answer)
+
+
+def rcode_of(port: int, name: str) -> str:
+    try:
+        r = dns.query.udp(dns.message.make_query(name, "A"), HOST, port=port, timeout=2.0)
+    except (dns.exception.DNSException, OSError) as e:
+        return f"no answer ({type(e).__name__})"
+    return dns.rcode.to_text(r.rcode())
+
+
+def sanity(port: int, routes: int, who: str) -> list[str]:
+    """The routing table does what the benchmark assumes: the query names
+    reach the backend, a non-matching route's own name goes to the backend
+    (which REFUSEs it: not its zone), a name no route matches gets SERVFAIL."""
+    want = {f"h0002.{ZONE}": "NOERROR", f"nothing.{ZONE}": "SERVFAIL"}
+    if routes > 1:
+        want[f"x.zone{routes - 2}.example.com."] = "REFUSED"
+    got = {name: rcode_of(port, name) for name in want}
+    return [f"{who}: {name} answered {got[name]}, expected {rc}" for name, rc in want.items() if got[name] != rc]
+
+
+def write_routes(d: str, routes: int, backend: str) -> None:
+    os.makedirs(d, exist_ok=True)
+    for i in range(routes - 1):
+        with open(os.path.join(d, f"r{i:06d}"), "w") as f:
+            f.write(f"{backend},{nomatch_re(i)}")
+    # 'zz' sorts after every 'r...' name: the matching route has the lowest precedence.
+    with open(os.path.join(d, "zz-match"), "w") as f:
+        f.write(f"{backend},{MATCH_RE}")
+
+
+def lua_quote(s: str) -> str:
+    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def write_dnsdist_conf(path: str, port: int, backend: str, routes: int) -> None:
+    lines = [
+        "setSecurityPollSuffix('')",
+        f"setLocal('{HOST}:{port}')",
+        # Health check with a name Knot answers authoritatively (the default
+        # a.root-servers.net would get REFUSED).
+        f"newServer({{address='{backend}', pool='p', checkName='{ZONE}', checkType='SOA'}})",
+        f"newServer({{address='{backend}', pool='other', checkName='{ZONE}', checkType='SOA'}})",
+    ]
+    for i in range(routes - 1):
+        lines.append(f"addAction(RegexRule({lua_quote(nomatch_re(i))}), PoolAction('other'))")
+    lines.append(f"addAction(RegexRule({lua_quote(MATCH_RE)}), PoolAction('p'))")
+    # Anything that falls through: answer like dnsrouter does, SERVFAIL.
+    lines.append("addAction(AllRule(), RCodeAction(DNSRCode.SERVFAIL))")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+class Router:
+    def __init__(self, routes_dir: str, workers: int, workdir: str, tag: str,
+                 startup_timeout: float) -> None:
+        self.port = free_port("both")
+        self.routes_dir = routes_dir
+        self.workers = workers
+        self.stderr_path = os.path.join(workdir, f"router-{tag}.stderr")
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Router":
+        argv = ["dnsrouter", "--listen", f"{HOST}:{self.port}", "--routes-dir", self.routes_dir,
+                "--workers", str(self.workers), "--log-level", "warning"]
+        with open(self.stderr_path, "wb") as err:
+            self.proc = spawn(argv, stdout=err, stderr=subprocess.STDOUT)
+        t0 = time.monotonic()
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"dnsrouter exited with {self.proc.returncode}:\n{self.stderr()}")
+            return answers(self.port, "udp") and answers(self.port, "tcp")
+
+        try:
+            wait_until(ready, timeout=self.startup_timeout, interval=0.1,
+                       message=f"dnsrouter on port {self.port} did not answer h0001.{ZONE}")
+        except AssertionError as e:
+            raise RuntimeError(f"{e}\n{self.stderr()}") from None
+        self.ready_s = time.monotonic() - t0
+        return self
+
+    def worker_rss_mb(self) -> list[float]:
+        out = []
+        try:
+            for child in psutil.Process(self.proc.pid).children(recursive=True):
+                try:
+                    title = " ".join(child.cmdline())
+                    if title.startswith("dnsrouter: worker"):
+                        out.append((title, child.memory_info().rss / 2**20))
+                except psutil.NoSuchProcess:
+                    pass
+        except psutil.NoSuchProcess:
+            pass
+        return [rss for _, rss in sorted(out)]
+
+    def stderr(self) -> str:
+        try:
+            with open(self.stderr_path, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def stop(self) -> int | None:
+        stop(self.proc, timeout=10.0)
+        return self.proc.returncode if self.proc else None
+
+
+class Dnsdist:
+    def __init__(self, backend: str, routes: int, workdir: str, tag: str, startup_timeout: float) -> None:
+        self.port = free_port("both")
+        self.conf = os.path.join(workdir, f"dnsdist-{tag}.conf")
+        self.log_path = os.path.join(workdir, f"dnsdist-{tag}.log")
+        write_dnsdist_conf(self.conf, self.port, backend, routes)
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Dnsdist":
+        with open(self.log_path, "wb") as log:
+            self.proc = spawn(["dnsdist", "--supervised", "--disable-syslog", "-C", self.conf],
+                              stdout=log, stderr=subprocess.STDOUT)
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"dnsdist exited with {self.proc.returncode}:\n{self.log()}")
+            return answers(self.port, "udp") and answers(self.port, "tcp")
+
+        try:
+            wait_until(ready, timeout=self.startup_timeout, interval=0.1,
+                       message=f"dnsdist on port {self.port} did not answer h0001.{ZONE}")
+        except AssertionError as e:
+            raise RuntimeError(f"{e}\n{self.log()[-3000:]}") from None
+        return self
+
+    def rss_mb(self) -> float:
+        try:
+            return psutil.Process(self.proc.pid).memory_info().rss / 2**20
+        except psutil.NoSuchProcess:
+            return math.nan
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        stop(self.proc, timeout=10.0)
+
+
+# -- results -----------------------------------------------------------------
+
+@dataclass
+class Row:
+    kind: str          # 'throughput' or 'fixed-rate'
+    scenario: str      # 'backend', 'dnsrouter', 'dnsdist'
+    transport: str
+    routes: int | None
+    workers: int | None
+    perf: Perf
+    rss_mb: list[float] = field(default_factory=list)
+    notes: str = ""
+
+
+def fmt(v: float, digits: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def ratio(a: float, b: float) -> str:
+    if not a or not b or math.isnan(a) or math.isnan(b):
+        return "n/a"
+    return f"{a / b:.2f}"
+
+
+def rcode_str(p: Perf) -> str:
+    return " ".join(f"{k}:{v}" for k, v in sorted(p.rcodes.items(), key=lambda kv: -kv[1])) or "-"
+
+
+def tables(rows: list[Row], header: str) -> str:
+    thr = [r for r in rows if r.kind == "throughput"]
+    fix = [r for r in rows if r.kind == "fixed-rate"]
+    backend = {r.transport: r for r in thr if r.scenario == "backend"}
+    dnsdist = {(r.transport, r.routes): r for r in thr if r.scenario == "dnsdist"}
+    cols = ["scenario", "transport", "routes", "workers", "qps", "avg latency ms", "p99 ms",
+            "worker RSS MB", "ratio to dnsdist", "ratio to backend", "lost", "rcodes"]
+
+    def line(cells: Iterable[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    out = [header, "", "### Throughput (dnsperf saturating; ratios are of qps, higher is better)", "",
+           line(cols), line(["---"] * len(cols))]
+    for r in thr:
+        d = dnsdist.get((r.transport, r.routes))
+        b = backend.get(r.transport)
+        out.append(line([
+            r.scenario, r.transport, "-" if r.routes is None else str(r.routes),
+            "-" if r.workers is None else str(r.workers),
+            f"{r.perf.qps:.0f}", fmt(r.perf.avg_ms), fmt(r.perf.p99_ms),
+            " / ".join(f"{x:.1f}" for x in r.rss_mb) or "-",
+            "-" if r.scenario != "dnsrouter" or d is None else ratio(r.perf.qps, d.perf.qps),
+            "-" if r.scenario == "backend" or b is None else ratio(r.perf.qps, b.perf.qps),
+            str(r.perf.lost), rcode_str(r.perf),
+        ]))
+    if fix:
+        fb = {r.transport: r for r in fix if r.scenario == "backend"}
+        fd = {r.transport: r for r in fix if r.scenario == "dnsdist"}
+        out += ["", "### Fixed rate (dnsperf -Q; ratios are of average latency, lower is better;"
+                " added = avg latency minus the backend's)", "",
+                line(cols + ["added avg ms"]), line(["---"] * (len(cols) + 1))]
+        for r in fix:
+            d = fd.get(r.transport)
+            b = fb.get(r.transport)
+            out.append(line([
+                r.scenario, r.transport, "-" if r.routes is None else str(r.routes),
+                "-" if r.workers is None else str(r.workers),
+                f"{r.perf.qps:.0f}", fmt(r.perf.avg_ms), fmt(r.perf.p99_ms),
+                " / ".join(f"{x:.1f}" for x in r.rss_mb) or "-",
+                "-" if r.scenario != "dnsrouter" or d is None else ratio(r.perf.avg_ms, d.perf.avg_ms),
+                "-" if r.scenario == "backend" or b is None else ratio(r.perf.avg_ms, b.perf.avg_ms),
+                str(r.perf.lost), rcode_str(r.perf),
+                "-" if r.scenario == "backend" or b is None else fmt(r.perf.avg_ms - b.perf.avg_ms),
+            ]))
+    return "\n".join(out) + "\n"
+
+
+# -- main ----------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="-l 3, routes 1 and 1000 only")
+    p.add_argument("--routes", help="comma separated route counts (default 1,1000,10000)")
+    p.add_argument("--workers", default="1,2", help="comma separated dnsrouter worker counts")
+    p.add_argument("--duration", type=int, help="dnsperf -l seconds (default 10, --quick 3)")
+    p.add_argument("--transport", default="udp", help="udp, tcp or udp,tcp")
+    p.add_argument("--clients", type=int, default=20, help="dnsperf -c")
+    p.add_argument("--outstanding", type=int, default=200, help="dnsperf -q")
+    p.add_argument("--timeout", type=int, default=2, help="dnsperf -t seconds (a query older is lost)")
+    p.add_argument("--fixed-qps", type=int, default=2000, help="rate of the fixed-rate latency runs (0: skip)")
+    p.add_argument("--names", type=int, default=5000, help="A records in the zone / query file")
+    p.add_argument("--knot-workers", type=int, default=1, help="knotd udp/tcp workers")
+    p.add_argument("--no-dnsdist", action="store_true", help="skip dnsdist even if installed")
+    p.add_argument("--startup-timeout", type=float, default=60.0)
+    p.add_argument("--keep", action="store_true", help="keep the work directory (dnsperf output, logs)")
+    p.add_argument("--out", help="also write the tables to this file")
+    a = p.parse_args(argv)
+    a.routes = [int(x) for x in (a.routes or ("1,1000" if a.quick else "1,1000,10000")).split(",")]
+    a.workers = [int(x) for x in a.workers.split(",")]
+    a.transport = [t.strip() for t in a.transport.split(",")]
+    for t in a.transport:
+        if t not in ("udp", "tcp"):
+            p.error(f"unknown transport {t!r}")
+    if any(r < 1 for r in a.routes):
+        p.error("route counts must be >= 1")
+    if a.duration is None:
+        a.duration = 3 if a.quick else 10
+    return a
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt  # same cleanup path as Ctrl-C
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
+    for tool in ("dnsperf", "dnsrouter"):
+        if shutil.which(tool) is None:
+            print(f"{tool} not found in PATH", file=sys.stderr)
+            return 2
+    have_dnsdist = shutil.which("dnsdist") is not None and not args.no_dnsdist
+    workdir = tempfile.mkdtemp(prefix="dnsrouter-bench-")
+    rows: list[Row] = []
+    problems: list[str] = []
+    t_start = time.monotonic()
+    knot = None
+    interrupted = False
+
+    def log(msg: str) -> None:
+        print(f"[{time.monotonic() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    def note(row: Row) -> None:
+        p = row.perf
+        bad = {k: v for k, v in p.rcodes.items() if k != "NOERROR"}
+        log(f"  {row.kind} {row.scenario} {row.transport} routes={row.routes} workers={row.workers}: "
+            f"qps={p.qps:.0f} avg={fmt(p.avg_ms)}ms p99={fmt(p.p99_ms)}ms lost={p.lost} rcodes={p.rcodes}"
+            f" kernel={p.kernel} reconnections={p.reconnections}")
+        if p.lost or bad or p.kernel or p.reconnections:
+            problems.append(f"{row.kind} {row.scenario} {row.transport} routes={row.routes} "
+                            f"workers={row.workers}: sent {p.sent}, lost {p.lost}, rcodes {p.rcodes}"
+                            + (f", kernel drop counters {p.kernel}" if p.kernel else "")
+                            + (f", TCP reconnections {p.reconnections}" if p.reconnections else ""))
+        rows.append(row)
+
+    def router_stderr_check(r: Router, tag: str, rc: int | None) -> None:
+        text = r.stderr().strip()
+        if text:
+            lines = text.splitlines()
+            problems.append(f"router {tag}: {len(lines)} stderr line(s); last: " + " || ".join(lines[-5:]))
+        if rc not in (0, None):
+            problems.append(f"router {tag}: exit status {rc} after SIGTERM")
+
+    try:
+        knot = KnotServer({ZONE: make_zone(args.names)}, workers=args.knot_workers,
+                          workdir=os.path.join(workdir, "knot"))
+        knot.start()
+        backend = knot.addr
+        log(f"knotd on {backend}, workdir {workdir}")
+        qfile = os.path.join(workdir, "queries.txt")
+        with open(qfile, "w") as f:
+            f.writelines(f"h{i:04d}.{ZONE} A\n" for i in range(1, args.names + 1))
+
+        for t in args.transport:
+            note(Row("throughput", "backend", t, None, None,
+                     run_dnsperf(knot.port, qfile, t, args, workdir, f"backend-{t}")))
+
+        for routes in args.routes:
+            rdir = os.path.join(workdir, f"routes-{routes}")
+            write_routes(rdir, routes, backend)
+            for w in args.workers:
+                tag = f"r{routes}-w{w}"
+                r = Router(rdir, w, workdir, tag, args.startup_timeout)
+                try:
+                    r.start()
+                    log(f"dnsrouter routes={routes} workers={w} answering after {r.ready_s:.1f}s")
+                    problems.extend(sanity(r.port, routes, f"router {tag}"))
+                    for t in args.transport:
+                        perf = run_dnsperf(r.port, qfile, t, args, workdir, f"router-{tag}-{t}")
+                        note(Row("throughput", "dnsrouter", t, routes, w, perf, r.worker_rss_mb()))
+                        if len(rows[-1].rss_mb) != w:
+                            problems.append(f"router {tag}: found {len(rows[-1].rss_mb)} worker processes, expected {w}")
+                finally:
+                    rc = r.stop()
+                    router_stderr_check(r, tag, rc)
+            if have_dnsdist:
+                d = Dnsdist(backend, routes, workdir, f"r{routes}", args.startup_timeout)
+                try:
+                    d.start()
+                    problems.extend(sanity(d.port, routes, f"dnsdist r{routes}"))
+                    for t in args.transport:
+                        perf = run_dnsperf(d.port, qfile, t, args, workdir, f"dnsdist-r{routes}-{t}")
+                        note(Row("throughput", "dnsdist", t, routes, None, perf, [d.rss_mb()]))
+                finally:
+                    d.stop()
+
+        if args.fixed_qps:
+            log(f"fixed-rate runs at {args.fixed_qps} qps")
+            for t in args.transport:
+                note(Row("fixed-rate", "backend", t, None, None,
+                         run_dnsperf(knot.port, qfile, t, args, workdir, f"fixed-backend-{t}", args.fixed_qps)))
+            rdir = os.path.join(workdir, "routes-1")
+            if not os.path.isdir(rdir):
+                write_routes(rdir, 1, backend)
+            w = 2 if 2 in args.workers else max(args.workers)
+            r = Router(rdir, w, workdir, f"fixed-w{w}", args.startup_timeout)
+            try:
+                r.start()
+                for t in args.transport:
+                    perf = run_dnsperf(r.port, qfile, t, args, workdir, f"fixed-router-{t}", args.fixed_qps)
+                    note(Row("fixed-rate", "dnsrouter", t, 1, w, perf, r.worker_rss_mb()))
+            finally:
+                rc = r.stop()
+                router_stderr_check(r, f"fixed-w{w}", rc)
+            if have_dnsdist:
+                d = Dnsdist(backend, 1, workdir, "fixed", args.startup_timeout)
+                try:
+                    d.start()
+                    for t in args.transport:
+                        perf = run_dnsperf(d.port, qfile, t, args, workdir, f"fixed-dnsdist-{t}", args.fixed_qps)
+                        note(Row("fixed-rate", "dnsdist", t, 1, None, perf, [d.rss_mb()]))
+                finally:
+                    d.stop()
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: stopping everything")
+    finally:
+        stop_all()
+        if knot is not None:
+            knot.stop()
+        if not args.keep and not interrupted:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    header = (f"## dnsrouter benchmark\n\n"
+              f"{os.cpu_count()} CPUs; dnsperf -c {args.clients} -q {args.outstanding} -l {args.duration} "
+              f"-t {args.timeout} -v; {args.names} names; knotd workers {args.knot_workers}; "
+              f"dnsdist {'yes' if have_dnsdist else 'not run'}; total {time.monotonic() - t_start:.0f}s")
+    text = tables(rows, header)
+    if problems:
+        text += "\n### Problems seen\n\n" + "\n".join(f"* {p}" for p in problems) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    if args.keep or interrupted:
+        print(f"(work directory kept: {workdir})", file=sys.stderr)
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
