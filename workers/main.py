@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import signal
 import socket
 import threading
 import time
 
-import psutil
 import setproctitle
 
 from dnsrouter import control, logs
@@ -72,7 +72,7 @@ class Worker:
         spec = self.spec
         setproctitle.setproctitle(f"dnsrouter: worker {spec.index}")
         if spec.cpu is not None:
-            psutil.Process().cpu_affinity([spec.cpu])
+            os.sched_setaffinity(0, {spec.cpu})
         self.forwarder.start()
 
     def serve(self) -> None:

@@ -5,8 +5,11 @@ keyed by the 16-bit upstream ID. Nothing here takes a lock per packet:
 inserts and removals are single dict operations, atomic under the GIL, and
 a reply and a timeout race for the same entry through ``dict.pop``.
 
-Deadlines all have the same length, so appending them to a deque keeps it
-sorted: the timer only ever looks at its head (no scan of the table).
+Expiry scans the table of pending queries. It holds only the queries not
+yet answered (rate x backend latency: tens, normally), so the scan costs
+little, and nothing has to be appended per packet; a deadline queue would
+keep every query, answered or not, for the whole timeout (megabytes at tens
+of thousands of queries a second).
 """
 from __future__ import annotations
 
@@ -16,7 +19,6 @@ import os
 import socket
 import threading
 import time
-from collections import deque
 from typing import Callable
 
 from dnsrouter.address import Address
@@ -70,13 +72,12 @@ class Upstream:
         # Port 0: the kernel picks a random ephemeral port.
         self.sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
         self.pending: dict[int, Pending] = {}
-        self.deadlines: deque = deque()
         self._ids = RandomIds()
         self._on_reply = on_reply  # (entry, reply, counts), on this socket's thread
         self.counts = counts  # this socket's thread counts here
         self.limit = min(limit, MAX_IN_FLIGHT)
 
-    def send(self, entry: Pending, timeout: float) -> bool:
+    def send(self, entry: Pending) -> bool:
         """Send ``entry.query`` to ``entry.backend``; False when too busy."""
         pending = self.pending
         if len(pending) >= self.limit:
@@ -86,7 +87,6 @@ class Upstream:
             if pending.setdefault(uid, entry) is entry:
                 break
         entry.sent = time.monotonic()
-        self.deadlines.append((entry.sent + timeout, uid, entry))
         try:
             self.sock.sendto(uid.to_bytes(2, "big") + entry.query[2:], entry.backend.sockaddr)
         except OSError:
@@ -124,15 +124,16 @@ class Upstream:
                 continue  # the timer took it a moment ago
             on_reply(entry, data, counts)
 
-    def expired(self, now: float) -> list[Pending]:
-        """Entries whose deadline passed and that got no reply."""
+    def expired(self, sent_before: float) -> list[Pending]:
+        """Entries sent before ``sent_before`` that got no reply: taken out."""
         out = []
-        deadlines, pending = self.deadlines, self.pending
-        while deadlines and deadlines[0][0] <= now:
-            _, uid, entry = deadlines.popleft()
+        pending = self.pending
+        for uid, entry in list(pending.items()):  # a copy: other threads change the dict
+            if entry.sent > sent_before:
+                continue
             taken = pending.pop(uid, None)
             if taken is entry:
                 out.append(entry)
             elif taken is not None:
-                pending.setdefault(uid, taken)  # the ID was reused; put it back
+                pending.setdefault(uid, taken)  # answered and the ID reused meanwhile; put it back
         return out
