@@ -1,6 +1,7 @@
 """Socket addresses written ``ip:port`` or ``[ipv6]:port``."""
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from typing import NamedTuple
@@ -10,21 +11,38 @@ class Address(NamedTuple):
     host: str  # a literal IP, normalised (so equal addresses compare equal)
     port: int
 
+    # The packet path asks these for every query: each is computed once per
+    # address (backends are few) and then looked up.
     @property
     def family(self) -> int:
-        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        return _family(self)
 
     @property
     def sockaddr(self) -> tuple:
         """The address as ``recvfrom`` reports it, for exact comparison."""
-        if self.family == socket.AF_INET6:
-            return (self.host, self.port, 0, 0)
-        return (self.host, self.port)
+        return _sockaddr(self)
 
     def __str__(self) -> str:
-        if self.family == socket.AF_INET6:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+        return _text(self)
+
+
+@functools.lru_cache(maxsize=None)
+def _family(address: Address) -> int:
+    return socket.AF_INET6 if ":" in address.host else socket.AF_INET
+
+
+@functools.lru_cache(maxsize=None)
+def _sockaddr(address: Address) -> tuple:
+    if _family(address) == socket.AF_INET6:
+        return (address.host, address.port, 0, 0)
+    return (address.host, address.port)
+
+
+@functools.lru_cache(maxsize=None)
+def _text(address: Address) -> str:
+    if _family(address) == socket.AF_INET6:
+        return f"[{address.host}]:{address.port}"
+    return f"{address.host}:{address.port}"
 
 
 def parse_address(text: str) -> Address:

@@ -150,5 +150,7 @@ class HealthChecker:
 
     def _change(self, backend: Address, state: BackendState, up: bool, reason: str, old: str) -> None:
         state.up, state.reason, state.since = up, reason, time.time()
-        log.warning("backend %s: %s -> %s (%s)", backend, old, "up" if up else "down", reason)
+        # Losing a backend is news for the operator; gaining one is routine.
+        log.log(logging.INFO if up else logging.WARNING, "backend %s: %s -> %s (%s)",
+                backend, old, "up" if up else "down", reason)
         self._on_change(self.up())

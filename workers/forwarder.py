@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 import threading
 import time
 from typing import Callable
@@ -143,7 +144,7 @@ class Forwarder:
         if not pool[self._random.next() % self.SOCKETS].send(entry):
             counts["dropped", "in_flight_limit"] += 1  # never unbounded memory
             return
-        counts["backend_queries", str(entry.backend)] += 1
+        counts["backend_queries", entry.backend] += 1
 
     def _answer(self, data: bytes, rcode: int, question, end: int, addr, client, counts) -> None:
         edns = bool(end) and wire.has_opt(data, end)
@@ -157,12 +158,16 @@ class Forwarder:
         if entry.tcp and data[2] & 0x02:  # TC: fetch it whole over TCP, off this thread
             threading.Thread(target=self._fetch_tcp, args=(entry,), daemon=True).start()
             return
+        self._relay(entry, data, counts)
+
+    def _relay(self, entry: Pending, data: bytes, counts) -> None:
+        """The backend's reply to the client: its own bytes, the client's ID."""
         reply = entry.client_id + data[2:]
         if entry.strip_opt:
             try:
                 reply = wire.without_opt(reply)
-            except wire.WireError:
-                pass
+            except (wire.WireError, struct.error):
+                pass  # relayed as it is: the client copes with an OPT better than with nothing
         counts["responses", data[3] & 0xF] += 1
         entry.client.send(reply, entry.addr)
 
@@ -171,14 +176,10 @@ class Forwarder:
         try:
             reply = tcp_fetch.exchange(entry.backend, entry.query, self.timeout)
         except (OSError, ValueError):
-            counts["backend_timeouts", str(entry.backend)] += 1
+            counts["backend_timeouts", entry.backend] += 1
             self._servfail(entry, counts)
         else:
-            reply = entry.client_id + reply[2:]
-            if entry.strip_opt:
-                reply = wire.without_opt(reply)
-            counts["responses", reply[3] & 0xF] += 1
-            entry.client.send(reply, entry.addr)
+            self._relay(entry, reply, counts)
         finally:
             self.stats.release(counts)
 
@@ -194,7 +195,7 @@ class Forwarder:
                     self._expired(entry, counts)
 
     def _expired(self, entry: Pending, counts) -> None:
-        counts["backend_timeouts", str(entry.backend)] += 1
+        counts["backend_timeouts", entry.backend] += 1
         if self.answered.get(entry.backend, 0.0) > entry.sent:
             self.streaks[entry.backend] = 0  # it answered later queries: alive
         else:

@@ -7,6 +7,7 @@ last report.
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from collections import Counter, defaultdict
 
 from dnsrouter.control import LATENCY_BUCKETS
@@ -44,10 +45,5 @@ class Stats:
 
 
 def observe_latency(counts: defaultdict, seconds: float) -> None:
-    for index, bound in enumerate(LATENCY_BUCKETS):
-        if seconds <= bound:
-            counts["latency_bucket", index] += 1
-            break
-    else:
-        counts["latency_bucket", len(LATENCY_BUCKETS)] += 1
+    counts["latency_bucket", bisect_left(LATENCY_BUCKETS, seconds)] += 1
     counts["latency_sum", ""] += seconds
