@@ -8,8 +8,6 @@ import threading
 import time
 from typing import Callable
 
-import dns.rcode
-
 from dnsrouter import wire
 from dnsrouter.address import Address
 from dnsrouter.routes import Matcher
@@ -22,8 +20,7 @@ from . import tcp_fetch
 log = logging.getLogger("dnsrouter.worker")
 qlog = logging.getLogger("dnsrouter.queries")
 
-_FORMERR, _SERVFAIL, _NOTIMP = dns.rcode.FORMERR, dns.rcode.SERVFAIL, dns.rcode.NOTIMP
-_REFUSED = dns.rcode.REFUSED
+_FORMERR, _SERVFAIL, _NOTIMP, _REFUSED = wire.FORMERR, wire.SERVFAIL, wire.NOTIMP, wire.REFUSED
 
 
 class Forwarder:
