@@ -192,3 +192,30 @@ def _answers(port: int) -> bool:
         return True
     except dns.exception.Timeout:
         return False
+
+
+def test_query_log_and_log_file_reopened_on_sigusr1(router, tmp_path):
+    logfile = tmp_path / "dnsrouter.log"
+    conf = tmp_path / "dnsrouter.ini"
+    conf.write_text(f"[log]\ntarget = {logfile}\nqueries = yes\n")
+    with FakeBackend("ok") as fake:
+        r = router(args=["--config", str(conf)])
+        r.route("a", rf"{fake.addr},\.test\.$")
+        wait_until(lambda: ok(r, "first.test."), 3, message="not routed")
+        wait_until(lambda: "udp 127.0.0.1 first.test. 1 -> \\.test\\.$" in logfile.read_text(), 3,
+                   message="query not logged")
+        logfile.rename(tmp_path / "dnsrouter.log.1")  # what a rotation tool does
+        r.signal(signal.SIGUSR1)
+        wait_until(lambda: logfile.exists() and "log files reopened" in logfile.read_text(), 3,
+                   message="log file not reopened")
+        assert ok(r, "second.test.")
+        wait_until(lambda: "second.test." in logfile.read_text(), 3, message="worker did not reopen")
+        assert "second.test." not in (tmp_path / "dnsrouter.log.1").read_text()
+
+
+def test_query_log_is_off_by_default(router):
+    with FakeBackend("ok") as fake:
+        r = router()
+        r.route("a", rf"{fake.addr},\.test\.$")
+        wait_until(lambda: ok(r, "quiet.test."), 3, message="not routed")
+        assert "quiet.test." not in r.log()
