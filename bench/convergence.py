@@ -37,30 +37,23 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import os
 import random
 import shlex
 import shutil
-import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.parse
-import urllib.request
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+import dns.message
+import dns.rdatatype
 
-import dns.message  # noqa: E402
-import dns.rdatatype  # noqa: E402
-
-from etcd_server import EtcdServer, put  # noqa: E402
-from knot_server import KnotServer, make_split_zone  # noqa: E402
-from netutil import HOST, free_port, wait_until  # noqa: E402
+from common import HOST, answered, bench_router, command_line, finish_router, metric, percentile, start_router
+from etcd_server import EtcdServer, put
+from knot_server import KnotServer, make_split_zone
+from netutil import free_port
 
 PREFIX = "/dnsrouter/"
 
@@ -80,19 +73,6 @@ class MultiPortKnot(KnotServer):
         conf = conf.replace(f"listen: {HOST}@{self.port}\n", f"listen: {listen}\n")
         with open(self.conf_path, "w") as f:
             f.write(conf)
-
-
-def router_argv() -> list[str]:
-    exe = os.path.join(os.path.dirname(sys.executable), "dnsrouter")
-    return [exe] if os.access(exe, os.X_OK) else [sys.executable, "-m", "dnsrouter"]
-
-
-def percentile(sorted_values: list[float], p: float) -> float:
-    """Nearest rank."""
-    if not sorted_values:
-        return float("nan")
-    k = max(0, min(len(sorted_values) - 1, int(-(-p * len(sorted_values) // 100)) - 1))
-    return sorted_values[k]
 
 
 def summary(label: str, values_s: list[float]) -> str:
@@ -121,14 +101,6 @@ class Etcd:
 
     def close(self) -> None:
         self.conn.close()
-
-
-def metric(mport: int, name: str) -> float | None:
-    with urllib.request.urlopen(f"http://{HOST}:{mport}/metrics", timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-    return None
 
 
 def ask(port: int, name: str, timeout: float = 0.5) -> tuple[int, list[str]] | None:
@@ -207,6 +179,17 @@ class Probe:
         return first, time.perf_counter(), first_reply
 
 
+def report(title: str, ms: list[dict], probe_sockets: int, after_ack: bool) -> None:
+    print(title)
+    print(summary("first answer via new route", [m["first"] for m in ms]))
+    print(summary(f"all {probe_sockets} probe sockets answered", [m["all"] for m in ms]))
+    print(summary("etcd PUT acknowledged", [m["ack"] for m in ms]))
+    if after_ack:
+        print(summary("first answer after the PUT's ack", [m["after_ack"] for m in ms]))
+    q = sum(m["queries"] for m in ms)
+    print(f"  probe queries: {q} ({q / len(ms):.1f} per write), timeouts {sum(m['timeouts'] for m in ms)}")
+
+
 def measure(etcd: Etcd, router_port: int, key: str, value: str, name: str, expect: str,
             nsockets: int, deadline_s: float) -> dict:
     before = ask(router_port, name)
@@ -242,14 +225,13 @@ def main() -> int:
     if args.writes < 1:
         ap.error("--writes must be at least 1")
 
-    print("command: " + shlex.join([os.path.relpath(sys.executable), *sys.argv]))
+    print("command: " + command_line())
     n_names = args.writes + args.new_backends + 10
     zone = make_split_zone(n=n_names)
     za, zb = "a.example.com.", "b.example.com."
 
     workdir = tempfile.mkdtemp(prefix="dnsrouter-convergence-")
     etcd_srv = knot_a = knot_b = knot_new = router = client = None
-    router_log_path = os.path.join(workdir, "router.stderr")
     try:
         etcd_srv = EtcdServer().start()
         knot_a = KnotServer({za: zone.zones[za]}).start()
@@ -263,20 +245,14 @@ def main() -> int:
         put(etcd_srv.url, PREFIX + "base-a", rf"{knot_a.addr},^ns\.a\.example\.com\.$")
         put(etcd_srv.url, PREFIX + "base-b", rf"{knot_b.addr},^ns\.b\.example\.com\.$")
 
-        port, mport = free_port(), free_port("tcp")
-        cmd = [*router_argv(), "--listen", f"{HOST}:{port}", "--etcd", etcd_srv.url,
-               "--workers", str(args.workers), "--metrics", f"{HOST}:{mport}", "--log-level", args.log_level]
-        print("router:  " + shlex.join(cmd))
-        with open(router_log_path, "wb") as log:
-            router = subprocess.Popen(cmd, cwd=workdir, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                      start_new_session=True)
-
-        def base_ok() -> bool:
-            if router.poll() is not None:
-                raise RuntimeError(f"router exited with {router.returncode}")
-            return all((r := ask(port, n, 0.2)) is not None and r[0] == 0 and r[1]
-                       for n in ("ns.a.example.com.", "ns.b.example.com."))
-        wait_until(base_ok, timeout=20, message="router never answered through both base routes")
+        mport = free_port("tcp")
+        router = bench_router(workdir, workers=args.workers, log_level=args.log_level,
+                              args=["--etcd", etcd_srv.url, "--metrics", f"{HOST}:{mport}"])
+        port = router.port
+        print("router:  " + shlex.join(router.command()))
+        start_router(router, lambda: all(answered(port, n, timeout=0.2)
+                                         for n in ("ns.a.example.com.", "ns.b.example.com.")),
+                     timeout=20, message="router never answered through both base routes")
         time.sleep(0.3)  # let the start-up snapshots settle before reading the version
         v0 = metric(mport, "dnsrouter_snapshot_version")
 
@@ -303,24 +279,12 @@ def main() -> int:
         routes = metric(mport, "dnsrouter_routes")
 
         print()
-        print(f"known backends: {len(known)} writes of a new key (route to an already healthy backend), "
-              f"time from the start of the etcd PUT:")
-        print(summary("first answer via new route", [m["first"] for m in known]))
-        print(summary(f"all {args.probe_sockets} probe sockets answered", [m["all"] for m in known]))
-        print(summary("etcd PUT acknowledged", [m["ack"] for m in known]))
-        print(summary("first answer after the PUT's ack", [m["after_ack"] for m in known]))
-        q = sum(m["queries"] for m in known)
-        print(f"  probe queries: {q} ({q / len(known):.1f} per write), timeouts {sum(m['timeouts'] for m in known)}")
+        report(f"known backends: {len(known)} writes of a new key (route to an already healthy backend), "
+               f"time from the start of the etcd PUT:", known, args.probe_sockets, after_ack=True)
         if fresh:
             print()
-            print(f"new backend: {len(fresh)} writes of a new key naming a backend address never seen before "
-                  f"(waits for its first health check):")
-            print(summary("first answer via new route", [m["first"] for m in fresh]))
-            print(summary(f"all {args.probe_sockets} probe sockets answered", [m["all"] for m in fresh]))
-            print(summary("etcd PUT acknowledged", [m["ack"] for m in fresh]))
-            q = sum(m["queries"] for m in fresh)
-            print(f"  probe queries: {q} ({q / len(fresh):.1f} per write), "
-                  f"timeouts {sum(m['timeouts'] for m in fresh)}")
+            report(f"new backend: {len(fresh)} writes of a new key naming a backend address never seen before "
+                   f"(waits for its first health check):", fresh, args.probe_sockets, after_ack=False)
         print()
         d1, d2 = v1 - v0, v2 - v1
         ok1 = d1 == len(known)
@@ -339,29 +303,13 @@ def main() -> int:
     finally:
         if client is not None:
             client.close()
-        if router is not None:
-            if router.poll() is None:
-                router.send_signal(signal.SIGTERM)
-                try:
-                    router.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(router.pid, signal.SIGKILL)
-                    router.wait()
-            print(f"router exit status: {router.returncode}")
+        finish_router(router, args.log_level)
         for k in (knot_new, knot_b, knot_a):
             if k is not None:
                 k.close()
         if etcd_srv is not None:
             etcd_srv.stop()
             etcd_srv.cleanup()
-        try:
-            with open(router_log_path, errors="replace") as f:
-                err = f.read()
-        except OSError:
-            err = ""
-        print(f"router stderr (--log-level {args.log_level}, last 40 lines): " + ("(empty)" if not err.strip() else ""))
-        for line in err.splitlines()[-40:]:
-            print("  | " + line)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -33,26 +33,20 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import math
 import os
-import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-
-from knot_server import KnotServer, make_split_zone  # noqa: E402
-from netutil import HOST, free_port, query, wait_until  # noqa: E402
+from common import (HOST, answered, bench_router, command_line, dnsperf_argv, finish_router, metric_lines,
+                    metrics_text, parse_dnsperf, routes_state, spawn, start_router, stop, verbose_line)
+from knot_server import KnotServer, make_split_zone
+from netutil import free_port, wait_until
 
 ZONE = "a.example.com."
 REGEXP = r"^h[0-9]+\.a\.example\.com\.$"
@@ -61,38 +55,6 @@ DNSPERF_TIMEOUT = 3.0
 CLIENTS = 8
 SLOW = 0.1  # answered, but late enough to count separately (the router's 1 s forward timeout, say)
 
-VERBOSE_LINE = re.compile(r"^> (\S+) \S+ \S+(?: ([0-9.]+))?$")
-TOTALS = {
-    "sent": re.compile(r"Queries sent:\s+(\d+)"),
-    "completed": re.compile(r"Queries completed:\s+(\d+)"),
-    "lost": re.compile(r"Queries lost:\s+(\d+)"),
-    "qps": re.compile(r"Queries per second:\s+([0-9.]+)"),
-    "avg_latency": re.compile(r"Average Latency \(s\):\s+([0-9.]+)"),
-    "max_latency": re.compile(r"Average Latency \(s\):.*max ([0-9.]+)"),
-}
-
-
-def router_argv() -> list[str]:
-    exe = os.path.join(os.path.dirname(sys.executable), "dnsrouter")
-    return [exe] if os.access(exe, os.X_OK) else [sys.executable, "-m", "dnsrouter"]
-
-
-def routes_state(mport: int) -> dict[str, bool]:
-    """backend address -> up, from /routes."""
-    with urllib.request.urlopen(f"http://{HOST}:{mport}/routes", timeout=2) as r:
-        table = json.loads(r.read())
-    return {b["address"]: b["up"] for route in table["routes"] for b in route["backends"]}
-
-
-def metrics_text(mport: int) -> str:
-    with urllib.request.urlopen(f"http://{HOST}:{mport}/metrics", timeout=5) as r:
-        return r.read().decode()
-
-
-def metric_lines(text: str, *prefixes: str) -> list[str]:
-    return [line for line in text.splitlines()
-            if not line.startswith("#") and line.startswith(prefixes)]
-
 
 class DnsperfRun:
     """dnsperf -v in the background; every output line stamped with time.monotonic() on arrival."""
@@ -100,9 +62,7 @@ class DnsperfRun:
     def __init__(self, argv: list[str]) -> None:
         self.argv = argv
         self.lines: list[tuple[float, str]] = []
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                     start_new_session=True)
+        self.proc = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         self.started = time.monotonic()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -116,32 +76,20 @@ class DnsperfRun:
         self._reader.join(5)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-    def totals(self) -> dict:
-        text = "\n".join(line for _, line in self.lines)
-        out: dict = {}
-        for key, rx in TOTALS.items():
-            m = rx.search(text)
-            out[key] = float(m.group(1)) if m else None
-        m = re.search(r"Response codes:\s*(.*)", text)
-        out["rcodes"] = dict((c, int(n)) for c, n in re.findall(r"([A-Z]+) (\d+) \(", m.group(1))) if m else {}
-        return out
+        stop(self.proc, timeout=5.0)
 
     def per_query(self) -> list[tuple[float, str, float | None]]:
         """(estimated send time, rcode or 'T', latency) per query."""
         out = []
         for t, line in self.lines:
-            m = VERBOSE_LINE.match(line)
-            if not m:
+            parsed = verbose_line(line)
+            if parsed is None:
                 continue
-            code, lat = m.group(1), m.group(2)
+            code, lat = parsed
             if code == "T":
                 out.append((t - DNSPERF_TIMEOUT, "T", None))
             else:
-                latency = float(lat) if lat else 0.0
+                latency = lat or 0.0
                 out.append((t - latency, code, latency))
         return out
 
@@ -163,19 +111,17 @@ class LoadNote:
 
 
 def describe(label: str, run: DnsperfRun) -> int:
-    t = run.totals()
-    rc = t["rcodes"]
+    t = parse_dnsperf(line for _, line in run.lines)
+    rc = t.rcodes
     servfail = rc.get("SERVFAIL", 0)
     other = sum(n for c, n in rc.items() if c not in ("NOERROR", "SERVFAIL"))
-    lost = int(t["lost"] or 0)
-    failures = lost + servfail + other
-    sent = int(t["sent"] or 0)
+    failures = t.lost + servfail + other
     print(f"{label}:")
-    print(f"  queries sent {sent}, completed {int(t['completed'] or 0)}, lost (timeout 3 s) {lost}")
+    print(f"  queries sent {t.sent}, completed {t.completed}, lost (timeout 3 s) {t.lost}")
     print(f"  response codes: " + (", ".join(f"{c} {n}" for c, n in rc.items()) or "(none)"))
     print(f"  client-visible failures (lost + SERVFAIL + other non-NOERROR): {failures}"
-          f" ({100.0 * failures / sent if sent else 0:.3f}% of sent)")
-    print(f"  dnsperf: {t['qps']} qps, average latency {t['avg_latency']} s, max {t['max_latency']} s")
+          f" ({100.0 * failures / t.sent if t.sent else 0:.3f}% of sent)")
+    print(f"  dnsperf: {t.qps} qps, average latency {t.avg_s} s, max {t.max_s} s")
     return failures
 
 
@@ -220,15 +166,12 @@ def main() -> int:
     total = PRE_KILL + args.seconds
     outstanding = max(100, int(args.rate * (DNSPERF_TIMEOUT + 1)))
 
-    print("command: " + shlex.join([os.path.relpath(sys.executable), *sys.argv]))
+    print("command: " + command_line())
     zone = make_split_zone(n=300)
     workdir = tempfile.mkdtemp(prefix="dnsrouter-failover-")
-    routes_dir = os.path.join(workdir, "routes")
-    os.mkdir(routes_dir)
     names_path = os.path.join(workdir, "names.txt")
     with open(names_path, "w") as f:
         f.writelines(f"{name} A\n" for name in zone.names[ZONE])
-    router_log_path = os.path.join(workdir, "router.stderr")
 
     knots: list[KnotServer] = []
     router = None
@@ -236,49 +179,32 @@ def main() -> int:
     try:
         for _ in range(2):
             knots.append(KnotServer({ZONE: zone.zones[ZONE]}).start())
+        mport = free_port("tcp")
+        router = bench_router(workdir, workers=args.workers, args=["--metrics", f"{HOST}:{mport}"])
         for i, knot in enumerate(knots, start=1):
-            tmp = os.path.join(routes_dir, f".knot{i}.tmp")
-            with open(tmp, "w") as f:
-                f.write(f"{knot.addr},{REGEXP}")
-            os.replace(tmp, os.path.join(routes_dir, f"knot{i}"))
-
-        port, mport = free_port(), free_port("tcp")
-        cmd = [*router_argv(), "--listen", f"{HOST}:{port}", "--routes-dir", routes_dir,
-               "--workers", str(args.workers), "--metrics", f"{HOST}:{mport}", "--log-level", "warning"]
-        print("router:  " + shlex.join(cmd))
-        with open(router_log_path, "wb") as log:
-            router = subprocess.Popen(cmd, cwd=workdir, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                      start_new_session=True)
+            router.route(f"knot{i}", f"{knot.addr},{REGEXP}")
+        print("router:  " + shlex.join(router.command()))
 
         def both_up() -> bool:
-            if router.poll() is not None:
-                raise RuntimeError(f"router exited with {router.returncode}")
             try:
                 state = routes_state(mport)
             except OSError:
                 return False
             return len(state) == 2 and all(state.values())
-        wait_until(both_up, timeout=20, message="the router never had both backends up")
+        start_router(router, both_up, timeout=20, message="the router never had both backends up")
+        # /routes is the supervisor's view; the workers follow it shortly after
+        wait_until(lambda: answered(router.port, zone.names[ZONE][0]), timeout=10,
+                   message="the router does not answer names of the zone")
 
-        def answers() -> bool:  # /routes is the supervisor's view; the workers follow it shortly after
-            try:
-                r = query(zone.names[ZONE][0], "A", port=port, timeout=0.5)
-            except Exception:
-                return False
-            return r.rcode() == 0 and bool(r.answer)
-        wait_until(answers, timeout=10, message="the router does not answer names of the zone")
-
-        def dnsperf_argv() -> list[str]:
-            return ["dnsperf", "-s", HOST, "-p", str(port), "-d", names_path, "-Q", str(args.rate),
-                    "-l", f"{total:g}", "-t", f"{DNSPERF_TIMEOUT:g}", "-c", str(CLIENTS),
-                    "-q", str(outstanding), "-v"]
+        perf_argv = dnsperf_argv(router.port, names_path, qps=args.rate, duration=total, timeout=DNSPERF_TIMEOUT,
+                                 clients=CLIENTS, outstanding=outstanding)
         stdbuf = ["stdbuf", "-oL"] if shutil.which("stdbuf") else []
-        print("dnsperf: " + shlex.join(dnsperf_argv()) + "   (run under stdbuf -oL, output read line by line)")
+        print("dnsperf: " + shlex.join(perf_argv) + "   (run under stdbuf -oL, output read line by line)")
         print()
 
         if not args.no_control:
             cpu = LoadNote()
-            run = DnsperfRun(stdbuf + dnsperf_argv())
+            run = DnsperfRun(stdbuf + perf_argv)
             runs.append(run)
             run.wait(total + DNSPERF_TIMEOUT + 30)
             describe(f"control run (no kill, {total:g} s at {args.rate} qps)", run)
@@ -292,7 +218,7 @@ def main() -> int:
         stop_poll = threading.Event()
 
         cpu = LoadNote()
-        run = DnsperfRun(stdbuf + dnsperf_argv())
+        run = DnsperfRun(stdbuf + perf_argv)
         runs.append(run)
         time.sleep(max(0.0, run.started + PRE_KILL - time.monotonic()))
         t_kill = time.monotonic()
@@ -334,25 +260,9 @@ def main() -> int:
     finally:
         for run in runs:
             run.stop()
-        if router is not None:
-            if router.poll() is None:
-                router.send_signal(signal.SIGTERM)
-                try:
-                    router.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(router.pid, signal.SIGKILL)
-                    router.wait()
-            print(f"router exit status: {router.returncode}")
+        finish_router(router, "warning")
         for knot in knots:
             knot.close()
-        try:
-            with open(router_log_path, errors="replace") as f:
-                err = f.read()
-        except OSError:
-            err = ""
-        print("router stderr (--log-level warning, last 40 lines): " + ("(empty)" if not err.strip() else ""))
-        for line in err.splitlines()[-40:]:
-            print("  | " + line)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

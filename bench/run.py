@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -30,18 +29,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TESTS = os.path.join(os.path.dirname(HERE), "tests")
-sys.path.insert(0, TESTS)
+import dns.exception
+import dns.message
+import dns.query
+import dns.rcode
+import psutil
 
-import dns.exception  # noqa: E402
-import dns.message  # noqa: E402
-import dns.query  # noqa: E402
-import dns.rcode  # noqa: E402
-import psutil  # noqa: E402
-
-from knot_server import KnotServer  # noqa: E402
-from netutil import HOST, free_port, wait_until  # noqa: E402
+from common import (HOST, Perf, Router, answered, bench_router, dnsperf_argv, parse_dnsperf, spawn,
+                    start_router, stop, stop_all)
+from knot_server import KnotServer
+from netutil import free_port, wait_until
 
 ZONE = "zone.example.com."
 # The same regexp text serves both routers: dnsrouter matches the name with
@@ -54,64 +51,7 @@ def nomatch_re(i: int) -> str:
     return rf"^x\.zone{i}\.example\.com\.?$"
 
 
-# -- process bookkeeping -----------------------------------------------------
-
-# Every process this script starts, stopped in the finally block of main()
-# even on Ctrl-C. Children get their own session, so a Ctrl-C in the
-# terminal reaches only us and we stop them in order.
-_procs: list[subprocess.Popen] = []
-
-
-def spawn(argv: list[str], **kw) -> subprocess.Popen:
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True, **kw)
-    _procs.append(proc)
-    return proc
-
-
-def stop(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
-    """SIGTERM, wait, then SIGKILL the process group on timeout."""
-    if proc is None:
-        return
-    if proc.poll() is None:
-        try:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            print(f"  ! pid {proc.pid} ignored SIGTERM for {timeout:g}s, killing its group", file=sys.stderr)
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-    # Leftovers in the group (a worker that outlived its supervisor).
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    if proc in _procs:
-        _procs.remove(proc)
-
-
-def stop_all() -> None:
-    for proc in reversed(list(_procs)):
-        stop(proc, timeout=5.0)
-
-
 # -- dnsperf -----------------------------------------------------------------
-
-@dataclass
-class Perf:
-    sent: int = 0
-    completed: int = 0
-    lost: int = 0
-    qps: float = 0.0
-    avg_ms: float = math.nan
-    p99_ms: float = math.nan
-    rcodes: dict[str, int] = field(default_factory=dict)
-    reconnections: int = 0
-    kernel: dict[str, int] = field(default_factory=dict)  # counter deltas during the run
-    raw_tail: str = ""
-
 
 def kernel_counters() -> dict[str, int]:
     """Host-wide UDP/TCP drop counters (/proc/net/snmp, netstat): on this
@@ -134,22 +74,12 @@ def kernel_counters() -> dict[str, int]:
     return out
 
 
-def percentile(sorted_values: list[float], p: float) -> float:
-    if not sorted_values:
-        return math.nan
-    k = max(0, min(len(sorted_values) - 1, math.ceil(p / 100.0 * len(sorted_values)) - 1))
-    return sorted_values[k]
-
-
 def run_dnsperf(port: int, qfile: str, transport: str, args: argparse.Namespace,
                 workdir: str, tag: str, qps_limit: int | None = None) -> Perf:
     """dnsperf against 127.0.0.1:port. -v gives every query's latency, from
     which the 99th percentile is computed (dnsperf 2.10 prints none)."""
-    argv = ["dnsperf", "-s", HOST, "-p", str(port), "-d", qfile, "-m", transport,
-            "-c", str(args.clients), "-q", str(args.outstanding), "-l", str(args.duration),
-            "-t", str(args.timeout), "-v"]
-    if qps_limit:
-        argv += ["-Q", str(qps_limit)]
+    argv = dnsperf_argv(port, qfile, transport=transport, clients=args.clients, outstanding=args.outstanding,
+                        duration=args.duration, timeout=args.timeout, qps=qps_limit)
     out_path = os.path.join(workdir, f"dnsperf-{tag}.out")
     before = kernel_counters()
     with open(out_path, "w") as out:
@@ -159,64 +89,11 @@ def run_dnsperf(port: int, qfile: str, transport: str, args: argparse.Namespace,
         finally:
             stop(proc)
     after = kernel_counters()
-    perf = parse_dnsperf(out_path)
-    perf.kernel = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
-    return perf
-
-
-_STAT = {
-    "sent": re.compile(r"^\s*Queries sent:\s+(\d+)"),
-    "completed": re.compile(r"^\s*Queries completed:\s+(\d+)"),
-    "lost": re.compile(r"^\s*Queries lost:\s+(\d+)"),
-    "qps": re.compile(r"^\s*Queries per second:\s+([\d.]+)"),
-    "avg": re.compile(r"^\s*Average Latency \(s\):\s+([\d.]+)"),
-}
-
-
-def parse_dnsperf(path: str) -> Perf:
-    perf = Perf()
-    lat: list[float] = []
-    tail: list[str] = []
-    section = "queries"
-    with open(path, errors="replace") as f:
-        for line in f:
-            if line.startswith("> "):
-                # "> NOERROR h0001.zone.example.com. A 0.000114"
-                parts = line.split()
-                try:
-                    lat.append(float(parts[-1]))
-                except (ValueError, IndexError):
-                    pass
-                continue
-            tail.append(line)
-            # dnsperf -m tcp adds "Connection Statistics" with its own
-            # "Average Latency" (of connecting): not the queries' latency.
-            if line.startswith("Connection Statistics"):
-                section = "connections"
-            m = re.match(r"^\s*Reconnections:\s+(\d+)", line)
-            if m:
-                perf.reconnections = int(m.group(1))
-            if section != "queries":
-                continue
-            for key, rx in _STAT.items():
-                m = rx.match(line)
-                if m:
-                    v = m.group(1)
-                    if key == "qps":
-                        perf.qps = float(v)
-                    elif key == "avg":
-                        perf.avg_ms = float(v) * 1000.0
-                    else:
-                        setattr(perf, key, int(v))
-            if "Response codes:" in line:
-                for code, n in re.findall(r"([A-Z]+)\s+(\d+)\s+\(", line.split(":", 1)[1]):
-                    perf.rcodes[code] = int(n)
-    lat.sort()
-    perf.p99_ms = percentile(lat, 99.0) * 1000.0
-    # Keep the non-per-query lines that are not boilerplate (timeouts, errors).
-    perf.raw_tail = "".join(t for t in tail[-40:])
+    with open(out_path, errors="replace") as f:
+        perf = parse_dnsperf(f)
     if perf.sent == 0:
-        raise RuntimeError(f"dnsperf produced no statistics, see {path}:\n{perf.raw_tail}")
+        raise RuntimeError(f"dnsperf produced no statistics, see {out_path}:\n{perf.raw_tail}")
+    perf.kernel = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
     return perf
 
 
@@ -229,16 +106,10 @@ def make_zone(n: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def answers(port: int, transport: str = "udp") -> bool:
-    q = dns.message.make_query(f"h0001.{ZONE}", "A")
-    try:
-        if transport == "udp":
-            r = dns.query.udp(q, HOST, port=port, timeout=0.5)
-        else:
-            r = dns.query.tcp(q, HOST, port=port, timeout=1.0)
-    except (dns.exception.DNSException, OSError):
-        return False
-    return r.rcode() == dns.rcode.NOERROR and bool(r.answer)
+def answers(port: int) -> bool:
+    """h0001 gets NOERROR with an answer over UDP and over TCP."""
+    return (answered(port, f"h0001.{ZONE}", "udp", timeout=0.5)
+            and answered(port, f"h0001.{ZONE}", "tcp", timeout=1.0))
 
 
 def rcode_of(port: int, name: str) -> str:
@@ -292,60 +163,27 @@ def write_dnsdist_conf(path: str, port: int, backend: str, routes: int) -> None:
         f.write("\n".join(lines) + "\n")
 
 
-class Router:
-    def __init__(self, routes_dir: str, workers: int, workdir: str, tag: str,
-                 startup_timeout: float) -> None:
-        self.port = free_port("both")
-        self.routes_dir = routes_dir
-        self.workers = workers
-        self.stderr_path = os.path.join(workdir, f"router-{tag}.stderr")
-        self.startup_timeout = startup_timeout
-        self.proc: subprocess.Popen | None = None
+def router(routes_dir: str, workers: int, workdir: str, tag: str) -> Router:
+    """dnsrouter from PATH (the installed one), at --log-level warning."""
+    return bench_router(os.path.join(workdir, f"router-{tag}"), workers=workers, routes_dir=routes_dir,
+                        executable=["dnsrouter"])
 
-    def start(self) -> "Router":
-        argv = ["dnsrouter", "--listen", f"{HOST}:{self.port}", "--routes-dir", self.routes_dir,
-                "--workers", str(self.workers), "--log-level", "warning"]
-        with open(self.stderr_path, "wb") as err:
-            self.proc = spawn(argv, stdout=err, stderr=subprocess.STDOUT)
-        t0 = time.monotonic()
 
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"dnsrouter exited with {self.proc.returncode}:\n{self.stderr()}")
-            return answers(self.port, "udp") and answers(self.port, "tcp")
+def start(r: Router, startup_timeout: float) -> float:
+    """Start r; the seconds until it answered h0001 over UDP and TCP."""
+    return start_router(r, lambda: answers(r.port), startup_timeout, interval=0.1,
+                        message=f"dnsrouter on port {r.port} did not answer h0001.{ZONE}")
 
+
+def worker_rss_mb(r: Router) -> list[float]:
+    """RSS of each ``dnsrouter: worker K``, in K order."""
+    out = []
+    for proc in r.workers_procs():
         try:
-            wait_until(ready, timeout=self.startup_timeout, interval=0.1,
-                       message=f"dnsrouter on port {self.port} did not answer h0001.{ZONE}")
-        except AssertionError as e:
-            raise RuntimeError(f"{e}\n{self.stderr()}") from None
-        self.ready_s = time.monotonic() - t0
-        return self
-
-    def worker_rss_mb(self) -> list[float]:
-        out = []
-        try:
-            for child in psutil.Process(self.proc.pid).children(recursive=True):
-                try:
-                    title = " ".join(child.cmdline())
-                    if title.startswith("dnsrouter: worker"):
-                        out.append((title, child.memory_info().rss / 2**20))
-                except psutil.NoSuchProcess:
-                    pass
-        except psutil.NoSuchProcess:
+            out.append((" ".join(proc.cmdline()), proc.memory_info().rss / 2**20))
+        except psutil.Error:
             pass
-        return [rss for _, rss in sorted(out)]
-
-    def stderr(self) -> str:
-        try:
-            with open(self.stderr_path, errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
-
-    def stop(self) -> int | None:
-        stop(self.proc, timeout=10.0)
-        return self.proc.returncode if self.proc else None
+    return [rss for _, rss in sorted(out)]
 
 
 class Dnsdist:
@@ -365,7 +203,7 @@ class Dnsdist:
         def ready() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"dnsdist exited with {self.proc.returncode}:\n{self.log()}")
-            return answers(self.port, "udp") and answers(self.port, "tcp")
+            return answers(self.port)
 
         try:
             wait_until(ready, timeout=self.startup_timeout, interval=0.1,
@@ -430,20 +268,23 @@ def tables(rows: list[Row], header: str) -> str:
     def line(cells: Iterable[str]) -> str:
         return "| " + " | ".join(cells) + " |"
 
-    out = [header, "", "### Throughput (dnsperf saturating; ratios are of qps, higher is better)", "",
-           line(cols), line(["---"] * len(cols))]
-    for r in thr:
-        d = dnsdist.get((r.transport, r.routes))
-        b = backend.get(r.transport)
-        out.append(line([
+    def cells(r: Row, d: Row | None, b: Row | None, of: str) -> list[str]:
+        """A row's columns; the ratios are of r.perf.<of> (qps or avg_ms)."""
+        v = getattr(r.perf, of)
+        return [
             r.scenario, r.transport, "-" if r.routes is None else str(r.routes),
             "-" if r.workers is None else str(r.workers),
             f"{r.perf.qps:.0f}", fmt(r.perf.avg_ms), fmt(r.perf.p99_ms),
             " / ".join(f"{x:.1f}" for x in r.rss_mb) or "-",
-            "-" if r.scenario != "dnsrouter" or d is None else ratio(r.perf.qps, d.perf.qps),
-            "-" if r.scenario == "backend" or b is None else ratio(r.perf.qps, b.perf.qps),
+            "-" if r.scenario != "dnsrouter" or d is None else ratio(v, getattr(d.perf, of)),
+            "-" if r.scenario == "backend" or b is None else ratio(v, getattr(b.perf, of)),
             str(r.perf.lost), rcode_str(r.perf),
-        ]))
+        ]
+
+    out = [header, "", "### Throughput (dnsperf saturating; ratios are of qps, higher is better)", "",
+           line(cols), line(["---"] * len(cols))]
+    for r in thr:
+        out.append(line(cells(r, dnsdist.get((r.transport, r.routes)), backend.get(r.transport), "qps")))
     if fix:
         fb = {r.transport: r for r in fix if r.scenario == "backend"}
         fd = {r.transport: r for r in fix if r.scenario == "dnsdist"}
@@ -451,18 +292,9 @@ def tables(rows: list[Row], header: str) -> str:
                 " added = avg latency minus the backend's)", "",
                 line(cols + ["added avg ms"]), line(["---"] * (len(cols) + 1))]
         for r in fix:
-            d = fd.get(r.transport)
             b = fb.get(r.transport)
-            out.append(line([
-                r.scenario, r.transport, "-" if r.routes is None else str(r.routes),
-                "-" if r.workers is None else str(r.workers),
-                f"{r.perf.qps:.0f}", fmt(r.perf.avg_ms), fmt(r.perf.p99_ms),
-                " / ".join(f"{x:.1f}" for x in r.rss_mb) or "-",
-                "-" if r.scenario != "dnsrouter" or d is None else ratio(r.perf.avg_ms, d.perf.avg_ms),
-                "-" if r.scenario == "backend" or b is None else ratio(r.perf.avg_ms, b.perf.avg_ms),
-                str(r.perf.lost), rcode_str(r.perf),
-                "-" if r.scenario == "backend" or b is None else fmt(r.perf.avg_ms - b.perf.avg_ms),
-            ]))
+            added = "-" if r.scenario == "backend" or b is None else fmt(r.perf.avg_ms - b.perf.avg_ms)
+            out.append(line(cells(r, fd.get(r.transport), b, "avg_ms") + [added]))
     return "\n".join(out) + "\n"
 
 
@@ -536,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
 
     def router_stderr_check(r: Router, tag: str, rc: int | None) -> None:
-        text = r.stderr().strip()
+        text = r.log().strip()
         if text:
             lines = text.splitlines()
             problems.append(f"router {tag}: {len(lines)} stderr line(s); last: " + " || ".join(lines[-5:]))
@@ -562,14 +394,14 @@ def main(argv: list[str] | None = None) -> int:
             write_routes(rdir, routes, backend)
             for w in args.workers:
                 tag = f"r{routes}-w{w}"
-                r = Router(rdir, w, workdir, tag, args.startup_timeout)
+                r = router(rdir, w, workdir, tag)
                 try:
-                    r.start()
-                    log(f"dnsrouter routes={routes} workers={w} answering after {r.ready_s:.1f}s")
+                    ready_s = start(r, args.startup_timeout)
+                    log(f"dnsrouter routes={routes} workers={w} answering after {ready_s:.1f}s")
                     problems.extend(sanity(r.port, routes, f"router {tag}"))
                     for t in args.transport:
                         perf = run_dnsperf(r.port, qfile, t, args, workdir, f"router-{tag}-{t}")
-                        note(Row("throughput", "dnsrouter", t, routes, w, perf, r.worker_rss_mb()))
+                        note(Row("throughput", "dnsrouter", t, routes, w, perf, worker_rss_mb(r)))
                         if len(rows[-1].rss_mb) != w:
                             problems.append(f"router {tag}: found {len(rows[-1].rss_mb)} worker processes, expected {w}")
                 finally:
@@ -595,12 +427,12 @@ def main(argv: list[str] | None = None) -> int:
             if not os.path.isdir(rdir):
                 write_routes(rdir, 1, backend)
             w = 2 if 2 in args.workers else max(args.workers)
-            r = Router(rdir, w, workdir, f"fixed-w{w}", args.startup_timeout)
+            r = router(rdir, w, workdir, f"fixed-w{w}")
             try:
-                r.start()
+                start(r, args.startup_timeout)
                 for t in args.transport:
                     perf = run_dnsperf(r.port, qfile, t, args, workdir, f"fixed-router-{t}", args.fixed_qps)
-                    note(Row("fixed-rate", "dnsrouter", t, 1, w, perf, r.worker_rss_mb()))
+                    note(Row("fixed-rate", "dnsrouter", t, 1, w, perf, worker_rss_mb(r)))
             finally:
                 rc = r.stop()
                 router_stderr_check(r, f"fixed-w{w}", rc)

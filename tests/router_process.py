@@ -31,10 +31,24 @@ class Router:
     """``dnsrouter`` on a free port with a routes directory (or any flags)."""
 
     def __init__(self, routes_dir: str | None = None, workers: int = 1,
-                 args: Sequence[str] = (), port: int | None = None) -> None:
+                 args: Sequence[str] = (), port: int | None = None, *,
+                 executable: Sequence[str] | None = None, log_level: str = "debug",
+                 workdir: str | None = None, new_session: bool = False) -> None:
+        """executable: the command that runs dnsrouter (default ``python -m
+        dnsrouter`` of this interpreter); workdir: the router's cwd, log and
+        default routes dir (default a new temporary directory); new_session:
+        start it in its own session, so a Ctrl-C in the terminal reaches only
+        this process, which then stops the router in order."""
         self.port = port or free_port()
         self.workers = workers
-        self.dir = Path(tempfile.mkdtemp(prefix="dnsrouter-test-"))
+        self.executable = list(executable) if executable else [sys.executable, "-m", "dnsrouter"]
+        self.log_level = log_level
+        self.new_session = new_session
+        if workdir is None:
+            self.dir = Path(tempfile.mkdtemp(prefix="dnsrouter-test-"))
+        else:
+            self.dir = Path(workdir)
+            self.dir.mkdir(parents=True, exist_ok=True)
         self.routes_dir = Path(routes_dir) if routes_dir else self.dir / "routes"
         self.routes_dir.mkdir(exist_ok=True)
         self.args = list(args)
@@ -55,8 +69,8 @@ class Router:
         (self.routes_dir / key).unlink()
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "dnsrouter", "--listen", self.addr,
-               "--workers", str(self.workers), "--log-level", "debug"]
+        cmd = [*self.executable, "--listen", self.addr,
+               "--workers", str(self.workers), "--log-level", self.log_level]
         if "--etcd" not in self.args:
             cmd += ["--routes-dir", str(self.routes_dir)]
         return cmd + self.args
@@ -65,7 +79,7 @@ class Router:
         self._log = open(self.log_path, "ab")
         # cwd outside the checkout: the source folder must not shadow the package.
         self.proc = subprocess.Popen(self.command(), cwd=self.dir, stdout=self._log, stderr=self._log,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, start_new_session=self.new_session)
         if wait:
             self.wait_ready()
         return self
