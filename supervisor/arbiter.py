@@ -32,6 +32,7 @@ from .table import RouteTable
 log = logging.getLogger("dnsrouter.supervisor")
 
 RESPAWN_BACKOFF_MAX = 5.0
+YOUNG = 2.0  # seconds of serving after which a worker's death is not a crash loop
 
 
 class BootError(Exception):
@@ -156,8 +157,11 @@ class Supervisor:
             self._respawn_due()
             self._check_heartbeats()
             handles = list(self.workers.values())
+            timeout = 0.5
+            if self._respawn_at:  # wake up for the next respawn, not half a second later
+                timeout = max(0.0, min(timeout, min(self._respawn_at.values()) - time.monotonic()))
             ready = wait([self._wake_r] + [h.conn for h in handles] + [h.process.sentinel for h in handles],
-                         timeout=0.5)
+                         timeout=timeout)
             if self._wake_r in ready:
                 os.read(self._wake_r, 4096)
             for handle in handles:
@@ -296,6 +300,7 @@ class Supervisor:
     def on_worker_message(self, handle: workerset.WorkerHandle, tag: str, payload: Any) -> None:
         if tag == control.READY:
             handle.ready = True
+            handle.ready_at = time.monotonic()
             handle.version = payload
         elif tag == control.REPORT:
             handle.version = payload["version"]
@@ -323,10 +328,13 @@ class Supervisor:
             raise BootError(f"worker {index} exited with code {code} during start-up")
         self.restarts += 1
         now = time.monotonic()
-        deaths = [t for t in self._deaths.get(index, []) if now - t < 60] + [now]
+        # A worker that served a while and died (killed, a rare crash) is
+        # replaced at once, however often that happens: its socket is getting
+        # queries. Only workers that die young, again and again, are a crash
+        # loop: they wait longer each time, up to a few seconds, not a storm.
+        young = not handle.ready or now - handle.ready_at < YOUNG
+        deaths = [t for t in self._deaths.get(index, []) if now - t < 60] + [now] if young else []
         self._deaths[index] = deaths
-        # The first death is replaced at once; a worker that keeps dying
-        # waits longer each time, up to a few seconds, instead of a storm.
         delay = 0.0 if len(deaths) <= 1 else min(0.1 * 2 ** (len(deaths) - 2), RESPAWN_BACKOFF_MAX)
         log.warning("worker %d (pid %s) exited with code %s; replacing it%s", index, handle.pid, code,
                     f" in {delay:.1f}s" if delay else "")

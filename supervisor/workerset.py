@@ -33,6 +33,7 @@ class WorkerHandle:
         child.close()  # so the worker sees EOF when we are gone, and we when it is
         self.started = self.last_seen = time.monotonic()
         self.ready = False
+        self.ready_at = 0.0
         self.version = -1
         self.stopping = False
         self._outbox: list[tuple[str, object]] = []
