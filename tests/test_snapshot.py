@@ -93,3 +93,13 @@ def test_wrongly_typed_members_raise_snapshot_error(data):
 def test_deeply_nested_garbage_raises_snapshot_error():
     with pytest.raises(SnapshotError):
         Snapshot.from_wire(b"[" * 100_000)
+
+
+def test_unchanged_routes_are_reused_not_decoded_again():
+    backend = Address("192.0.2.1", 53)
+    routes = (Route(r"^a\.$", (backend,)), Route(r"^b\.$", (backend,)))
+    first = Snapshot.from_wire(Snapshot(1, routes, frozenset([backend])).to_wire())
+    health_only = Snapshot.from_wire(Snapshot(2, routes, frozenset()).to_wire(), first)
+    assert health_only.routes is first.routes and health_only.down == frozenset()
+    changed = Snapshot.from_wire(Snapshot(3, routes[:1], frozenset()).to_wire(), health_only)
+    assert changed.routes == routes[:1] and changed.routes is not first.routes

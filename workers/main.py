@@ -31,13 +31,24 @@ class _Stop(Exception):
     """SIGTERM: leave the control loop and drain."""
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _trim() -> None:
+    """malloc_trim(0): free heap pages back to the kernel (a big snapshot's
+    JSON leaves megabytes that glibc would otherwise keep)."""
+    try:
+        _LIBC.malloc_trim(0)
+    except AttributeError:
+        pass  # not glibc
+
+
 def _die_with_parent() -> None:
     # Belt and braces beside the pipe: the kernel kills us when the
     # supervisor dies, even if a thread of ours is stuck.
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
+        _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except AttributeError:
         pass
 
 
@@ -51,6 +62,7 @@ class Worker:
         self.forwarder = Forwarder(spec.forward_timeout, self.stats, self._report_timeout,
                                    spec.max_in_flight, acl.make(spec.allow), spec.deny_action)
         self.forwarder.query_log = spec.log_queries
+        self.snapshot: Snapshot | None = None
 
     def send(self, tag: str, payload) -> None:
         with self.send_lock:
@@ -99,7 +111,10 @@ class Worker:
                 log.warning("supervisor gone, worker %d exits", self.spec.index)
                 raise SystemExit(control.EXIT_OK)
             if tag == control.SNAPSHOT:
-                self.forwarder.apply(Snapshot.from_wire(payload))
+                snapshot = Snapshot.from_wire(payload, self.snapshot)
+                self.forwarder.apply(snapshot)
+                self.snapshot = snapshot
+                _trim()  # give the decoding's garbage back to the system
                 if not serving:  # answer nothing before the first routes are known
                     self.serve()
                     serving = True

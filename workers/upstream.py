@@ -96,15 +96,18 @@ class Upstream:
 
     def serve(self) -> None:
         """Receive replies forever (the socket's own thread)."""
-        recvfrom = self.sock.recvfrom
+        buffer = bytearray(65535)  # see udp.serve: one buffer, copied out at size
+        view = memoryview(buffer)
+        recvfrom_into = self.sock.recvfrom_into
         pending = self.pending
         on_reply = self._on_reply
         counts = self.counts
         while True:
             try:
-                data, addr = recvfrom(65535)
+                size, addr = recvfrom_into(buffer)
             except OSError:
                 continue  # ICMP errors surface here on Linux; the deadline covers them
+            data = bytes(view[:size])
             if len(data) < 12:
                 counts["ignored_replies", "short"] += 1
                 continue
