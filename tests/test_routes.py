@@ -319,3 +319,10 @@ def test_matcher_accepts_a_precompiled_set():
     m = Matcher(routes, down={A}, patterns=compile_set(r.pattern for r in routes))
     assert m.lookup("a.") is None
     assert m.lookup("b.").backends == (B,)
+
+
+def test_a_regexp_too_big_for_re2_is_refused_not_compiled():
+    # Valid syntax, but its program exceeds RE2's memory budget: a registry
+    # value must not make a worker build it.
+    with pytest.raises(ValueParseError, match="pattern too large"):
+        parse_value("127.0.0.1:53,((a{100}){100}){100}")
