@@ -105,6 +105,14 @@ def _deny_action(text: str) -> str:
     return value
 
 
+def _directory(text: str) -> str:
+    """An existing directory: a typo must stop the start, not answer SERVFAIL to everything."""
+    path = text.strip()
+    if not os.path.isdir(path):
+        raise ValueError(f"{path!r} is not a directory")
+    return path
+
+
 def _string(text: str) -> str:
     return text.strip()
 
@@ -166,7 +174,7 @@ SETTINGS: tuple[Setting, ...] = (
             "etcd endpoints, comma separated (v2 keys API)", flag="--etcd"),
     Setting("registry", "prefix", "/dnsrouter/", _prefix,
             "etcd key prefix of the routes", flag="--prefix"),
-    Setting("registry", "routes_dir", "", _optional(_string),
+    Setting("registry", "routes_dir", "", _optional(_directory),
             "use this directory as the registry (one file per key) instead of etcd",
             flag="--routes-dir"),
     Setting("registry", "username", "", _optional(_string), "etcd user name"),

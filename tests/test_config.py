@@ -88,19 +88,21 @@ def test_ini_overrides_defaults(tmp_path):
 
 
 def test_flags_override_ini(tmp_path):
-    path = _ini(tmp_path, """
+    (tmp_path / "from-file").mkdir()
+    (tmp_path / "from-flag").mkdir()
+    path = _ini(tmp_path, f"""
         [server]
         listen = 127.0.0.1:5353
         workers = 3
         [registry]
-        routes_dir = /from/file
+        routes_dir = {tmp_path}/from-file
         [log]
         level = error
         """)
-    config, _ = _load("--config", path, "--workers", "5", "--routes-dir", "/from/flag",
+    config, _ = _load("--config", path, "--workers", "5", "--routes-dir", f"{tmp_path}/from-flag",
                       "--log-level", "warning", "--metrics", "[::1]:9100")
     assert config.server_workers == 5
-    assert config.registry_routes_dir == "/from/flag"
+    assert config.registry_routes_dir == f"{tmp_path}/from-flag"
     assert config.log_level == "warning"
     assert config.metrics_listen == Address("::1", 9100)
     assert config.server_listen == (Address("127.0.0.1", 5353),)  # no flag: the file's
@@ -207,12 +209,12 @@ def test_unreadable_and_malformed_files(tmp_path):
 
 
 def test_describe_round_trips(tmp_path):
-    path = _ini(tmp_path, """
+    path = _ini(tmp_path, f"""
         [server]
         listen = [::1]:5353 127.0.0.1:5353
         workers = 3
         [registry]
-        routes_dir = /srv/routes
+        routes_dir = {tmp_path}
         [health]
         interval = 0.5
         [log]
@@ -326,6 +328,7 @@ def _run(tmp_path, *argv: str) -> subprocess.CompletedProcess:
 
 
 def test_check_config_subprocess(tmp_path):
+    (tmp_path / "routes").mkdir()
     _ini(tmp_path, """
         [server]
         listen = 127.0.0.1:5300
@@ -358,3 +361,9 @@ def test_version_subprocess(tmp_path):
     result = _run(tmp_path, "--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"dnsrouter {dnsrouter.__version__}"
+
+
+def test_a_routes_dir_that_does_not_exist_stops_the_start(tmp_path):
+    with pytest.raises(ConfigError, match="is not a directory"):
+        _load("--routes-dir", str(tmp_path / "typo"))
+    assert _load("--routes-dir", str(tmp_path))[0].registry_routes_dir == str(tmp_path)
