@@ -367,3 +367,14 @@ def test_a_routes_dir_that_does_not_exist_stops_the_start(tmp_path):
     with pytest.raises(ConfigError, match="is not a directory"):
         _load("--routes-dir", str(tmp_path / "typo"))
     assert _load("--routes-dir", str(tmp_path))[0].registry_routes_dir == str(tmp_path)
+
+
+def test_the_documented_example_parses_and_names_every_setting():
+    from dnsrouter.settings import SETTINGS
+
+    example = os.path.join(os.path.dirname(__file__), "..", "conf", "dnsrouter.ini")
+    configuration.read_file(example)
+    text = open(example, encoding="utf-8").read()
+    for setting in SETTINGS:
+        assert f"[{setting.section}]" in text
+        assert f"{setting.key} =" in text, f"[{setting.section}] {setting.key} is not documented"
