@@ -64,6 +64,7 @@ class Worker:
                                    spec.max_in_flight, acl.make(spec.allow), spec.deny_action)
         self.forwarder.query_log = spec.log_queries
         self.snapshot: Snapshot | None = None
+        self.udp_threads: list[threading.Thread] = []
 
     def send(self, tag: str, payload) -> None:
         with self.send_lock:
@@ -91,9 +92,11 @@ class Worker:
     def serve(self) -> None:
         spec = self.spec
         for sock in spec.udp_sockets:
-            threading.Thread(target=udp.serve, name="udp",
-                             args=(sock, self.forwarder, self.stats.for_thread(), self.stopping),
-                             daemon=True).start()
+            thread = threading.Thread(target=udp.serve, name="udp",
+                                      args=(sock, self.forwarder, self.stats.for_thread(), self.stopping),
+                                      daemon=True)
+            thread.start()
+            self.udp_threads.append(thread)
         for sock in spec.tcp_sockets:
             threading.Thread(target=tcp.serve, name="tcp-accept",
                              args=(sock, self.forwarder, self.stats, self.stopping,
@@ -141,6 +144,10 @@ class Worker:
             except OSError:
                 pass
         deadline = time.monotonic() + 2 * self.forwarder.timeout + 0.5
+        # First the datagrams already queued on the sockets: each UDP thread
+        # forwards them and returns at the empty read. Then their replies.
+        for thread in self.udp_threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
         while self.forwarder.in_flight() and time.monotonic() < deadline:
             time.sleep(0.01)
         self.send(control.REPORT, {"delta": self.stats.delta(), "version": self.forwarder.version,
