@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
@@ -46,6 +46,8 @@ import psutil  # noqa: E402
 from knot_server import KnotServer  # noqa: E402
 from netutil import HOST, wait_until  # noqa: E402
 from router_process import Router  # noqa: E402
+
+from common import parse_dnsperf  # noqa: E402  (the dnsperf output parser the benchmarks share)
 
 ZONE = "soak.example.com."
 MEASURES = ("rss", "fds", "threads")
@@ -64,16 +66,6 @@ def _interrupt(signum, frame):
 class Sample:
     t: float  # seconds since the load started
     procs: dict[str, tuple[int, float, int, int]]  # role -> (pid, rss MB, fds, threads)
-
-
-@dataclass
-class Perf:
-    sent: int = 0
-    completed: int = 0
-    lost: int = 0
-    qps: float = 0.0
-    avg_ms: float = float("nan")
-    rcodes: dict[str, int] = field(default_factory=dict)
 
 
 def zone_text(names: int) -> str:
@@ -104,28 +96,6 @@ def sample(router: Router, t: float) -> Sample:
         except psutil.Error:
             pass  # gone between listing and reading: shows as missing in this row
     return Sample(t, procs)
-
-
-def parse_dnsperf(text: str) -> Perf:
-    perf = Perf()
-    for key, pattern, cast in (("sent", r"Queries sent:\s+(\d+)", int),
-                               ("completed", r"Queries completed:\s+(\d+)", int),
-                               ("lost", r"Queries lost:\s+(\d+)", int),
-                               ("qps", r"Queries per second:\s+([\d.]+)", float)):
-        m = re.search(pattern, text)
-        if m:
-            setattr(perf, key, cast(m.group(1)))
-    m = re.search(r"Average Latency \(s\):\s+([\d.]+)", text)
-    if m:
-        perf.avg_ms = float(m.group(1)) * 1e3
-    m = re.search(r"Response codes:\s+(.*)", text)
-    if m:
-        for part in m.group(1).split(","):
-            code, _, rest = part.strip().partition(" ")
-            n = re.match(r"(\d+)", rest)
-            if n:
-                perf.rcodes[code] = int(n.group(1))
-    return perf
 
 
 def slope_per_minute(points: list[tuple[float, float]]) -> float:
@@ -288,7 +258,7 @@ def main() -> int:
 
     with open(perf_out, errors="replace") as f:
         perf_text = f.read()
-    perf = parse_dnsperf(perf_text)
+    perf = parse_dnsperf(perf_text.splitlines())
     print()
     print(table(samples))
     print()

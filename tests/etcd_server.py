@@ -22,7 +22,22 @@ import urllib.parse
 import urllib.request
 from typing import Any, NamedTuple, Optional
 
-from netutil import free_port as _free_port
+from netutil import free_port as _free_port, wait_until
+
+
+class _Managed:
+    """``with`` starts it (cleaning up if the start fails) and stops and cleans up after."""
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+        self.cleanup()
 
 ETCD = os.environ.get("ETCD_BINARY", "etcd")
 START_TIMEOUT = 20.0
@@ -134,7 +149,7 @@ def make_tls_files(directory: str) -> TLSFiles:
                     path("client.pem"), path("client.key"))
 
 
-class EtcdServer:
+class EtcdServer(_Managed):
     """One etcd member on 127.0.0.1.
 
     Ports and the data directory are chosen at construction and kept across
@@ -222,15 +237,16 @@ class EtcdServer:
             return False
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.healthy():
+        def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"etcd {self.name} exited with {self.proc.returncode}:\n"
                                    + self.log_tail())
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"etcd {self.name} not ready after {timeout}s:\n"
-                                   + self.log_tail())
-            time.sleep(0.02)
+            return self.healthy()
+
+        try:
+            wait_until(ready, timeout)
+        except AssertionError:
+            raise RuntimeError(f"etcd {self.name} not ready after {timeout}s:\n" + self.log_tail()) from None
 
     def log_tail(self, n: int = 4000) -> str:
         try:
@@ -264,19 +280,8 @@ class EtcdServer:
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> "EtcdServer":
-        try:
-            return self.start()
-        except BaseException:
-            self.cleanup()
-            raise
 
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-        self.cleanup()
-
-
-class EtcdCluster:
+class EtcdCluster(_Managed):
     """A static cluster of ``n`` members on 127.0.0.1 (``--initial-cluster``)."""
 
     def __init__(self, n: int = 3) -> None:
@@ -316,14 +321,3 @@ class EtcdCluster:
         for m in self.members:
             m.kill()
         shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> "EtcdCluster":
-        try:
-            return self.start()
-        except BaseException:
-            self.cleanup()
-            raise
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-        self.cleanup()

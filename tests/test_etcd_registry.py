@@ -207,16 +207,9 @@ def test_index_cleared_full_reread(etcd_server, running, logs):
     r = running([url])
     r.wait_for(lambda t: len(t) == 5)
 
-    # Block the publish callback so the watcher falls behind etcd's
+    # Hold the publish callback so the watcher falls behind etcd's
     # 1000-event history while we write more than that.
-    entered, release = threading.Event(), threading.Event()
-
-    def block(records):
-        entered.set()
-        release.wait(60)
-    r.hook = block
-    put(url, PREFIX + "trigger", VALUE)
-    assert entered.wait(10), "publish was not called for the trigger"
+    release = hold_publish(r, url)
     for i in range(1100):
         key = PREFIX + f"k{i % 40}"
         if i % 7 == 3:
@@ -229,12 +222,9 @@ def test_index_cleared_full_reread(etcd_server, running, logs):
     assert logs(logging.INFO, "is gone"), "the index-cleared path was not taken"
 
 
-def test_backlog_read_once_not_replayed(etcd_server, running, logs):
-    """A watcher a few hundred events behind reads the prefix once instead of
-    publishing once per event."""
-    url = etcd_server.url
-    r = running([url])
-    r.wait_for(lambda t: t == {})
+def hold_publish(r, url) -> threading.Event:
+    """Make the registry's next publish block (the watcher stops reading) until
+    the returned event is set; the test then writes while it is behind."""
     entered, release = threading.Event(), threading.Event()
 
     def block(records):
@@ -242,7 +232,17 @@ def test_backlog_read_once_not_replayed(etcd_server, running, logs):
         release.wait(60)
     r.hook = block
     put(url, PREFIX + "trigger", VALUE)
-    assert entered.wait(10)
+    assert entered.wait(10), "publish was not called for the trigger"
+    return release
+
+
+def test_backlog_read_once_not_replayed(etcd_server, running, logs):
+    """A watcher a few hundred events behind reads the prefix once instead of
+    publishing once per event."""
+    url = etcd_server.url
+    r = running([url])
+    r.wait_for(lambda t: t == {})
+    release = hold_publish(r, url)
     for i in range(300):
         put(url, PREFIX + f"k{i % 20}", f"10.0.0.{i % 256}:53,x")
     before = len(r.published)

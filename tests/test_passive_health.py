@@ -21,7 +21,7 @@ class Client:
 def make_entry(backend: Address, sent: float, client: Client) -> Pending:
     query = dns.message.make_query("x.test.", "A").to_wire()
     pool = Pool(Route(r"\.test\.$", (backend,)), [backend])
-    entry = Pending(client, None, query[:2], query, query[12:], pool, backend, False, False)
+    entry = Pending(client, None, query, query[12:], pool, backend, False, False)
     entry.sent = sent
     return entry
 

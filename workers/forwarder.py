@@ -112,7 +112,7 @@ class Forwarder:
         try:
             qname, qtype, qclass, end = wire.parse_question(data)
             question = (qname, qtype, qclass)
-        except (wire.WireError, IndexError):
+        except wire.WireError:
             end = 0
         if (flags >> 3) & 0xF:  # opcode
             return self._answer(data, _NOTIMP, question, end, addr, client, counts)
@@ -132,7 +132,7 @@ class Forwarder:
         query = data
         if tcp:
             query, strip_opt = wire.with_large_buffer(data, end)
-        entry = Pending(client, addr, data[:2], query, lower, pool, pool.next(), strip_opt, tcp)
+        entry = Pending(client, addr, query, lower, pool, pool.next(), strip_opt, tcp)
         self._send(entry, counts)
 
     def _send(self, entry: Pending, counts) -> None:
@@ -159,7 +159,7 @@ class Forwarder:
 
     def _relay(self, entry: Pending, data: bytes, counts) -> None:
         """The backend's reply to the client: its own bytes, the client's ID."""
-        reply = entry.client_id + data[2:]
+        reply = entry.query[:2] + data[2:]  # the client's ID back
         if entry.strip_opt:
             try:
                 reply = wire.without_opt(reply)

@@ -31,15 +31,14 @@ MAX_IN_FLIGHT = 60_000  # per upstream socket at most; of 65,536 IDs, keep some 
 class Pending:
     """One query waiting for a backend's reply."""
 
-    __slots__ = ("client", "addr", "client_id", "query", "question", "pool",
+    __slots__ = ("client", "addr", "query", "question", "pool",
                  "backend", "retried", "strip_opt", "sent", "tcp")
 
-    def __init__(self, client, addr, client_id: bytes, query: bytes, question: bytes,
+    def __init__(self, client, addr, query: bytes, question: bytes,
                  pool, backend: Address, strip_opt: bool, tcp: bool) -> None:
         self.client = client  # has .send(data, addr)
         self.addr = addr
-        self.client_id = client_id
-        self.query = query
+        self.query = query  # with the client's ID: only the sent copy carries ours
         self.question = question  # wire bytes of the question, to check the reply
         self.pool = pool
         self.backend = backend
