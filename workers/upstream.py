@@ -81,11 +81,13 @@ class Upstream:
         pending = self.pending
         if len(pending) >= self.limit:
             return False
+        # The send time first: the timer thread may scan the table as soon as
+        # the entry is in it, and must not take a stale time for an expired one.
+        entry.sent = time.monotonic()
         while True:
             uid = self._ids.next()
             if pending.setdefault(uid, entry) is entry:
                 break
-        entry.sent = time.monotonic()
         try:
             self.sock.sendto(uid.to_bytes(2, "big") + entry.query[2:], entry.backend.sockaddr)
         except OSError:
