@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""CPU per query: two dnsrouter builds, at the same fixed rate, in one invocation.
+
+Throughput on a 2-vCPU machine shared by dnsperf, Knot and the router moves
+by ±10 % from run to run, more than most single changes gain. The CPU time
+the workers spend per query at a rate that saturates nobody is a steadier
+figure: this runs dnsperf -Q RATE against each build in turn, ROUNDS times
+interleaved, and prints the median worker CPU µs per query (user + system,
+from /proc) and the median average latency of each, with the ratio.
+
+    python3 bench/cpu.py --baseline /path/to/other/venv/bin/dnsrouter
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import psutil
+
+from common import answered, bench_router, dnsperf_argv, parse_dnsperf, spawn, start_router, stop, stop_all
+from knot_server import KnotServer
+from run import ZONE, make_zone, write_routes
+
+
+def worker_cpu(router) -> float:
+    total = 0.0
+    for proc in router.workers_procs():
+        times = proc.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def measure(executable: list[str], routes_dir: str, workdir: str, qfile: str, args) -> tuple[float, float]:
+    """(worker CPU µs per query, average latency ms) of one fixed-rate run."""
+    r = bench_router(workdir, workers=args.workers, executable=executable, routes_dir=routes_dir)
+    try:
+        start_router(r, lambda: answered(r.port, f"h0001.{ZONE}"), 30, "router did not answer")
+        before = worker_cpu(r)
+        out = os.path.join(workdir, "dnsperf.out")
+        with open(out, "w") as f:
+            proc = spawn(dnsperf_argv(r.port, qfile, duration=args.duration, timeout=2, clients=20,
+                                      outstanding=200, qps=args.rate), stdout=f, stderr=subprocess.STDOUT)
+            try:
+                proc.wait(args.duration + 30)
+            finally:
+                stop(proc)
+        cpu = worker_cpu(r) - before
+        with open(out, errors="replace") as f:
+            perf = parse_dnsperf(f)
+        if perf.lost or set(perf.rcodes) != {"NOERROR"}:
+            print(f"  warning: lost {perf.lost}, rcodes {perf.rcodes}", file=sys.stderr)
+        return cpu / max(perf.completed, 1) * 1e6, perf.avg_ms
+    finally:
+        r.stop()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--baseline", required=True, help="the other build's dnsrouter executable")
+    p.add_argument("--candidate", default=os.path.join(os.path.dirname(sys.executable), "dnsrouter"),
+                   help="this build's dnsrouter (default: the one next to this interpreter)")
+    p.add_argument("--rate", type=int, default=10000, help="dnsperf -Q")
+    p.add_argument("--duration", type=int, default=5, help="dnsperf -l seconds per run")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--routes", type=int, default=1)
+    p.add_argument("--workers", type=int, default=2)
+    args = p.parse_args()
+    work = tempfile.mkdtemp(prefix="dnsrouter-cpu-")
+    results: dict[str, list[tuple[float, float]]] = {"baseline": [], "candidate": []}
+    try:
+        with KnotServer({ZONE: make_zone(5000)}, workdir=os.path.join(work, "knot")) as knot:
+            routes = os.path.join(work, "routes")
+            write_routes(routes, args.routes, knot.addr)
+            qfile = os.path.join(work, "queries.txt")
+            with open(qfile, "w") as f:
+                f.writelines(f"h{i:04d}.{ZONE} A\n" for i in range(1, 5001))
+            for n in range(args.rounds):
+                for name in results:
+                    exe = getattr(args, name)
+                    cpu, avg = measure([exe], routes, os.path.join(work, f"{name}-{n}"), qfile, args)
+                    print(f"round {n + 1} {name}: {cpu:.1f} µs CPU per query, avg latency {avg:.3f} ms",
+                          file=sys.stderr)
+                    results[name].append((cpu, avg))
+    finally:
+        stop_all()
+    print(f"\n{args.workers} workers, {args.routes} route(s), dnsperf -Q {args.rate} -l {args.duration}, "
+          f"median of {args.rounds} interleaved rounds\n")
+    print("| build | worker CPU µs/query | avg latency ms |\n| --- | --- | --- |")
+    med = {k: (statistics.median(c for c, _ in v), statistics.median(a for _, a in v)) for k, v in results.items()}
+    for name, (cpu, avg) in med.items():
+        print(f"| {name} | {cpu:.1f} | {avg:.3f} |")
+    print(f"| ratio | {med['candidate'][0] / med['baseline'][0]:.2f} | {med['candidate'][1] / med['baseline'][1]:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
