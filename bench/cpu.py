@@ -43,7 +43,8 @@ def measure(executable: list[str], routes_dir: str, workdir: str, qfile: str, ar
         out = os.path.join(workdir, "dnsperf.out")
         with open(out, "w") as f:
             proc = spawn(dnsperf_argv(r.port, qfile, duration=args.duration, timeout=2, clients=20,
-                                      outstanding=200, qps=args.rate), stdout=f, stderr=subprocess.STDOUT)
+                                      outstanding=200, qps=args.rate, transport=args.transport),
+                         stdout=f, stderr=subprocess.STDOUT)
             try:
                 proc.wait(args.duration + 30)
             finally:
@@ -68,6 +69,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--routes", type=int, default=1)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--transport", choices=("udp", "tcp"), default="udp")
     args = p.parse_args()
     work = tempfile.mkdtemp(prefix="dnsrouter-cpu-")
     results: dict[str, list[tuple[float, float]]] = {"baseline": [], "candidate": []}
@@ -87,7 +89,8 @@ def main() -> int:
                     results[name].append((cpu, avg))
     finally:
         stop_all()
-    print(f"\n{args.workers} workers, {args.routes} route(s), dnsperf -Q {args.rate} -l {args.duration}, "
+    print(f"\n{args.workers} workers, {args.routes} route(s), dnsperf -m {args.transport} -Q {args.rate} "
+          f"-l {args.duration}, "
           f"median of {args.rounds} interleaved rounds\n")
     print("| build | worker CPU µs/query | avg latency ms |\n| --- | --- | --- |")
     med = {k: (statistics.median(c for c, _ in v), statistics.median(a for _, a in v)) for k, v in results.items()}

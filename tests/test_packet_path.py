@@ -102,6 +102,45 @@ def test_tcp_pipelined_queries_on_one_connection(router, knots, split_zone):
         assert answer.answer[0][0].address == split_zone.addresses[q.question[0].name.to_text()]
 
 
+def test_tcp_messages_cut_anywhere_by_the_stream(router, knots, split_zone):
+    # TCP is a stream: one read may end inside a length prefix or a message,
+    # or hold several messages. Each query is answered when it is whole.
+    r = router()
+    route_halves(r, knots)
+    names = split_zone.names[split_zone.zone_names[0]][:3]
+    wait_until(lambda: routed(r, names[0]), 5, message="routes not loaded")
+    frames = []
+    for i, name in enumerate(names):
+        query = dns.message.make_query(name, "A")
+        query.id = 2000 + i
+        wire = query.to_wire()
+        frames.append(struct.pack("!H", len(wire)) + wire)
+    stream = b"".join(frames)
+    cuts = [len(frames[0]) + 1, len(frames[0]) + len(frames[1]) - 5]  # inside the 2nd prefix, the 2nd's tail
+    with socket.create_connection((HOST, r.port), timeout=3) as s:
+        replies, buf = {}, b""
+
+        def read_answers():
+            nonlocal buf
+            buf += s.recv(65535)
+            while len(buf) >= 2 and len(buf) >= 2 + (buf[0] << 8 | buf[1]):
+                n = buf[0] << 8 | buf[1]
+                reply = dns.message.from_wire(buf[2:2 + n])
+                replies[reply.id] = reply
+                buf = buf[2 + n:]
+
+        s.sendall(stream[:cuts[0]])
+        while 2000 not in replies:  # the 1st is answered while the 2nd is still in pieces
+            read_answers()
+        assert set(replies) == {2000}
+        s.sendall(stream[cuts[0]:cuts[1]])
+        s.sendall(stream[cuts[1]:])
+        while len(replies) < 3:
+            read_answers()
+    for i, name in enumerate(names):
+        assert replies[2000 + i].answer[0][0].address == split_zone.addresses[name]
+
+
 def test_servfail_when_no_route_matches(router, knots):
     r = router()
     route_halves(r, knots)
