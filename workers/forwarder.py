@@ -15,7 +15,7 @@ from dnsrouter.snapshot import Snapshot
 
 from .stats import Stats, observe_latency
 from .upstream import Pending, RandomIds, Upstream
-from . import tcp_fetch
+from . import mmsg, tcp_fetch
 
 log = logging.getLogger("dnsrouter.worker")
 qlog = logging.getLogger("dnsrouter.queries")
@@ -86,15 +86,17 @@ class Forwarder:
         return sum(len(u.pending) for u in self._all_upstreams())
 
     # -- the packet path -------------------------------------------------
-    def handle(self, data: bytes, addr, client, counts, tcp: bool = False) -> None:
-        """One query from a client; never raises."""
+    def handle(self, data: bytes, addr: bytes | None, client, counts, tcp: bool = False,
+               outbox: mmsg.Outbox | None = None) -> None:
+        """One query from a client (``addr``: its raw address, None over TCP);
+        what it sends goes with ``outbox`` if given, else at once. Never raises."""
         try:
-            self._handle(data, addr, client, counts, tcp)
+            self._handle(data, addr, client, counts, tcp, outbox)
         except Exception:  # a bug must cost one query, never the worker
             counts["dropped", "error"] += 1
             log.exception("query handling failed")
 
-    def _handle(self, data: bytes, addr, client, counts, tcp: bool) -> None:
+    def _handle(self, data: bytes, addr, client, counts, tcp: bool, outbox) -> None:
         if len(data) < 12:
             counts["dropped", "short"] += 1
             return
@@ -103,11 +105,11 @@ class Forwarder:
             counts["dropped", "response"] += 1
             return
         counts["queries", "tcp" if tcp else "udp"] += 1
-        if self.allowed is not None and addr is not None and not self.allowed(addr[0]):
+        if self.allowed is not None and addr is not None and not self.allowed(mmsg.host(addr)):
             if self.deny_action == "drop":
                 counts["dropped", "acl"] += 1
                 return
-            return self._answer(data, _REFUSED, None, 0, addr, client, counts)
+            return self._answer(data, _REFUSED, None, 0, addr, client, counts, outbox)
         question = None
         try:
             qname, qtype, qclass, end = wire.parse_question(data)
@@ -115,49 +117,51 @@ class Forwarder:
         except wire.WireError:
             end = 0
         if (flags >> 3) & 0xF:  # opcode
-            return self._answer(data, _NOTIMP, question, end, addr, client, counts)
+            return self._answer(data, _NOTIMP, question, end, addr, client, counts, outbox)
         if data[4] or data[5] != 1 or question is None:  # QDCOUNT must be 1
             return self._answer(data, _FORMERR, question if data[5] == 1 and not data[4] else None,
-                                end, addr, client, counts)
+                                end, addr, client, counts, outbox)
         if qtype == wire.TYPE_AXFR or qtype == wire.TYPE_IXFR:
-            return self._answer(data, _NOTIMP, question, end, addr, client, counts)
+            return self._answer(data, _NOTIMP, question, end, addr, client, counts, outbox)
         lower = data[12:end].lower()
         pool = self.matcher.lookup_wire(lower[:-4], wire.name_to_text)
         if self.query_log:
-            qlog.info("%s %s %s %d -> %s", "tcp" if tcp else "udp", addr[0] if addr else "-",
+            qlog.info("%s %s %s %d -> %s", "tcp" if tcp else "udp", mmsg.host(addr) if addr else "-",
                       wire.name_to_text(qname), qtype, pool.route.pattern if pool else "SERVFAIL")
         if pool is None:
-            return self._answer(data, _SERVFAIL, question, end, addr, client, counts)
+            return self._answer(data, _SERVFAIL, question, end, addr, client, counts, outbox)
         strip_opt = False
         query = data
         if tcp:
             query, strip_opt = wire.with_large_buffer(data, end)
         entry = Pending(client, addr, query, lower, pool, pool.next(), strip_opt, tcp)
-        self._send(entry, counts)
+        self._send(entry, counts, outbox)
 
-    def _send(self, entry: Pending, counts) -> None:
+    def _send(self, entry: Pending, counts, outbox=None) -> None:
         family = entry.backend.family
         pool = self.upstreams.get(family) or self._family(family)
-        if not pool[self._random.next() % self.SOCKETS].send(entry):
+        # A batch's queries leave together, from one socket picked per batch.
+        pick = self._random.next() if outbox is None else outbox.pick
+        if not pool[pick % self.SOCKETS].send(entry, outbox):
             counts["dropped", "in_flight_limit"] += 1  # never unbounded memory
             return
         counts["backend_queries", entry.backend] += 1
 
-    def _answer(self, data: bytes, rcode: int, question, end: int, addr, client, counts) -> None:
+    def _answer(self, data: bytes, rcode: int, question, end: int, addr, client, counts, outbox) -> None:
         edns = bool(end) and wire.has_opt(data, end)
         counts["responses", rcode] += 1
-        client.send(wire.make_answer(data, rcode, question, edns), addr)
+        client.send(wire.make_answer(data, rcode, question, edns), addr, outbox)
 
     # -- replies and timeouts ----------------------------------------------
-    def _on_reply(self, entry: Pending, data: bytes, counts) -> None:
+    def _on_reply(self, entry: Pending, data: bytes, counts, outbox: mmsg.Outbox) -> None:
         self.answered[entry.backend] = entry.sent
         observe_latency(counts, time.monotonic() - entry.sent)
         if entry.tcp and data[2] & 0x02:  # TC: fetch it whole over TCP, off this thread
             threading.Thread(target=self._fetch_tcp, args=(entry,), daemon=True).start()
             return
-        self._relay(entry, data, counts)
+        self._relay(entry, data, counts, outbox)
 
-    def _relay(self, entry: Pending, data: bytes, counts) -> None:
+    def _relay(self, entry: Pending, data: bytes, counts, outbox: mmsg.Outbox | None = None) -> None:
         """The backend's reply to the client: its own bytes, the client's ID."""
         reply = entry.query[:2] + data[2:]  # the client's ID back
         if entry.strip_opt:
@@ -166,7 +170,7 @@ class Forwarder:
             except (wire.WireError, struct.error):
                 pass  # relayed as it is: the client copes with an OPT better than with nothing
         counts["responses", data[3] & 0xF] += 1
-        entry.client.send(reply, entry.addr)
+        entry.client.send(reply, entry.addr, outbox)
 
     def _fetch_tcp(self, entry: Pending) -> None:
         counts = self.stats.for_thread()

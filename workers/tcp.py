@@ -13,6 +13,8 @@ import struct
 import threading
 import time
 
+from . import mmsg
+
 
 class TcpClient:
     __slots__ = ("conn", "lock", "outstanding")
@@ -22,7 +24,7 @@ class TcpClient:
         self.lock = threading.Lock()
         self.outstanding = 0  # queries read and not yet answered (approximate)
 
-    def send(self, data: bytes, addr=None) -> None:
+    def send(self, data: bytes, addr=None, outbox=None) -> None:
         with self.lock:
             self.outstanding -= 1
             try:
@@ -49,6 +51,7 @@ def _connection(conn: socket.socket, forwarder, stats, idle: float, grace: float
     handle = forwarder.handle
     recv = conn.recv
     monotonic = time.monotonic
+    outbox = mmsg.Outbox()
     buffer = b""
     last = monotonic()  # when the latest whole message arrived: the idle clock
     try:
@@ -80,8 +83,9 @@ def _connection(conn: socket.socket, forwarder, stats, idle: float, grace: float
                 if end > size:
                     break
                 client.outstanding += 1
-                handle(buffer[pos + 2:end], None, client, counts, tcp=True)
+                handle(buffer[pos + 2:end], None, client, counts, tcp=True, outbox=outbox)
                 pos = end
+            outbox.flush()  # the queries of this read go to the backends together
             if pos:
                 buffer = buffer[pos:]
                 last = now

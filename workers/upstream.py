@@ -23,6 +23,8 @@ from typing import Callable
 
 from dnsrouter.address import Address
 
+from . import mmsg
+
 log = logging.getLogger("dnsrouter.worker")
 
 MAX_IN_FLIGHT = 60_000  # per upstream socket at most; of 65,536 IDs, keep some free
@@ -36,7 +38,7 @@ class Pending:
 
     def __init__(self, client, addr, query: bytes, question: bytes,
                  pool, backend: Address, strip_opt: bool, tcp: bool) -> None:
-        self.client = client  # has .send(data, addr)
+        self.client = client  # has .send(data, addr, outbox)
         self.addr = addr
         self.query = query  # with the client's ID: only the sent copy carries ours
         self.question = question  # wire bytes of the question, to check the reply
@@ -70,14 +72,16 @@ class Upstream:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         # Port 0: the kernel picks a random ephemeral port.
         self.sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+        self.fd = self.sock.fileno()
         self.pending: dict[int, Pending] = {}
         self._ids = RandomIds()
         self._on_reply = on_reply  # (entry, reply, counts), on this socket's thread
         self.counts = counts  # this socket's thread counts here
         self.limit = min(limit, MAX_IN_FLIGHT)
 
-    def send(self, entry: Pending) -> bool:
-        """Send ``entry.query`` to ``entry.backend``; False when too busy."""
+    def send(self, entry: Pending, outbox: mmsg.Outbox | None = None) -> bool:
+        """Send ``entry.query`` to ``entry.backend``, with the batch or now;
+        False when too busy."""
         pending = self.pending
         if len(pending) >= self.limit:
             return False
@@ -88,45 +92,47 @@ class Upstream:
             uid = self._ids.next()
             if pending.setdefault(uid, entry) is entry:
                 break
-        try:
-            self.sock.sendto(uid.to_bytes(2, "big") + entry.query[2:], entry.backend.sockaddr)
-        except OSError:
-            # Unreachable or buffer full: let the deadline treat it as a timeout.
-            pass
-        return True
+        query = uid.to_bytes(2, "big") + entry.query[2:]
+        if outbox is None:
+            mmsg.send(self.fd, query, mmsg.raw_address(entry.backend))
+        else:
+            outbox.add(self.fd, query, mmsg.raw_address(entry.backend))
+        return True  # a datagram the kernel refuses times out like a lost one
 
     def serve(self) -> None:
         """Receive replies forever (the socket's own thread)."""
-        buffer = bytearray(65535)  # see udp.serve: one buffer, copied out at size
-        view = memoryview(buffer)
-        recvfrom_into = self.sock.recvfrom_into
+        receive = mmsg.Receiver(self.sock).receive
         pending = self.pending
         on_reply = self._on_reply
         counts = self.counts
+        peer_key = mmsg.peer_key
+        outbox = mmsg.Outbox()  # the relayed replies of one batch
         while True:
             try:
-                size, addr = recvfrom_into(buffer)
+                batch = receive()
             except OSError:
                 continue  # ICMP errors surface here on Linux; the deadline covers them
-            data = bytes(view[:size])
-            if len(data) < 12:
-                counts["ignored_replies", "short"] += 1
-                continue
-            uid = data[0] << 8 | data[1]
-            entry = pending.get(uid)
-            if entry is None:
-                counts["ignored_replies", "unknown_id"] += 1
-                continue
-            if addr[:2] != entry.backend.sockaddr[:2]:
-                counts["ignored_replies", "wrong_source"] += 1
-                continue
-            question = entry.question
-            if not data[2] & 0x80 or data[12:12 + len(question)].lower() != question:
-                counts["ignored_replies", "wrong_question"] += 1
-                continue
-            if pending.pop(uid, None) is not entry:
-                continue  # the timer took it a moment ago
-            on_reply(entry, data, counts)
+            for data, addr in batch:
+                if len(data) < 12:
+                    counts["ignored_replies", "short"] += 1
+                    continue
+                uid = data[0] << 8 | data[1]
+                entry = pending.get(uid)
+                if entry is None:
+                    counts["ignored_replies", "unknown_id"] += 1
+                    continue
+                key = peer_key(entry.backend)
+                if addr[:len(key)] != key:
+                    counts["ignored_replies", "wrong_source"] += 1
+                    continue
+                question = entry.question
+                if not data[2] & 0x80 or data[12:12 + len(question)].lower() != question:
+                    counts["ignored_replies", "wrong_question"] += 1
+                    continue
+                if pending.pop(uid, None) is not entry:
+                    continue  # the timer took it a moment ago
+                on_reply(entry, data, counts, outbox)
+            outbox.flush()
 
     def expired(self, sent_before: float) -> list[Pending]:
         """Entries sent before ``sent_before`` that got no reply: taken out."""
