@@ -63,9 +63,10 @@ def _sockaddr_size(family: int) -> int:
 
 
 class _Vector:
-    """``n`` message headers, each with one iovec over its own slot of a
-    buffer and room for a peer address of one family (whose size is fixed,
-    so the kernel's answer leaves the room as it was)."""
+    """``n`` message headers, each with one iovec (over its own 64 KiB slot
+    of the buffer, until an Outbox points it elsewhere) and room for a peer
+    address of one family (whose size is fixed, so the kernel's answer
+    leaves the room as it was)."""
 
     def __init__(self, n: int, family: int) -> None:
         self.n = n
@@ -76,7 +77,7 @@ class _Vector:
         self.names = mmap.mmap(-1, n * self.name_size)
         self._iov = (_Iovec * n)()
         self._hdrs = (_Mmsghdr * n)()
-        base = ctypes.addressof(ctypes.c_char.from_buffer(self.buffer))
+        self.base = base = ctypes.addressof(ctypes.c_char.from_buffer(self.buffer))
         names = ctypes.addressof(ctypes.c_char.from_buffer(self.names))
         for i in range(n):
             self._iov[i].base = base + i * MAX_DATAGRAM
@@ -121,7 +122,7 @@ class Outbox:
 
     def __init__(self) -> None:
         self._queued: list[tuple[int, bytes, bytes]] = []
-        self._vectors: dict[int, _Vector] = {}
+        self._vectors: dict[int, _Vector] = {}  # by address family
         self.pick = 0  # which upstream socket this batch's queries leave from
 
     def add(self, fd: int, payload: bytes, name: bytes) -> None:
@@ -139,27 +140,33 @@ class Outbox:
                 if len(items) == 1:
                     send(*items[0])
                 else:
-                    self._send_all(fd, items)
+                    for start in range(0, len(items), BATCH):
+                        self._send_all(fd, items[start:start + BATCH])
         queued.clear()
         self.pick = random.getrandbits(16)
 
     def _send_all(self, fd: int, items: list[tuple[int, bytes, bytes]]) -> None:
-        v = self._vectors.get(fd)
+        family = socket.AF_INET6 if len(items[0][2]) == 28 else socket.AF_INET
+        v = self._vectors.get(family)
         if v is None:
-            v = self._vectors[fd] = _Vector(BATCH, socket.AF_INET6 if len(items[0][2]) == 28 else socket.AF_INET)
+            v = self._vectors[family] = _Vector(BATCH, family)
+        # The payloads one after the other (not a 64 KiB slot each): a batch
+        # of small datagrams touches a page or two of the buffer.
         buffer, names, iov, size, pack = v.buffer, v.names, v.iov, v.name_size, _SIZE.pack_into
-        for start in range(0, len(items), v.n):
-            chunk = items[start:start + v.n]
-            for i, (_, payload, name) in enumerate(chunk):
-                buffer[i * MAX_DATAGRAM:i * MAX_DATAGRAM + len(payload)] = payload
-                pack(iov, i * _IOV + _IOV_LEN, len(payload))
-                names[i * size:i * size + size] = name
-            done = 0
-            while done < len(chunk):
-                sent = _sendmmsg(fd, v.address + done * _HDR, len(chunk) - done, 0)
-                # A datagram the kernel refuses (buffer full, unreachable) is
-                # lost, as a datagram may be; the others still go.
-                done += sent if sent > 0 else 1
+        at = 0
+        for i, (_, payload, name) in enumerate(items):
+            length = len(payload)
+            buffer[at:at + length] = payload
+            pack(iov, i * _IOV, v.base + at)
+            pack(iov, i * _IOV + _IOV_LEN, length)
+            names[i * size:i * size + size] = name
+            at += length
+        done = 0
+        while done < len(items):
+            sent = _sendmmsg(fd, v.address + done * _HDR, len(items) - done, 0)
+            # A datagram the kernel refuses (buffer full, unreachable) is
+            # lost, as a datagram may be; the others still go.
+            done += sent if sent > 0 else 1
 
 
 def send(fd: int, payload: bytes, name: bytes) -> None:
