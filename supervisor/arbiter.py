@@ -33,6 +33,7 @@ log = logging.getLogger("dnsrouter.supervisor")
 
 RESPAWN_BACKOFF_MAX = 5.0
 YOUNG = 2.0  # seconds of serving after which a worker's death is not a crash loop
+FIRST_ROUTES_WAIT = 10.0  # seconds at most that workers wait for the registry and first checks
 
 
 class BootError(Exception):
@@ -64,6 +65,12 @@ class Supervisor:
         self.health = HealthChecker(self._health_settings(config), lambda up: self.post("up", up))
         self.metrics = Metrics(self._metrics_state, control.LATENCY_BUCKETS)
         self.loaded = False  # the registry has published at least once
+        # Workers get their first routes once the registry has loaded and every
+        # backend had its first check: a router (re)starting under load must not
+        # answer SERVFAIL for want of a check. Queries wait in the sockets
+        # meanwhile. Bounded, for a registry that cannot be reached at start.
+        self.serving = False
+        self._serve_by = time.monotonic() + FIRST_ROUTES_WAIT
         self._metrics_address = None
         self._pidfile: str | None = None
 
@@ -129,7 +136,8 @@ class Supervisor:
             log_level=self.config.log_level, log_target=self.config.log_target,
             log_queries=self.config.log_queries)
         handle = workerset.spawn(spec, self.worker_main)
-        handle.post(control.SNAPSHOT, self._wire)
+        if self.serving:
+            handle.post(control.SNAPSHOT, self._wire)
         self.workers[index] = handle
         log.debug("worker %d started, pid %s", index, handle.pid)
 
@@ -154,6 +162,7 @@ class Supervisor:
             if self.stop_event.is_set():
                 return self.shutdown()
             self._drain_events()
+            self._serve_when_ready()
             self._respawn_due()
             self._check_heartbeats()
             handles = list(self.workers.values())
@@ -238,11 +247,26 @@ class Supervisor:
     def publish(self) -> None:
         snapshot = self.table.snapshot()
         self._wire = snapshot.to_wire()
-        for handle in self.workers.values():
-            handle.post(control.SNAPSHOT, self._wire)
+        if self.serving:
+            for handle in self.workers.values():
+                handle.post(control.SNAPSHOT, self._wire)
         log.info("routes version %d: %d routes, %d backends, %d down, %d invalid values",
                  snapshot.version, len(snapshot.routes), len(self.table.backends),
                  len(snapshot.down), len(self.table.invalid))
+
+    def _serve_when_ready(self) -> None:
+        if self.serving:
+            return
+        states = self.health.states
+        checked = self.loaded and all(b in states and states[b].checked for b in self.table.backends)
+        if not checked and time.monotonic() < self._serve_by:
+            return
+        self.serving = True
+        for handle in self.workers.values():
+            handle.post(control.SNAPSHOT, self._wire)
+        log.log(logging.INFO if checked else logging.WARNING, "serving routes version %d%s", self.table.version,
+                "" if checked else f" without waiting longer for the registry and first checks "
+                                   f"({FIRST_ROUTES_WAIT:g} s)")
 
     # -- metrics and the HTTP endpoint -------------------------------------------------
     def _serve_metrics(self) -> None:
@@ -285,6 +309,8 @@ class Supervisor:
             return False, f"workers not serving: {missing}"
         if not self.loaded:
             return False, "no routes loaded from the registry yet"
+        if not self.serving:
+            return False, "waiting for the first health checks"
         return True, f"ok: {len(self.workers)} workers, routes version {self.table.version}"
 
     # -- workers -------------------------------------------------------------------

@@ -141,6 +141,7 @@ class HealthChecker:
             elif first:
                 state.reason = reason
                 log.warning("backend %s: new -> down (%s)", backend, reason)
+                self._on_change(self.up())  # no change, but the supervisor waits for first checks
 
     def _passive(self, backend: Address, streak: int) -> None:
         state = self.states.get(backend)

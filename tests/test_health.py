@@ -123,6 +123,28 @@ def test_a_new_backend_takes_queries_after_its_first_check(health_router):
         assert state_change(r, fake, "new", "up")
 
 
+def test_a_starting_router_answers_only_once_its_backends_are_checked(router, split_zone):
+    # A restart under load: queries arrive from the moment the sockets are
+    # bound. None may get SERVFAIL because the first health check had not
+    # passed yet, or because the routes were not read yet; they wait instead.
+    zone = split_zone.zone_names[0]
+    with KnotServer({zone: split_zone.zones[zone]}) as knot:
+        r = router(workers=2, start=False)
+        for i in range(200):  # routes to read, and checks that take a moment
+            r.route(f"r{i:03d}", rf"{knot.addr},^x{i}\.{zone.replace('.', '[.]')}$")
+        r.route("zz", rf"{knot.addr},\.a\.example\.com\.$")
+        names = split_zone.names[zone]
+        r.start(wait=False)
+        rcodes = []
+        for i in range(40):  # each from a new port: both workers are asked
+            reply = ask(r, names[i], timeout=0.2 if not rcodes else 2.0)  # quick tries until it is bound
+            if reply is not None:
+                rcodes.append(dns.rcode.to_text(reply.rcode()))
+            assert r.proc.poll() is None, r.log()
+        assert rcodes and set(rcodes) == {"NOERROR"}, rcodes
+        assert "serving routes version" in r.log()
+
+
 class Load:
     """Queries at a steady rate from a few threads; counts what clients would see fail."""
 
