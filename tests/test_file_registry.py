@@ -115,3 +115,60 @@ def test_non_utf8_content_is_surrogateescaped(tmp_path):
     [record] = FileRegistry(str(tmp_path)).scan()
     assert record.value == "10.0.0.1:53,^a\udcff$"
     assert record.value.encode("utf-8", "surrogateescape") == b"10.0.0.1:53,^a\xff$"
+
+
+class _Running:
+    """FileRegistry.run on its thread, counting full scans and keeping what it publishes."""
+
+    def __init__(self, directory) -> None:
+        import threading
+
+        self.registry = FileRegistry(str(directory), interval=0.02)
+        self.polls = self.scans = 0
+        self.published: list = []
+        scan, directory = self.registry.scan, self.registry._directory
+
+        def counting_scan():
+            self.scans += 1
+            return scan()
+
+        def counting_poll():
+            self.polls += 1
+            return directory()
+
+        self.registry.scan, self.registry._directory = counting_scan, counting_poll
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.registry.run, args=(self.published.append, self.stop))
+
+    def values(self) -> list[str]:
+        return [r.value for r in self.published[-1]] if self.published else []
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def test_running_sees_renames_at_once_and_edits_in_place_within_a_second(tmp_path):
+    import time
+
+    from netutil import wait_until
+
+    _write(tmp_path / "a", "10.0.0.1:53,x")
+    with _Running(tmp_path) as running:
+        wait_until(lambda: running.values() == ["10.0.0.1:53,x"], 1, message="first scan")
+        _write(tmp_path / ".b.tmp", "10.0.0.2:53,y")
+        os.replace(tmp_path / ".b.tmp", tmp_path / "b")  # an atomic write: the directory changes
+        wait_until(lambda: running.values() == ["10.0.0.1:53,x", "10.0.0.2:53,y"], 0.5, message="rename missed")
+        with open(tmp_path / "a", "r+") as f:  # in place: same inode, the directory unchanged
+            f.write("10.0.0.3")
+        started = time.monotonic()
+        wait_until(lambda: running.values()[0] == "10.0.0.3:53,x", 1.5, message="edit in place missed")
+        assert time.monotonic() - started < 1.2
+        # Polled every 20 ms, but the files themselves are looked at about once a second.
+        polls, scans = running.polls, running.scans
+        wait_until(lambda: running.polls >= polls + 25, 3, message="not polling")
+        assert running.scans - scans <= 2, f"{running.scans - scans} full scans in 25 quiet polls"

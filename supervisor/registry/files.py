@@ -1,8 +1,9 @@
 """The file registry: a directory where each regular file is one key.
 
 The file name is the key, the content the value; names order the routes.
-The directory is polled (a stat per file) so that edits, renames and
-removals are seen within the poll interval, on any filesystem.
+The directory is polled so that edits, renames and removals are seen within
+a second on any filesystem: the directory itself every poll, each file
+once a second.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from . import Publish, Record
 log = logging.getLogger("dnsrouter.registry")
 
 POLL_INTERVAL = 0.2
+FULL_SCAN_INTERVAL = 1.0  # seconds between looks at every file, for edits in place
 MAX_READ = 1 << 16  # a larger file is not a value; read no more than this
 
 
@@ -76,15 +78,32 @@ class FileRegistry:
         self._seen = current
         return None
 
+    def _directory(self) -> tuple | None:
+        try:
+            st = os.stat(self.directory)
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns
+
     def run(self, publish: Publish, stop: threading.Event) -> None:
         first = True
+        directory, scanned = None, 0.0
         while not stop.is_set():
-            try:
-                records = self.scan()
-            except Exception:
-                log.exception("routes directory scan failed")
-                records = None
-            if records is not None or first:
-                publish(records or [])
-                first = False
+            # A file added, removed or renamed into place (an atomic write)
+            # changes the directory: scanned at the next poll. An edit in
+            # place changes only the file: every file is stat'ed once a
+            # second, not every poll (at 10,000 routes, polling them all five
+            # times a second took a fifth of a CPU).
+            now, before = time.monotonic(), directory
+            directory = self._directory()
+            if first or directory != before or directory is None or now - scanned >= FULL_SCAN_INTERVAL:
+                scanned = now
+                try:
+                    records = self.scan()
+                except Exception:
+                    log.exception("routes directory scan failed")
+                    records = None
+                if records is not None or first:
+                    publish(records or [])
+                    first = False
             stop.wait(self.interval)
