@@ -53,7 +53,7 @@ def _connection(conn: socket.socket, forwarder, stats, idle: float, grace: float
     monotonic = time.monotonic
     outbox = mmsg.Outbox()
     buffer = b""
-    last = monotonic()  # when the latest whole message arrived: the idle clock
+    last = monotonic()  # when the message being read (or the latest one) began: the idle clock
     try:
         _kernel_timeouts(conn, idle)
         while True:
@@ -70,14 +70,18 @@ def _connection(conn: socket.socket, forwarder, stats, idle: float, grace: float
             if chunk == b"":
                 break
             now = monotonic()
-            if chunk is None or now - last > idle:
-                # Idle, or a message trickling in for longer than allowed: close,
-                # unless answers are still on their way to a client that is quiet.
+            if chunk is None:
+                # Idle: close, unless answers are still on their way to a
+                # client that waits for them (and is not half way through a message).
                 if buffer or client.outstanding <= 0 or now - last >= idle + grace:
                     counts["tcp_closed", "idle"] += 1
                     break
-                if chunk is None:
-                    continue
+                continue
+            if not buffer:
+                last = now  # a message begins: it has `idle` seconds to arrive whole
+            elif now - last > idle:
+                counts["tcp_closed", "idle"] += 1  # trickling in, a byte at a time
+                break
             buffer += chunk
             pos, size = 0, len(buffer)
             while size - pos >= 2:
