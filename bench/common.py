@@ -199,6 +199,7 @@ class Perf:
     reconnections: int = 0
     kernel: dict[str, int] = field(default_factory=dict)  # counter deltas during the run
     raw_tail: str = ""
+    spread: list[float] = field(default_factory=list)  # the figure of each repeated run
 
     @property
     def avg_ms(self) -> float:
