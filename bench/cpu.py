@@ -19,8 +19,6 @@ import subprocess
 import sys
 import tempfile
 
-import psutil
-
 from common import answered, bench_router, dnsperf_argv, parse_dnsperf, spawn, start_router, stop, stop_all
 from knot_server import KnotServer
 from run import ZONE, make_zone, write_routes

@@ -118,7 +118,7 @@ def describe(label: str, run: DnsperfRun) -> int:
     failures = t.lost + servfail + other
     print(f"{label}:")
     print(f"  queries sent {t.sent}, completed {t.completed}, lost (timeout 3 s) {t.lost}")
-    print(f"  response codes: " + (", ".join(f"{c} {n}" for c, n in rc.items()) or "(none)"))
+    print("  response codes: " + (", ".join(f"{c} {n}" for c, n in rc.items()) or "(none)"))
     print(f"  client-visible failures (lost + SERVFAIL + other non-NOERROR): {failures}"
           f" ({100.0 * failures / t.sent if t.sent else 0:.3f}% of sent)")
     print(f"  dnsperf: {t.qps} qps, average latency {t.avg_s} s, max {t.max_s} s")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import configparser
 from dataclasses import field, make_dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from . import __version__
 from .address import Address

@@ -17,7 +17,6 @@ import array
 import logging
 import os
 import socket
-import threading
 import time
 from typing import Callable
 
