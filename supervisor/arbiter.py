@@ -136,9 +136,8 @@ class Supervisor:
             log_level=self.config.log_level, log_target=self.config.log_target,
             log_queries=self.config.log_queries)
         handle = workerset.spawn(spec, self.worker_main)
-        if self.serving:
-            handle.post(control.SNAPSHOT, self._wire)
         self.workers[index] = handle
+        self._send_routes([handle])
         log.debug("worker %d started, pid %s", index, handle.pid)
 
     def _cpu(self, index: int) -> int | None:
@@ -247,12 +246,15 @@ class Supervisor:
     def publish(self) -> None:
         snapshot = self.table.snapshot()
         self._wire = snapshot.to_wire()
-        if self.serving:
-            for handle in self.workers.values():
-                handle.post(control.SNAPSHOT, self._wire)
+        self._send_routes(self.workers.values())
         log.info("routes version %d: %d routes, %d backends, %d down, %d invalid values",
                  snapshot.version, len(snapshot.routes), len(self.table.backends),
                  len(snapshot.down), len(self.table.invalid))
+
+    def _send_routes(self, handles) -> None:
+        if self.serving:
+            for handle in handles:
+                handle.post(control.SNAPSHOT, self._wire)
 
     def _serve_when_ready(self) -> None:
         if self.serving:
@@ -262,8 +264,7 @@ class Supervisor:
         if not checked and time.monotonic() < self._serve_by:
             return
         self.serving = True
-        for handle in self.workers.values():
-            handle.post(control.SNAPSHOT, self._wire)
+        self._send_routes(self.workers.values())
         log.log(logging.INFO if checked else logging.WARNING, "serving routes version %d%s", self.table.version,
                 "" if checked else f" without waiting longer for the registry and first checks "
                                    f"({FIRST_ROUTES_WAIT:g} s)")

@@ -130,9 +130,11 @@ class Outbox:
 
     def flush(self) -> None:
         queued = self._queued
+        if not queued:
+            return
         if len(queued) == 1:  # light traffic: no vector to fill
             send(*queued[0])
-        elif queued:
+        else:
             by_socket: dict[int, list[tuple[int, bytes, bytes]]] = {}
             for item in queued:
                 by_socket.setdefault(item[0], []).append(item)
