@@ -75,7 +75,7 @@ def read_file(path: str) -> dict[str, str]:
     values: dict[str, str] = {}
     for section in parser.sections():
         if section not in {s.section for s in SETTINGS}:
-            line = next((n for n, l in enumerate(lines, 1) if _uncomment(l) == f"[{section}]"), 0)
+            line = next((n for n, text in enumerate(lines, 1) if _uncomment(text) == f"[{section}]"), 0)
             raise ConfigError(f"{path}:{line}: unknown section [{section}]")
         for key, value in parser.items(section):
             setting = known.get((section, key))

@@ -1,7 +1,8 @@
 #!/bin/bash
 # Installs what dnsrouter and its tests need on a Debian machine (run as root):
 # the real servers the tests start, and a virtual environment in .venv with
-# dnsrouter and its test dependencies.
+# dnsrouter installed editable (the tests and `python -m dnsrouter` run the
+# source tree) and its test and static-check dependencies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,4 +32,4 @@ if [ "$(readlink -f .venv/bin/python 2>/dev/null)" != "$(readlink -f $PYTHON)" ]
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q '.[test]'
+.venv/bin/pip install -q -e '.[test]'

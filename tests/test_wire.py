@@ -36,7 +36,7 @@ _label = st.one_of(
 @st.composite
 def names(draw) -> dns.name.Name:
     labels = draw(st.lists(_label, max_size=8))
-    assume(sum(len(l) + 1 for l in labels) + 1 <= 255)
+    assume(sum(len(label) + 1 for label in labels) + 1 <= 255)
     return dns.name.Name(labels + [b""])
 
 
