@@ -3,20 +3,14 @@ from __future__ import annotations
 
 import argparse
 import configparser
-from dataclasses import field, make_dataclass
 from typing import Any
 
 from . import __version__
 from .address import Address
 from .errors import ConfigError
-from .settings import SETTINGS, Setting
+from .settings import SETTINGS, Config, Setting
 
-Config = make_dataclass(
-    "Config",
-    [(s.name, Any) for s in SETTINGS] + [("config_file", Any, field(default=None))],
-    frozen=True,
-)
-Config.__doc__ = "The effective configuration; one attribute per Setting (section_key)."
+__all__ = ["Config", "build_parser", "describe", "load", "read_file", "reload"]
 
 
 def build_parser(prog: str = "dnsrouter") -> argparse.ArgumentParser:
@@ -28,12 +22,13 @@ def build_parser(prog: str = "dnsrouter") -> argparse.ArgumentParser:
     for setting in SETTINGS:
         if setting.flag is None:
             continue
-        kwargs: dict[str, Any] = {"dest": setting.name, "help": f"{setting.help} "
+        kwargs: dict[str, Any] = {"dest": setting.name, "metavar": setting.metavar, "help": f"{setting.help} "
                                   f"([{setting.section}] {setting.key}, default {setting.default or 'none'})"}
         if setting.name == "server_listen":
             kwargs["action"] = "append"
         elif setting.parse.__name__ == "_bool":  # a switch: --allow-root means yes
             kwargs.update(action="store_const", const="yes")
+            del kwargs["metavar"]
         parser.add_argument(setting.flag, **kwargs)
     parser.add_argument("--check-config", action="store_true",
                         help="validate the configuration, print it, exit 0 (or 2 with the reason)")
@@ -98,7 +93,7 @@ def _parse(setting: Setting, raw: str, where: str) -> Any:
         raise ConfigError(f"{where}: {e}") from None
 
 
-def load(args: argparse.Namespace) -> Any:
+def load(args: argparse.Namespace) -> Config:
     """Build the Config from parsed flags and the file they name."""
     from_file = read_file(args.config) if args.config else {}
     values: dict[str, Any] = {}
@@ -106,7 +101,7 @@ def load(args: argparse.Namespace) -> Any:
         flag = getattr(args, setting.name, None) if setting.flag else None
         if flag is not None:
             raw = " ".join(flag) if isinstance(flag, list) else flag
-            values[setting.name] = _parse(setting, raw, setting.flag)
+            values[setting.name] = _parse(setting, raw, setting.flag or setting.name)
         elif setting.name in from_file:
             values[setting.name] = setting.parse(from_file[setting.name])
         else:
@@ -114,13 +109,14 @@ def load(args: argparse.Namespace) -> Any:
     return Config(config_file=args.config, **values)
 
 
-def reload(config: Any, args: argparse.Namespace) -> tuple[Any, list[str], list[str]]:
+def reload(config: Config, args: argparse.Namespace) -> tuple[Config, list[str], list[str]]:
     """Re-read the file (SIGHUP): the new config, names applied, names needing a restart.
 
     Flags still win over the file, as at start.
     """
     new = load(args)
-    applied, restart = [], []
+    applied: list[str] = []
+    restart: list[str] = []
     for setting in SETTINGS:
         if getattr(new, setting.name) != getattr(config, setting.name):
             (applied if setting.live else restart).append(f"[{setting.section}] {setting.key}")
@@ -129,7 +125,7 @@ def reload(config: Any, args: argparse.Namespace) -> tuple[Any, list[str], list[
     return Config(config_file=config.config_file, **kept), applied, restart
 
 
-def describe(config: Any) -> str:
+def describe(config: Config) -> str:
     """The effective configuration as an INI file (``--check-config``)."""
     out, section = [], None
     for setting in SETTINGS:

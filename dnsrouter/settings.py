@@ -1,13 +1,15 @@
 """Every setting, declared once: INI key, flag, type, default, help.
 
+Each setting is one field of ``Config``, its Setting in the field's metadata.
 The command line parser, the INI reader, ``--check-config`` and SIGHUP all
-work from this table, so a setting cannot exist in one place and not another.
+work from ``SETTINGS``, the fields' Settings in order, so a setting cannot
+exist in one place and not another, and Config has a real type per field.
 """
 from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 from .address import Address, parse_address
@@ -88,8 +90,11 @@ def _cpus(text: str) -> str | tuple[int, ...]:
     return cpus
 
 
-def _networks(text: str) -> tuple:
-    networks = []
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(text: str) -> tuple[IPNetwork, ...]:
+    networks: list[IPNetwork] = []
     for part in text.replace(",", " ").split():
         try:
             networks.append(ipaddress.ip_network(part, strict=False))
@@ -135,6 +140,7 @@ class Setting:
     parse: Callable[[str], Any]
     help: str
     flag: str | None = None  # the command-line flag, where there is one
+    metavar: str | None = None  # how --help writes the flag's value
     live: bool = False  # SIGHUP applies it without a restart
 
     @property
@@ -143,61 +149,104 @@ class Setting:
         return f"{self.section}_{self.key}"
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting("server", "listen", "127.0.0.1:53", _addresses,
-            "address to serve, ip:port or [ipv6]:port (repeat the flag for several)",
-            flag="--listen"),
-    Setting("server", "workers", "auto", _workers,
-            "worker processes: a number, or auto for one per usable CPU", flag="--workers"),
-    Setting("server", "user", "", _optional(_string),
-            "run as this user after binding the sockets", flag="--user"),
-    Setting("server", "pidfile", "", _optional(_string),
-            "write the supervisor's PID to this file", flag="--pidfile"),
-    Setting("server", "allow_root", "no", _bool,
-            "allow running as root on a privileged port without `user`", flag="--allow-root"),
-    Setting("server", "cpu_affinity", "auto", _cpus,
-            "pin worker K to CPU K (auto: when workers <= CPUs), off, or a list of CPUs"),
-    Setting("server", "heartbeat_timeout", "10", _positive_float,
-            "seconds a worker may stay silent before it is killed and replaced"),
-    Setting("server", "allow", "", _networks,
-            "clients allowed, as addresses or CIDR networks; empty: everyone (an authoritative "
-            "front serves the Internet)"),
-    Setting("server", "deny_action", "refuse", _deny_action,
-            "what other clients get over UDP: refuse (REFUSED) or drop; over TCP they are closed"),
-    Setting("server", "max_in_flight", "20000", _positive_int,
-            "queries a worker may have waiting for backends; beyond it new ones are dropped"),
-    Setting("server", "tcp_connections", "256", _positive_int,
-            "TCP client connections per worker; more are closed at once"),
-    Setting("server", "tcp_idle_timeout", "10", _positive_float,
-            "seconds a TCP client connection may stay idle (RFC 7766)"),
-    Setting("registry", "etcd", "http://127.0.0.1:2379", _urls,
-            "etcd endpoints, comma separated (v2 keys API)", flag="--etcd"),
-    Setting("registry", "prefix", "/dnsrouter/", _prefix,
-            "etcd key prefix of the routes", flag="--prefix"),
-    Setting("registry", "routes_dir", "", _optional(_directory),
-            "use this directory as the registry (one file per key) instead of etcd",
-            flag="--routes-dir"),
-    Setting("registry", "username", "", _optional(_string), "etcd user name"),
-    Setting("registry", "password", "", _optional(_string), "etcd password"),
-    Setting("registry", "ca_cert", "", _optional(_string), "CA bundle for https etcd"),
-    Setting("registry", "cert", "", _optional(_string), "client certificate for etcd"),
-    Setting("registry", "key", "", _optional(_string), "client key for etcd"),
-    Setting("health", "interval", "2", _positive_float,
-            "seconds between two health checks of a backend", live=True),
-    Setting("health", "timeout", "1", _positive_float,
-            "seconds a health check may take", live=True),
-    Setting("health", "fall", "3", _positive_int,
-            "failures in a row that take a backend down", live=True),
-    Setting("health", "rise", "2", _positive_int,
-            "successes in a row that bring a backend back", live=True),
-    Setting("forward", "timeout", "1", _positive_float,
-            "seconds to wait for a backend's reply before the one retry", live=True),
-    Setting("metrics", "listen", "", _optional(parse_address),
-            "serve /metrics and /routes over HTTP at ip:port", flag="--metrics", live=True),
-    Setting("log", "level", "info", _level,
-            "log level: debug, info, warning, error", flag="--log-level", live=True),
-    Setting("log", "target", "stderr", _string,
-            "where the log goes: stderr, syslog, or a file path (reopened on SIGUSR1)"),
-    Setting("log", "queries", "no", _bool,
-            "log every query (client, name, type, backend); costs nothing when off", live=True),
-)
+def _setting(section: str, key: str, default: str, parse: Callable[[str], Any], help: str, *,
+             flag: str | None = None, metavar: str | None = None, live: bool = False) -> Any:
+    """A Config field that carries its Setting: the one declaration of a setting."""
+    return field(metadata={"setting": Setting(section, key, default, parse, help, flag, metavar, live)})
+
+
+@dataclass(frozen=True)
+class Config:
+    """The effective configuration: one field per setting, named ``section_key``.
+
+    Each field's type is what its ``parse`` returns; its Setting (INI key,
+    flag, default, help) rides in the field's metadata, so adding a setting
+    is adding a field here.
+    """
+
+    server_listen: tuple[Address, ...] = _setting(
+        "server", "listen", "127.0.0.1:53", _addresses,
+        "address to serve, ip:port or [ipv6]:port (repeat the flag for several)",
+        flag="--listen", metavar="ADDR:PORT")
+    server_workers: int = _setting(
+        "server", "workers", "auto", _workers,
+        "worker processes: a number, or auto for one per usable CPU", flag="--workers", metavar="N|auto")
+    server_user: str | None = _setting(
+        "server", "user", "", _optional(_string),
+        "run as this user after binding the sockets", flag="--user", metavar="USER")
+    server_pidfile: str | None = _setting(
+        "server", "pidfile", "", _optional(_string),
+        "write the supervisor's PID to this file", flag="--pidfile", metavar="FILE")
+    server_allow_root: bool = _setting(
+        "server", "allow_root", "no", _bool,
+        "allow running as root on a privileged port without `user`", flag="--allow-root")
+    server_cpu_affinity: str | tuple[int, ...] = _setting(
+        "server", "cpu_affinity", "auto", _cpus,
+        "pin worker K to CPU K (auto: when workers <= CPUs), off, or a list of CPUs")
+    server_heartbeat_timeout: float = _setting(
+        "server", "heartbeat_timeout", "10", _positive_float,
+        "seconds a worker may stay silent before it is killed and replaced")
+    server_allow: tuple[IPNetwork, ...] = _setting(
+        "server", "allow", "", _networks,
+        "clients allowed, as addresses or CIDR networks; empty: everyone (an authoritative "
+        "front serves the Internet)")
+    server_deny_action: str = _setting(
+        "server", "deny_action", "refuse", _deny_action,
+        "what other clients get over UDP: refuse (REFUSED) or drop; over TCP they are closed")
+    server_max_in_flight: int = _setting(
+        "server", "max_in_flight", "20000", _positive_int,
+        "queries a worker may have waiting for backends; beyond it new ones are dropped")
+    server_tcp_connections: int = _setting(
+        "server", "tcp_connections", "256", _positive_int,
+        "TCP client connections per worker; more are closed at once")
+    server_tcp_idle_timeout: float = _setting(
+        "server", "tcp_idle_timeout", "10", _positive_float,
+        "seconds a TCP client connection may stay idle (RFC 7766)")
+    registry_etcd: tuple[str, ...] = _setting(
+        "registry", "etcd", "http://127.0.0.1:2379", _urls,
+        "etcd endpoints, comma separated (v2 keys API)", flag="--etcd", metavar="URL[,URL...]")
+    registry_prefix: str = _setting(
+        "registry", "prefix", "/dnsrouter/", _prefix,
+        "etcd key prefix of the routes", flag="--prefix", metavar="PATH")
+    registry_routes_dir: str | None = _setting(
+        "registry", "routes_dir", "", _optional(_directory),
+        "use this directory as the registry (one file per key) instead of etcd",
+        flag="--routes-dir", metavar="DIR")
+    registry_username: str | None = _setting("registry", "username", "", _optional(_string), "etcd user name")
+    registry_password: str | None = _setting("registry", "password", "", _optional(_string), "etcd password")
+    registry_ca_cert: str | None = _setting("registry", "ca_cert", "", _optional(_string),
+                                            "CA bundle for https etcd")
+    registry_cert: str | None = _setting("registry", "cert", "", _optional(_string),
+                                         "client certificate for etcd")
+    registry_key: str | None = _setting("registry", "key", "", _optional(_string), "client key for etcd")
+    health_interval: float = _setting(
+        "health", "interval", "2", _positive_float,
+        "seconds between two health checks of a backend", live=True)
+    health_timeout: float = _setting(
+        "health", "timeout", "1", _positive_float, "seconds a health check may take", live=True)
+    health_fall: int = _setting(
+        "health", "fall", "3", _positive_int, "failures in a row that take a backend down", live=True)
+    health_rise: int = _setting(
+        "health", "rise", "2", _positive_int, "successes in a row that bring a backend back", live=True)
+    forward_timeout: float = _setting(
+        "forward", "timeout", "1", _positive_float,
+        "seconds to wait for a backend's reply before the one retry", live=True)
+    metrics_listen: Address | None = _setting(
+        "metrics", "listen", "", _optional(parse_address),
+        "serve /metrics and /routes over HTTP at ip:port", flag="--metrics", metavar="ADDR:PORT", live=True)
+    log_level: str = _setting(
+        "log", "level", "info", _level,
+        "log level: debug, info, warning, error", flag="--log-level", metavar="LEVEL", live=True)
+    log_target: str = _setting(
+        "log", "target", "stderr", _string,
+        "where the log goes: stderr, syslog, or a file path (reopened on SIGUSR1)")
+    log_queries: bool = _setting(
+        "log", "queries", "no", _bool,
+        "log every query (client, name, type, backend); costs nothing when off", live=True)
+    # Not a setting: the file the configuration was read from, if any.
+    config_file: str | None = None
+
+
+SETTINGS: tuple[Setting, ...] = tuple(f.metadata["setting"] for f in fields(Config) if "setting" in f.metadata)
+# A field named otherwise than its setting would read another setting's value.
+assert all(f.name == f.metadata["setting"].name for f in fields(Config) if "setting" in f.metadata)

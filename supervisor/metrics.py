@@ -38,7 +38,7 @@ LABELLED_COUNTERS = {
 def _label(kind: str, label: Any) -> str:
     if kind == "responses":
         try:
-            return dns.rcode.to_text(int(label))
+            return dns.rcode.to_text(dns.rcode.Rcode.make(int(label)))
         except (ValueError, TypeError):
             return str(label)
     return str(label)

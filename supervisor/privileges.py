@@ -4,12 +4,11 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-from typing import Any
-
 from dnsrouter.errors import ConfigError
+from dnsrouter.settings import Config
 
 
-def check(config: Any) -> None:
+def check(config: Config) -> None:
     """Refuse root on a privileged port unless told to: it is what `user` is for.
 
     Root on an unprivileged port (a test, a demo) is allowed: nothing needed
