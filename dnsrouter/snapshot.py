@@ -20,14 +20,12 @@ class Snapshot:
     version: int
     routes: tuple[Route, ...] = ()
     down: frozenset[Address] = field(default_factory=frozenset)
-    created: float = 0.0  # supervisor's time.time() when made, for convergence figures
     # The routes as they came over the wire, to recognise them in the next snapshot.
     routes_wire: bytes = field(default=b"", compare=False, repr=False)
 
     def to_wire(self) -> bytes:
-        """Two JSON lines: version, time and health; then the routes."""
-        head = {"version": self.version, "created": self.created,
-                "down": sorted(str(b) for b in self.down)}
+        """Two JSON lines: version and health; then the routes."""
+        head = {"version": self.version, "down": sorted(str(b) for b in self.down)}
         routes = [[r.pattern, [str(b) for b in r.backends]] for r in self.routes]
         return (json.dumps(head, separators=(",", ":")) + "\n"
                 + json.dumps(routes, separators=(",", ":"))).encode()
@@ -49,7 +47,7 @@ class Snapshot:
             else:
                 routes = tuple(Route(str(p), tuple(parse_address(b) for b in backends))
                                for p, backends in json.loads(routes_wire))
-            return cls(version=int(obj["version"]), created=float(obj["created"]), routes=routes,
+            return cls(version=int(obj["version"]), routes=routes,
                        down=frozenset(parse_address(b) for b in obj["down"]), routes_wire=routes_wire)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise SnapshotError(f"snapshot does not decode: {e}") from None

@@ -19,9 +19,9 @@ from typing import Any, Callable
 import setproctitle
 
 from dnsrouter import control, logs
-from dnsrouter.errors import ConfigError
-
 from dnsrouter.address import parse_address
+from dnsrouter.errors import ConfigError
+from dnsrouter.settings import Config
 
 from . import privileges, sockets, workerset
 from .health import HealthChecker, HealthSettings
@@ -34,6 +34,9 @@ log = logging.getLogger("dnsrouter.supervisor")
 RESPAWN_BACKOFF_MAX = 5.0
 YOUNG = 2.0  # seconds of serving after which a worker's death is not a crash loop
 FIRST_ROUTES_WAIT = 10.0  # seconds at most that workers wait for the registry and first checks
+# A worker reports the snapshot it serves once a REPORT_INTERVAL: one still on
+# an older one this long after a publish did not apply it.
+APPLY_WAIT = 3 * control.REPORT_INTERVAL
 
 
 class BootError(Exception):
@@ -43,8 +46,9 @@ class BootError(Exception):
 class Supervisor:
     SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1")
 
-    def __init__(self, config: Any, worker_main: Callable, registry: Registry,
-                 reload_config: Callable[[], Any] | None = None) -> None:
+    def __init__(self, config: Config, worker_main: Callable[[control.WorkerSpec, Any], None],
+                 registry: Registry,
+                 reload_config: Callable[[], tuple[Config, list[str], list[str]]] | None = None) -> None:
         self.config = config
         self.worker_main = worker_main
         self.registry = registry
@@ -62,20 +66,24 @@ class Supervisor:
         self.restarts = 0
         self.cpus = workerset.usable_cpus()
         self._wire = self.table.snapshot().to_wire()  # empty until the registry speaks
-        self.health = HealthChecker(self._health_settings(config), lambda up: self.post("up", up))
+        self.health = HealthChecker(self._health_settings(config), lambda up, checked: self.post("health", (up, checked)))
         self.metrics = Metrics(self._metrics_state, control.LATENCY_BUCKETS)
         self.loaded = False  # the registry has published at least once
+        # Backends whose first check the loop has taken in: the health thread's
+        # own states run ahead of the "health" news still in the queue.
+        self.checked: frozenset = frozenset()
         # Workers get their first routes once the registry has loaded and every
         # backend had its first check: a router (re)starting under load must not
         # answer SERVFAIL for want of a check. Queries wait in the sockets
         # meanwhile. Bounded, for a registry that cannot be reached at start.
         self.serving = False
         self._serve_by = time.monotonic() + FIRST_ROUTES_WAIT
+        self._published_at = time.monotonic()
         self._metrics_address = None
         self._pidfile: str | None = None
 
     @staticmethod
-    def _health_settings(config: Any) -> HealthSettings:
+    def _health_settings(config: Config) -> HealthSettings:
         return HealthSettings(config.health_interval, config.health_timeout,
                               config.health_fall, config.health_rise)
 
@@ -217,7 +225,6 @@ class Supervisor:
                                            "log_queries": config.log_queries})
         log.info("reloaded %s: applied %s%s", config.config_file, ", ".join(applied) or "nothing new",
                  f"; needs a restart: {', '.join(restart)}" if restart else "")
-        self.events.put(("config", config))
 
     # -- news from the registry and health threads -----------------------------------
     def _drain_events(self) -> None:
@@ -239,13 +246,15 @@ class Supervisor:
                 return False
             self.health.set_backends(self.table.backends)
             return True
-        if kind == "up":
-            return self.table.set_up(payload)
+        if kind == "health":
+            up, self.checked = payload
+            return self.table.set_up(up)
         return False
 
     def publish(self) -> None:
         snapshot = self.table.snapshot()
         self._wire = snapshot.to_wire()
+        self._published_at = time.monotonic()
         self._send_routes(self.workers.values())
         log.info("routes version %d: %d routes, %d backends, %d down, %d invalid values",
                  snapshot.version, len(snapshot.routes), len(self.table.backends),
@@ -259,11 +268,11 @@ class Supervisor:
     def _serve_when_ready(self) -> None:
         if self.serving:
             return
-        states = self.health.states
-        checked = self.loaded and all(b in states and states[b].checked for b in self.table.backends)
+        checked = self.loaded and self.table.backends <= self.checked
         if not checked and time.monotonic() < self._serve_by:
             return
         self.serving = True
+        self._published_at = time.monotonic()
         self._send_routes(self.workers.values())
         log.log(logging.INFO if checked else logging.WARNING, "serving routes version %d%s", self.table.version,
                 "" if checked else f" without waiting longer for the registry and first checks "
@@ -312,6 +321,9 @@ class Supervisor:
             return False, "no routes loaded from the registry yet"
         if not self.serving:
             return False, "waiting for the first health checks"
+        behind = [i for i, h in sorted(self.workers.items()) if h.version != self.table.version]
+        if behind and time.monotonic() - self._published_at > APPLY_WAIT:
+            return False, f"workers not on routes version {self.table.version}: {behind}"
         return True, f"ok: {len(self.workers)} workers, routes version {self.table.version}"
 
     # -- workers -------------------------------------------------------------------
@@ -403,6 +415,7 @@ class Supervisor:
                 if handle.process.sentinel in ready:
                     self._reap(handle)
         self.kill_all()
+        self.health.stop()
         if self._pidfile:
             try:
                 os.unlink(self._pidfile)

@@ -52,8 +52,11 @@ def health_query() -> dns.message.Message:
 
 
 class HealthChecker:
-    def __init__(self, settings: HealthSettings, on_change: Callable[[frozenset[Address]], None]) -> None:
-        # on_change gets the set of backends that are up, from the health thread.
+    def __init__(self, settings: HealthSettings,
+                 on_change: Callable[[frozenset[Address], frozenset[Address]], None]) -> None:
+        # on_change gets the backends that are up and those that have had
+        # their first check, from the health thread, in one call: a reader that
+        # saw one without the other could serve a checked backend as down.
         self.settings = settings
         self.states: dict[Address, BackendState] = {}
         self._on_change = on_change
@@ -67,6 +70,7 @@ class HealthChecker:
         self._thread.start()
 
     def stop(self) -> None:
+        """No more checks (the supervisor is stopping)."""
         self._loop.call_soon_threadsafe(self._loop.stop)
 
     def set_backends(self, backends: Iterable[Address]) -> None:
@@ -82,6 +86,9 @@ class HealthChecker:
 
     def up(self) -> frozenset[Address]:
         return frozenset(b for b, s in list(self.states.items()) if s.up)
+
+    def checked(self) -> frozenset[Address]:
+        return frozenset(b for b, s in list(self.states.items()) if s.checked)
 
     # -- the health thread ----------------------------------------------------
     def _configure(self, settings: HealthSettings) -> None:
@@ -141,7 +148,7 @@ class HealthChecker:
             elif first:
                 state.reason = reason
                 log.warning("backend %s: new -> down (%s)", backend, reason)
-                self._on_change(self.up())  # no change, but the supervisor waits for first checks
+                self._on_change(self.up(), self.checked())  # not up, but checked: the supervisor waits for that
 
     def _passive(self, backend: Address, streak: int) -> None:
         state = self.states.get(backend)
@@ -154,4 +161,4 @@ class HealthChecker:
         # Losing a backend is news for the operator; gaining one is routine.
         log.log(logging.INFO if up else logging.WARNING, "backend %s: %s -> %s (%s)",
                 backend, old, "up" if up else "down", reason)
-        self._on_change(self.up())
+        self._on_change(self.up(), self.checked())

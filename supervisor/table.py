@@ -16,14 +16,13 @@ log = logging.getLogger("dnsrouter.routes")
 
 
 class RouteTable:
-    """The supervisor's view: records by key, what parsed, who is down.
+    """The supervisor's view: the routes that parsed, what did not, who is down.
 
     Values are parsed once per (key, value): a registry that republishes its
     whole set costs a dict look-up per unchanged key.
     """
 
     def __init__(self) -> None:
-        self.records: tuple[Record, ...] = ()
         self.routes: tuple[Route, ...] = ()
         self.up: frozenset[Address] = frozenset()  # what health checks vouch for
         self.invalid: dict[str, str] = {}  # key -> reason, for metrics and `list`
@@ -52,7 +51,6 @@ class RouteTable:
             else:
                 values.append((record.order, result))
         self._parsed = parsed
-        self.records = tuple(records)
         self.invalid = invalid
         routes = build_routes(values)
         if routes == self.routes:
@@ -79,4 +77,4 @@ class RouteTable:
         """A new version of the table, for the workers."""
         self.version += 1
         self.updated = time.time()
-        return Snapshot(self.version, self.routes, self.down, self.updated)
+        return Snapshot(self.version, self.routes, self.down)

@@ -31,11 +31,10 @@ class WorkerHandle:
                                          name=f"dnsrouter worker {spec.index}")
         self.process.start()
         child.close()  # so the worker sees EOF when we are gone, and we when it is
-        self.started = self.last_seen = time.monotonic()
+        self.last_seen = time.monotonic()  # of its last message: the heartbeat
         self.ready = False
         self.ready_at = 0.0
-        self.version = -1
-        self.stopping = False
+        self.version = -1  # of the snapshot it serves, as its READY and REPORTs say
         self._outbox: list[tuple[str, object]] = []
         self._cond = threading.Condition()
         self._closed = False

@@ -31,7 +31,6 @@ def test_set_records_groups_and_orders():
         Route(r"^a\.example\.$", (C, A, D)),
         Route(r"example\.$", (B,)),
     )
-    assert table.records == tuple(RECORDS)
     assert table.backends == frozenset({A, B, C, D})
 
 
@@ -103,7 +102,6 @@ def test_health_verdict_sets_snapshot_down():
     second = table.snapshot()
     assert second.down == frozenset()
     assert second.version > first.version
-    assert second.created >= first.created > 0
     assert table.set_up({B, C, D}) is True
     third = table.snapshot()
     assert third.down == frozenset({A})
