@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 CACHE_SIZE = 65536
 
 
-def make(networks: Sequence) -> Callable[[str], bool] | None:
+def make(networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> Callable[[str], bool] | None:
     """A test ``allowed(ip)``, or None when everyone is allowed (no cost at all)."""
     if not networks:
         return None

@@ -14,6 +14,7 @@ from dnsrouter.routes import Matcher
 from dnsrouter.snapshot import Snapshot
 
 from .stats import Stats, observe_latency
+from .types import Client, Counts, Outbox
 from .upstream import Pending, RandomIds, Upstream
 from . import mmsg, tcp_fetch
 
@@ -86,8 +87,8 @@ class Forwarder:
         return sum(len(u.pending) for u in self._all_upstreams())
 
     # -- the packet path -------------------------------------------------
-    def handle(self, data: bytes, addr: bytes | None, client, counts, tcp: bool = False,
-               outbox: mmsg.Outbox | None = None) -> None:
+    def handle(self, data: bytes, addr: bytes | None, client: Client, counts: Counts, tcp: bool = False,
+               outbox: Outbox | None = None) -> None:
         """One query from a client (``addr``: its raw address, None over TCP);
         what it sends goes with ``outbox`` if given, else at once. Never raises."""
         try:
@@ -96,7 +97,8 @@ class Forwarder:
             counts["dropped", "error"] += 1
             log.exception("query handling failed")
 
-    def _handle(self, data: bytes, addr, client, counts, tcp: bool, outbox) -> None:
+    def _handle(self, data: bytes, addr: bytes | None, client: Client, counts: Counts, tcp: bool,
+                outbox: Outbox | None) -> None:
         if len(data) < 12:
             counts["dropped", "short"] += 1
             return
@@ -137,7 +139,7 @@ class Forwarder:
         entry = Pending(client, addr, query, lower, pool, pool.next(), strip_opt, tcp)
         self._send(entry, counts, outbox)
 
-    def _send(self, entry: Pending, counts, outbox=None) -> None:
+    def _send(self, entry: Pending, counts: Counts, outbox: Outbox | None = None) -> None:
         family = entry.backend.family
         pool = self.upstreams.get(family) or self._family(family)
         # A batch's queries leave together, from one socket picked per batch.
@@ -147,13 +149,14 @@ class Forwarder:
             return
         counts["backend_queries", entry.backend] += 1
 
-    def _answer(self, data: bytes, rcode: int, question, end: int, addr, client, counts, outbox) -> None:
+    def _answer(self, data: bytes, rcode: int, question: tuple[bytes, int, int] | None, end: int,
+                addr: bytes | None, client: Client, counts: Counts, outbox: Outbox | None) -> None:
         edns = bool(end) and wire.has_opt(data, end)
         counts["responses", rcode] += 1
         client.send(wire.make_answer(data, rcode, question, edns), addr, outbox)
 
     # -- replies and timeouts ----------------------------------------------
-    def _on_reply(self, entry: Pending, data: bytes, counts, outbox: mmsg.Outbox) -> None:
+    def _on_reply(self, entry: Pending, data: bytes, counts: Counts, outbox: Outbox) -> None:
         self.answered[entry.backend] = entry.sent
         observe_latency(counts, time.monotonic() - entry.sent)
         if entry.tcp and data[2] & 0x02:  # TC: fetch it whole over TCP, off this thread
@@ -161,7 +164,7 @@ class Forwarder:
             return
         self._relay(entry, data, counts, outbox)
 
-    def _relay(self, entry: Pending, data: bytes, counts, outbox: mmsg.Outbox | None = None) -> None:
+    def _relay(self, entry: Pending, data: bytes, counts: Counts, outbox: Outbox | None = None) -> None:
         """The backend's reply to the client: its own bytes, the client's ID."""
         reply = entry.query[:2] + data[2:]  # the client's ID back
         if entry.strip_opt:
@@ -195,7 +198,7 @@ class Forwarder:
                 for entry in upstream.expired(sent_before):
                     self._expired(entry, counts)
 
-    def _expired(self, entry: Pending, counts) -> None:
+    def _expired(self, entry: Pending, counts: Counts) -> None:
         counts["backend_timeouts", entry.backend] += 1
         if self.answered.get(entry.backend, 0.0) > entry.sent:
             self.streaks[entry.backend] = 0  # it answered later queries: alive
@@ -210,7 +213,7 @@ class Forwarder:
                 return self._send(entry, counts)
         self._servfail(entry, counts)
 
-    def _servfail(self, entry: Pending, counts) -> None:
+    def _servfail(self, entry: Pending, counts: Counts) -> None:
         qname, qtype, qclass, end = wire.parse_question(entry.query)
         # An OPT the router added for a TCP client is not the client's EDNS.
         edns = not entry.strip_opt and wire.has_opt(entry.query, end)

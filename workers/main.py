@@ -14,6 +14,9 @@ import signal
 import socket
 import threading
 import time
+from multiprocessing.connection import Connection
+from types import FrameType
+from typing import Any, NoReturn, TypeAlias
 
 import setproctitle
 
@@ -26,6 +29,11 @@ from .forwarder import Forwarder
 from .stats import Stats
 
 log = logging.getLogger("dnsrouter.worker")
+
+# The pipe to the supervisor carries (tag, payload) both ways (dnsrouter.control).
+# Any: a payload's type depends on its tag (bytes, a dict of settings, None).
+# A string: Connection is generic to type checkers only.
+_Pipe: TypeAlias = "Connection[tuple[str, object], tuple[str, Any]]"
 
 
 class _Stop(Exception):
@@ -54,7 +62,7 @@ def _die_with_parent() -> None:
 
 
 class Worker:
-    def __init__(self, spec: control.WorkerSpec, conn) -> None:
+    def __init__(self, spec: control.WorkerSpec, conn: _Pipe) -> None:
         self.spec = spec
         self.conn = conn
         self.send_lock = threading.Lock()
@@ -66,7 +74,7 @@ class Worker:
         self.snapshot: Snapshot | None = None
         self.udp_threads: list[threading.Thread] = []
 
-    def send(self, tag: str, payload) -> None:
+    def send(self, tag: str, payload: object) -> None:
         with self.send_lock:
             try:
                 self.conn.send((tag, payload))
@@ -79,8 +87,7 @@ class Worker:
     def _reporter(self) -> None:
         while not self.stopping.is_set():
             time.sleep(control.REPORT_INTERVAL)
-            self.send(control.REPORT, {"delta": self.stats.delta(), "version": self.forwarder.version,
-                                       "in_flight": self.forwarder.in_flight()})
+            self.send(control.REPORT, {"delta": self.stats.delta(), "version": self.forwarder.version})
 
     def boot(self) -> None:
         spec = self.spec
@@ -150,16 +157,16 @@ class Worker:
             thread.join(max(0.0, deadline - time.monotonic()))
         while self.forwarder.in_flight() and time.monotonic() < deadline:
             time.sleep(0.01)
-        self.send(control.REPORT, {"delta": self.stats.delta(), "version": self.forwarder.version,
-                                   "in_flight": self.forwarder.in_flight()})
+        self.send(control.REPORT, {"delta": self.stats.delta(), "version": self.forwarder.version})
 
 
-def run(spec: control.WorkerSpec, conn) -> None:
-    """The worker's entry point (the target of its Process)."""
+def run(spec: control.WorkerSpec, conn: _Pipe) -> NoReturn:
+    """The worker's entry point (the target of its Process); exits with a
+    ``control.EXIT_*`` code."""
     logs.setup(spec.log_target, spec.log_level, f"worker {spec.index}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C reaches the whole group; the supervisor decides
 
-    def on_term(signum, frame):
+    def on_term(signum: int, frame: FrameType | None) -> NoReturn:
         raise _Stop
 
     signal.signal(signal.SIGTERM, on_term)

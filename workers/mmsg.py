@@ -176,7 +176,16 @@ def send(fd: int, payload: bytes, name: bytes) -> None:
     _sendto(fd, payload, len(payload), 0, name, len(name))
 
 
-@functools.lru_cache(maxsize=None)
+# Cached: raw_address runs for every query sent and peer_key for every reply,
+# and a hit costs a dict look-up where packing costs several calls. Bounded:
+# backends come and go with their registrations, and an unbounded cache keeps
+# every one the worker ever saw. 4096 is far above any live backend count, so
+# the live ones stay cached; a hit still costs O(1) (a look-up and a move to
+# the front of the LRU list).
+_BACKENDS_CACHED = 4096
+
+
+@functools.lru_cache(maxsize=_BACKENDS_CACHED)
 def raw_address(address: Address) -> bytes:
     """``address`` as a ``struct sockaddr``, the form the kernel reports peers in."""
     if address.family == socket.AF_INET6:
@@ -186,7 +195,7 @@ def raw_address(address: Address) -> bytes:
         socket.inet_pton(socket.AF_INET, address.host) + bytes(8)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=_BACKENDS_CACHED)
 def peer_key(address: Address) -> bytes:
     """The part of a raw peer address that names the backend: family, port
     and IP (an IPv6 scope or flow label aside)."""

@@ -12,38 +12,43 @@ from collections import Counter, defaultdict
 
 from dnsrouter.control import LATENCY_BUCKETS
 
+from .types import CountKey, Counts
+
 
 class Stats:
     def __init__(self) -> None:
-        self._threads: list[defaultdict] = []
+        self._threads: list[Counts] = []
         self._lock = threading.Lock()  # taken per thread start, never per packet
-        self._last: Counter = Counter()
-        self._retired: Counter = Counter()  # counts of threads that have ended
+        # Counter's values are typed int; the one float count (latency_sum) sums alike.
+        self._last: Counter[CountKey] = Counter()
+        self._retired: Counter[CountKey] = Counter()  # counts of threads that have ended
 
-    def for_thread(self) -> defaultdict:
-        counts: defaultdict = defaultdict(int)
+    def for_thread(self) -> Counts:
+        """A new thread's own counts, summed into every report from now on."""
+        counts: Counts = defaultdict(int)
         with self._lock:
             self._threads.append(counts)
         return counts
 
-    def release(self, counts: defaultdict) -> None:
+    def release(self, counts: Counts) -> None:
         """A short-lived thread is done counting: keep its counts, drop its dict."""
         with self._lock:
             self._threads.remove(counts)
             self._retired.update(counts)
 
-    def delta(self) -> dict:
+    def delta(self) -> dict[CountKey, float]:
         """Counts since the previous call, as {(name, label): n}."""
         with self._lock:
             copies = [dict(c) for c in self._threads]
             total = Counter(self._retired)
         for copy in copies:
             total.update(copy)
-        delta = {k: v - self._last.get(k, 0) for k, v in total.items() if v != self._last.get(k, 0)}
+        delta: dict[CountKey, float] = {k: v - self._last.get(k, 0) for k, v in total.items()
+                                        if v != self._last.get(k, 0)}
         self._last = total
         return delta
 
 
-def observe_latency(counts: defaultdict, seconds: float) -> None:
+def observe_latency(counts: Counts, seconds: float) -> None:
     counts["latency_bucket", bisect_left(LATENCY_BUCKETS, seconds)] += 1
     counts["latency_sum", ""] += seconds

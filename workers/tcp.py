@@ -14,6 +14,9 @@ import threading
 import time
 
 from . import mmsg
+from .forwarder import Forwarder
+from .stats import Stats
+from .types import Outbox
 
 
 class TcpClient:
@@ -24,7 +27,8 @@ class TcpClient:
         self.lock = threading.Lock()
         self.outstanding = 0  # queries read and not yet answered (approximate)
 
-    def send(self, data: bytes, addr=None, outbox=None) -> None:
+    def send(self, data: bytes, addr: bytes | None = None, outbox: Outbox | None = None) -> None:
+        """Framed and written now (``addr`` and ``outbox`` are for datagrams); lost if the client left."""
         with self.lock:
             self.outstanding -= 1
             try:
@@ -44,7 +48,7 @@ def _kernel_timeouts(conn: socket.socket, seconds: float) -> None:
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
-def _connection(conn: socket.socket, forwarder, stats, idle: float, grace: float,
+def _connection(conn: socket.socket, forwarder: Forwarder, stats: Stats, idle: float, grace: float,
                 slots: threading.BoundedSemaphore) -> None:
     counts = stats.for_thread()
     client = TcpClient(conn)
@@ -106,7 +110,7 @@ def _connection(conn: socket.socket, forwarder, stats, idle: float, grace: float
         stats.release(counts)
 
 
-def serve(listener: socket.socket, forwarder, stats, stopping: threading.Event,
+def serve(listener: socket.socket, forwarder: Forwarder, stats: Stats, stopping: threading.Event,
           max_connections: int, idle: float) -> None:
     """Accept connections until the listener is shut down."""
     counts = stats.for_thread()

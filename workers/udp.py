@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import errno
 import socket
+import threading
 
 from . import mmsg
+from .forwarder import Forwarder
+from .types import Counts, Outbox
 
 
 class UdpClient:
@@ -15,15 +18,16 @@ class UdpClient:
     def __init__(self, sock: socket.socket) -> None:
         self.fd = sock.fileno()
 
-    def send(self, data: bytes, addr: bytes, outbox: mmsg.Outbox | None = None) -> None:
+    def send(self, data: bytes, addr: bytes | None, outbox: Outbox | None = None) -> None:
         """To the client at raw address ``addr``: with the batch, or now."""
+        assert addr is not None  # a datagram always has its sender; only TCP clients have None
         if outbox is None:
             mmsg.send(self.fd, data, addr)
         else:
             outbox.add(self.fd, data, addr)
 
 
-def serve(sock: socket.socket, forwarder, counts, stopping) -> None:
+def serve(sock: socket.socket, forwarder: Forwarder, counts: Counts, stopping: threading.Event) -> None:
     """Forward every datagram of ``sock`` until the socket is shut down."""
     receive = mmsg.Receiver(sock).receive
     handle = forwarder.handle

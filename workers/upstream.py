@@ -14,17 +14,16 @@ of thousands of queries a second).
 from __future__ import annotations
 
 import array
-import logging
 import os
 import socket
 import time
-from typing import Callable
+from typing import Callable, Iterator, TypeAlias
 
 from dnsrouter.address import Address
+from dnsrouter.routes import Pool
 
 from . import mmsg
-
-log = logging.getLogger("dnsrouter.worker")
+from .types import Client, Counts, Outbox
 
 MAX_IN_FLIGHT = 60_000  # per upstream socket at most; of 65,536 IDs, keep some free
 
@@ -35,10 +34,10 @@ class Pending:
     __slots__ = ("client", "addr", "query", "question", "pool",
                  "backend", "retried", "strip_opt", "sent", "tcp")
 
-    def __init__(self, client, addr, query: bytes, question: bytes,
-                 pool, backend: Address, strip_opt: bool, tcp: bool) -> None:
-        self.client = client  # has .send(data, addr, outbox)
-        self.addr = addr
+    def __init__(self, client: Client, addr: bytes | None, query: bytes, question: bytes,
+                 pool: Pool, backend: Address, strip_opt: bool, tcp: bool) -> None:
+        self.client = client
+        self.addr = addr  # the client's raw address; None over TCP
         self.query = query  # with the client's ID: only the sent copy carries ours
         self.question = question  # wire bytes of the question, to check the reply
         self.pool = pool
@@ -53,7 +52,7 @@ class RandomIds:
     """Unpredictable 16-bit IDs, drawn from the kernel in batches."""
 
     def __init__(self) -> None:
-        self._it = iter(())
+        self._it: Iterator[int] = iter(())
 
     def next(self) -> int:
         try:
@@ -63,10 +62,15 @@ class RandomIds:
             return next(self._it)
 
 
+# What to do with a valid reply, on the receiving socket's thread: (entry,
+# reply, that thread's counts, the outbox of its batch).
+OnReply: TypeAlias = Callable[[Pending, bytes, Counts, Outbox], None]
+
+
 class Upstream:
     """One UDP socket towards the backends of one address family."""
 
-    def __init__(self, family: int, on_reply: Callable, counts: dict, limit: int = MAX_IN_FLIGHT) -> None:
+    def __init__(self, family: int, on_reply: OnReply, counts: Counts, limit: int = MAX_IN_FLIGHT) -> None:
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         # Port 0: the kernel picks a random ephemeral port.
@@ -74,11 +78,11 @@ class Upstream:
         self.fd = self.sock.fileno()
         self.pending: dict[int, Pending] = {}
         self._ids = RandomIds()
-        self._on_reply = on_reply  # (entry, reply, counts), on this socket's thread
+        self._on_reply = on_reply
         self.counts = counts  # this socket's thread counts here
         self.limit = min(limit, MAX_IN_FLIGHT)
 
-    def send(self, entry: Pending, outbox: mmsg.Outbox | None = None) -> bool:
+    def send(self, entry: Pending, outbox: Outbox | None = None) -> bool:
         """Send ``entry.query`` to ``entry.backend``, with the batch or now;
         False when too busy."""
         pending = self.pending
