@@ -9,17 +9,6 @@ from . import logs
 from .errors import ConfigError
 
 
-def make_registry(config):
-    if config.registry_routes_dir:
-        from .supervisor.registry.files import FileRegistry
-        return FileRegistry(config.registry_routes_dir)
-    from .supervisor.registry.etcd import EtcdRegistry
-    return EtcdRegistry(list(config.registry_etcd), config.registry_prefix,
-                        username=config.registry_username, password=config.registry_password,
-                        ca_cert=config.registry_ca_cert, cert=config.registry_cert,
-                        key=config.registry_key)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = configuration.build_parser()
     args = parser.parse_args(argv)
@@ -29,6 +18,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dnsrouter: {e}", file=sys.stderr)
         return 2
     if args.check_config:
+        if config.server_user:
+            from .supervisor.privileges import check_user
+            try:
+                check_user(config.server_user)
+            except ConfigError as e:
+                print(f"dnsrouter: {e}", file=sys.stderr)
+                return 2
         sys.stdout.write(configuration.describe(config))
         return 0
     try:
@@ -38,13 +34,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from .supervisor.arbiter import Supervisor
+    from .supervisor.registry import open_registry
     from .workers import run as worker_main
 
-    def reload():
+    def reload() -> tuple[configuration.Config, list[str], list[str]]:
         return configuration.reload(supervisor.config, args)
 
-    supervisor = Supervisor(config, worker_main, make_registry(config), reload)
     try:
+        supervisor = Supervisor(config, worker_main, open_registry(config), reload)
         return supervisor.run()
     except ConfigError as e:
         logging.getLogger("dnsrouter").error("%s", e)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import setproctitle
 
 from dnsrouter import control, logs
-from dnsrouter.address import parse_address
+from dnsrouter.address import Address, parse_address
 from dnsrouter.errors import ConfigError
 from dnsrouter.settings import Config
 
@@ -79,7 +79,7 @@ class Supervisor:
         self.serving = False
         self._serve_by = time.monotonic() + FIRST_ROUTES_WAIT
         self._published_at = time.monotonic()
-        self._metrics_address = None
+        self._metrics_address: Address | None = None
         self._pidfile: str | None = None
 
     @staticmethod
@@ -107,6 +107,8 @@ class Supervisor:
     def run(self) -> int:
         setproctitle.setproctitle("dnsrouter: supervisor")
         privileges.check(self.config)
+        if self.config.server_user:
+            privileges.check_user(self.config.server_user)
         self.sockets = sockets.bind(self.config.server_listen, self.config.server_workers)
         self._serve_metrics()
         if self.config.server_pidfile:
@@ -150,10 +152,11 @@ class Supervisor:
 
     def _cpu(self, index: int) -> int | None:
         setting = self.config.server_cpu_affinity
-        if setting == "off" or (setting == "auto" and self.config.server_workers > len(self.cpus)):
-            return None  # more workers than CPUs: let the scheduler place them
-        cpus = self.cpus if setting == "auto" else setting
-        return cpus[index % len(cpus)]
+        if isinstance(setting, tuple):
+            return setting[index % len(setting)]
+        if setting == "off" or self.config.server_workers > len(self.cpus):
+            return None  # auto, with more workers than CPUs: let the scheduler place them
+        return self.cpus[index % len(self.cpus)]
 
     def _write_pidfile(self, path: str) -> None:
         try:

@@ -170,7 +170,7 @@ def test_cluster_member_killed_still_delivers_changes(router, knots, split_zone)
 
 
 def ctl(etcd, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dnsrouter.ctl", "--etcd", etcd.url, *args],
+    return subprocess.run([sys.executable, "-m", "dnsrouter.supervisor.ctl", "--etcd", etcd.url, *args],
                           capture_output=True, text=True, timeout=30, cwd="/")
 
 
@@ -191,7 +191,7 @@ def test_dnsrouterctl_register_list_which_deregister(router, etcd, knots, split_
     which = ctl(etcd, "which", name.upper())
     assert which.returncode == 0 and f"-> {knots[0].addr}" in which.stdout
     assert ctl(etcd, "which", "www.example.org").returncode == 1
-    routes = subprocess.run([sys.executable, "-m", "dnsrouter.ctl", "--metrics", r.metrics[7:], "routes"],
+    routes = subprocess.run([sys.executable, "-m", "dnsrouter.supervisor.ctl", "--metrics", r.metrics[7:], "routes"],
                             capture_output=True, text=True, timeout=30, cwd="/")
     assert f"{knots[0].addr} (up)" in routes.stdout and "invalid key broken" in routes.stdout
     assert ctl(etcd, "deregister", key).returncode == 0
@@ -200,7 +200,7 @@ def test_dnsrouterctl_register_list_which_deregister(router, etcd, knots, split_
 
 
 def test_dnsrouterctl_keepalive_refreshes_until_stopped(etcd):
-    proc = subprocess.Popen([sys.executable, "-m", "dnsrouter.ctl", "--etcd", etcd.url, "register",
+    proc = subprocess.Popen([sys.executable, "-m", "dnsrouter.supervisor.ctl", "--etcd", etcd.url, "register",
                              "127.0.0.1:5300", r"\.ka\.$", "--ttl", "1", "--keepalive"],
                             stdout=subprocess.PIPE, text=True, cwd="/")
     try:

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+
+from dnsrouter.errors import ConfigError, DNSRouterError
+from dnsrouter.settings import Config
+
+if TYPE_CHECKING:
+    from .etcd import EtcdRegistry
+    from .files import FileRegistry
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,25 @@ class Record:
 Publish = Callable[[Sequence[Record]], None]
 
 
+class RegistryError(DNSRouterError):
+    """the registry cannot be used"""
+
+
 class Registry(Protocol):
     def run(self, publish: Publish, stop: threading.Event) -> None:
         """Publish the records until ``stop`` is set; never raise."""
+
+
+def open_registry(config: Config) -> "FileRegistry | EtcdRegistry":
+    """The registry the configuration names: a routes directory, or etcd."""
+    if config.registry_routes_dir:
+        from .files import FileRegistry
+        return FileRegistry(config.registry_routes_dir)
+    from .etcd import EtcdRegistry  # imports python-etcd: only when etcd is used
+    try:
+        return EtcdRegistry(list(config.registry_etcd), config.registry_prefix,
+                            username=config.registry_username, password=config.registry_password,
+                            ca_cert=config.registry_ca_cert, cert=config.registry_cert,
+                            key=config.registry_key)
+    except ValueError as e:  # credentials or certificates that do not go together
+        raise ConfigError(f"[registry]: {e}") from None

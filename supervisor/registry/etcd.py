@@ -28,12 +28,14 @@ import logging
 import random
 import threading
 import urllib.parse
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import etcd
 import urllib3
 
-from . import Publish, Record
+from . import Publish, Record, RegistryError
+
+T = TypeVar("T")
 
 log = logging.getLogger("dnsrouter.registry.etcd")
 
@@ -204,6 +206,52 @@ class EtcdRegistry:
         """The current table, in registration order."""
         return tuple(sorted(self._table.values(), key=lambda r: (r.order, r.key)))
 
+    # -- one-off operations (dnsrouterctl), on the same clients -----------
+
+    def read(self) -> tuple[Record, ...]:
+        """The records under the prefix now, in registration order."""
+        self._call(lambda client: self._read_all())
+        return self._records()
+
+    def put(self, name: str, value: str, ttl: Optional[int] = None) -> None:
+        """Write the key ``name`` under the prefix (with a TTL in seconds)."""
+        self._call(lambda client: client.write(self._base + name, value, ttl=ttl))
+
+    def refresh(self, name: str, ttl: int) -> bool:
+        """Renew the key's TTL; False when it has expired meanwhile."""
+        try:
+            self._call(lambda client: client.refresh(self._base + name, ttl=ttl))
+        except etcd.EtcdKeyNotFound:
+            return False
+        return True
+
+    def delete(self, name: str) -> bool:
+        """Remove the key; False when there was none."""
+        try:
+            self._call(lambda client: client.delete(self._base + name))
+        except etcd.EtcdKeyNotFound:
+            return False
+        return True
+
+    def _call(self, operation: Callable[[_Client], T]) -> T:
+        """``operation`` on each endpoint in turn until one answers.
+
+        EtcdKeyNotFound passes through (the caller decides what it means);
+        every other failure becomes one RegistryError that says where and why.
+        """
+        error: Exception = RegistryError("no endpoint")
+        for _ in self._endpoints:
+            try:
+                return operation(self._client())
+            except etcd.EtcdKeyNotFound:
+                raise
+            except etcd.EtcdConnectionFailed as e:  # this member is away: the next one
+                error = e
+                self._current = (self._current + 1) % len(self._endpoints)
+            except etcd.EtcdException as e:  # it answered, and said no
+                raise RegistryError(f"etcd at {self.urls[self._current]}: {_reason(e)}") from None
+        raise RegistryError(f"etcd at {', '.join(self.urls)}: {_reason(error)}")
+
     # -- talking to etcd --------------------------------------------------
 
     def _client(self) -> _Client:
@@ -299,5 +347,14 @@ def _parse_url(url: str) -> tuple[str, str, int, str]:
 
 
 def _reason(e: BaseException) -> str:
-    cause = getattr(e, "cause", None)  # python-etcd keeps the urllib3 error here
-    return str(cause or e) or type(e).__name__
+    """What went wrong, in words, without the libraries' object reprs."""
+    # python-etcd keeps urllib3's error in .cause; the system's error (refused,
+    # unreachable, timed out) is at the end of urllib3's chain.
+    seen: Optional[BaseException] = getattr(e, "cause", None) or e
+    while seen is not None:
+        if isinstance(seen, TimeoutError) or type(seen).__name__.endswith("TimeoutError"):
+            return "timed out"
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror[0].lower() + seen.strerror[1:]
+        seen = seen.__cause__ or seen.__context__
+    return str(getattr(e, "cause", None) or e) or type(e).__name__

@@ -29,6 +29,11 @@ class FileRegistry:
         self._ignored: set[str] = set()
         self._missing_logged = False
 
+    def read(self) -> tuple[Record, ...]:
+        """The records in the directory now (what ``dnsrouterctl list`` shows)."""
+        self._seen = {}
+        return tuple(self.scan() or ())
+
     def scan(self) -> list[Record] | None:
         """The current records, or None when nothing changed."""
         try:

@@ -1,4 +1,9 @@
-"""``dnsrouterctl``: register backends, inspect the registry and the running router."""
+"""``dnsrouterctl``: register backends, inspect the registry and the running router.
+
+It operates the control plane, so it lives on the supervisor's side and uses
+the router's own registry code: the same etcd client, the same file scan,
+the same value parser and matcher.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,15 +12,16 @@ import signal
 import sys
 import threading
 import urllib.error
-import urllib.parse
 import urllib.request
 import uuid
-from typing import Any, Callable
 
-from . import config as configuration
-from .errors import ConfigError, ValueParseError
-from .routes import Matcher, build_routes, parse_value
-from .settings import SETTINGS
+from dnsrouter import config as configuration
+from dnsrouter.errors import ConfigError, ValueParseError
+from dnsrouter.routes import Matcher, build_routes, parse_value
+from dnsrouter.settings import SETTINGS, Config
+
+from .registry import RegistryError, open_registry
+from .registry.etcd import EtcdRegistry
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,69 +47,37 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Etcd:
-    """The registry's etcd, each call tried on every endpoint in turn."""
-
-    def __init__(self, config: Any) -> None:
-        import etcd  # only the commands that talk to etcd need python-etcd
-
-        self.etcd = etcd
-        self.prefix = config.registry_prefix
-        self.clients = []
-        for url in config.registry_etcd:
-            u = urllib.parse.urlsplit(url)
-            host = f"[{u.hostname}]" if ":" in (u.hostname or "") else u.hostname
-            cert = (config.registry_cert, config.registry_key) if config.registry_key else config.registry_cert
-            self.clients.append(etcd.Client(host=host, port=u.port or 2379, protocol=u.scheme,
-                                            username=config.registry_username,
-                                            password=config.registry_password,
-                                            ca_cert=config.registry_ca_cert, cert=cert, read_timeout=5))
-
-    def call(self, operation: Callable) -> Any:
-        error: Exception | None = None
-        for client in self.clients:
-            try:
-                return operation(client)
-            except self.etcd.EtcdConnectionFailed as e:
-                error = e
-        raise SystemExit(f"dnsrouterctl: etcd unreachable: {error}")
-
-    def records(self) -> list[tuple[str, str, int]]:
-        """(key, value, createdIndex) of every route key, in registration order."""
-        def read(client):
-            try:
-                return client.read(self.prefix.rstrip("/"), recursive=True)
-            except self.etcd.EtcdKeyNotFound:
-                return None
-        result = self.call(read)
-        if result is None or not result.dir:
-            return []
-        out = [(n.key[len(self.prefix):], n.value or "", n.createdIndex)
-               for n in result.leaves if not n.dir and n.key.startswith(self.prefix)
-               and "/" not in n.key[len(self.prefix):]]
-        return sorted(out, key=lambda r: r[2])
+def _etcd(config: Config) -> EtcdRegistry:
+    registry = open_registry(config)
+    if not isinstance(registry, EtcdRegistry):
+        raise _Refused("register and deregister write to etcd; with --routes-dir, "
+                       "write or remove a file in the directory instead")
+    return registry
 
 
-def _records(config: Any) -> list[tuple[str, str, int]]:
-    if config.registry_routes_dir:
-        from .supervisor.registry.files import FileRegistry
-        return [(r.key, r.value, r.order) for r in FileRegistry(config.registry_routes_dir).scan() or []]
-    return _Etcd(config).records()
+class _Refused(Exception):
+    """the command cannot do that (exit 2)"""
 
 
-def _http(config: Any, path: str) -> tuple[int, bytes]:
+class _Unreachable(Exception):
+    """the running router did not answer (exit 1)"""
+
+
+def _http(config: Config, path: str) -> tuple[int, bytes]:
     if config.metrics_listen is None:
-        raise SystemExit("dnsrouterctl: give --metrics ADDR:PORT (the router's [metrics] listen)")
+        raise _Refused("give --metrics ADDR:PORT (the router's [metrics] listen)")
     try:
         with urllib.request.urlopen(f"http://{config.metrics_listen}{path}", timeout=5) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
-    except OSError as e:
-        raise SystemExit(f"dnsrouterctl: router not reachable at {config.metrics_listen}: {e}")
+    except OSError as e:  # URLError too: its reason is the system's error
+        reason = getattr(e, "reason", e)
+        text = reason.strerror if isinstance(reason, OSError) and reason.strerror else str(reason)
+        raise _Unreachable(f"router at http://{config.metrics_listen}: {text[:1].lower() + text[1:]}") from None
 
 
-def cmd_register(config: Any, args: argparse.Namespace) -> int:
+def cmd_register(config: Config, args: argparse.Namespace) -> int:
     value = f"{args.address},{args.regexp}"
     try:
         parse_value(value)  # refused here, before it reaches etcd
@@ -113,10 +87,9 @@ def cmd_register(config: Any, args: argparse.Namespace) -> int:
     if args.keepalive and not args.ttl:
         print("dnsrouterctl: --keepalive needs --ttl", file=sys.stderr)
         return 2
-    store = _Etcd(config)
+    store = _etcd(config)
     key = str(uuid.uuid4())
-    path = store.prefix + key
-    store.call(lambda c: c.write(path, value, ttl=args.ttl))
+    store.put(key, value, ttl=args.ttl)
     print(key, flush=True)
     if not args.keepalive:
         return 0
@@ -126,31 +99,25 @@ def cmd_register(config: Any, args: argparse.Namespace) -> int:
     # Refresh well before expiry, so one lost refresh does not drop the route.
     while not stop.wait(max(args.ttl / 3, 0.2)):
         try:
-            store.call(lambda c: c.refresh(path, ttl=args.ttl))
-        except store.etcd.EtcdKeyNotFound:
-            store.call(lambda c: c.write(path, value, ttl=args.ttl))  # expired meanwhile: again
-        except SystemExit as e:
-            print(e, file=sys.stderr)  # etcd away: keep trying, the key may survive
-    try:
-        store.call(lambda c: c.delete(path))
-    except store.etcd.EtcdKeyNotFound:
-        pass
+            if not store.refresh(key, args.ttl):
+                store.put(key, value, ttl=args.ttl)  # expired meanwhile: again
+        except RegistryError as e:
+            print(f"dnsrouterctl: {e}", file=sys.stderr)  # etcd away: keep trying, the key may survive
+    store.delete(key)
     return 0
 
 
-def cmd_deregister(config: Any, args: argparse.Namespace) -> int:
-    store = _Etcd(config)
-    key = args.key[len(store.prefix):] if args.key.startswith(store.prefix) else args.key
-    try:
-        store.call(lambda c: c.delete(store.prefix + key))
-    except store.etcd.EtcdKeyNotFound:
+def cmd_deregister(config: Config, args: argparse.Namespace) -> int:
+    key = args.key[len(config.registry_prefix):] if args.key.startswith(config.registry_prefix) else args.key
+    if not _etcd(config).delete(key):
         print(f"dnsrouterctl: no key {key}", file=sys.stderr)
         return 1
     return 0
 
 
-def cmd_list(config: Any, args: argparse.Namespace) -> int:
-    for key, value, _ in _records(config):
+def cmd_list(config: Config, args: argparse.Namespace) -> int:
+    for record in open_registry(config).read():
+        key, value = record.key, record.value
         try:
             parse_value(value)
             verdict = "ok"
@@ -160,11 +127,11 @@ def cmd_list(config: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_which(config: Any, args: argparse.Namespace) -> int:
+def cmd_which(config: Config, args: argparse.Namespace) -> int:
     values = []
-    for _, value, order in _records(config):
+    for record in open_registry(config).read():
         try:
-            values.append((order, parse_value(value)))
+            values.append((record.order, parse_value(record.value)))
         except ValueParseError:
             pass
     name = args.name.lower()
@@ -177,7 +144,7 @@ def cmd_which(config: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_routes(config: Any, args: argparse.Namespace) -> int:
+def cmd_routes(config: Config, args: argparse.Namespace) -> int:
     _, body = _http(config, "/routes")
     table = json.loads(body)
     print(f"routes version {table['version']}")
@@ -190,7 +157,7 @@ def cmd_routes(config: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(config: Any, args: argparse.Namespace) -> int:
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
     status, body = _http(config, "/healthz")
     print(body.decode().strip())
     return 0 if status == 200 else 1
@@ -206,7 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"dnsrouterctl: {e}", file=sys.stderr)
         return 2
-    return globals()[f"cmd_{args.command}"](config, args)
+    try:
+        return globals()[f"cmd_{args.command}"](config, args)
+    except (_Refused, ConfigError) as e:
+        print(f"dnsrouterctl: {e}", file=sys.stderr)
+        return 2
+    except (RegistryError, _Unreachable) as e:  # one line that says what failed and where
+        print(f"dnsrouterctl: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
