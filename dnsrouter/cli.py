@@ -18,13 +18,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dnsrouter: {e}", file=sys.stderr)
         return 2
     if args.check_config:
-        if config.server_user:
-            from .supervisor.privileges import check_user
-            try:
-                check_user(config.server_user)
-            except ConfigError as e:
-                print(f"dnsrouter: {e}", file=sys.stderr)
-                return 2
+        from .supervisor.privileges import check_user
+        try:
+            check_user(config)
+        except ConfigError as e:
+            print(f"dnsrouter: {e}", file=sys.stderr)
+            return 2
         sys.stdout.write(configuration.describe(config))
         return 0
     try:

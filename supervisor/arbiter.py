@@ -107,8 +107,7 @@ class Supervisor:
     def run(self) -> int:
         setproctitle.setproctitle("dnsrouter: supervisor")
         privileges.check(self.config)
-        if self.config.server_user:
-            privileges.check_user(self.config.server_user)
+        privileges.check_user(self.config)
         self.sockets = sockets.bind(self.config.server_listen, self.config.server_workers)
         self._serve_metrics()
         if self.config.server_pidfile:

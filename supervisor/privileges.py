@@ -38,9 +38,10 @@ def _groups(entry: pwd.struct_passwd) -> list[int]:
     return sorted({g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem} | {entry.pw_gid})
 
 
-def check_user(user: str) -> None:
-    """Raise ConfigError unless this process can become ``user`` and ``user``
-    can run this interpreter and import dnsrouter.
+def check_user(config: Config) -> None:
+    """With [server] user: raise ConfigError unless this process can become
+    the user, and the user can run this interpreter, import dnsrouter and
+    read the routes directory (the supervisor reads it after dropping root).
 
     Workers are started afresh from this interpreter after root is dropped. A
     virtual environment or checkout in a directory the user cannot enter
@@ -48,6 +49,9 @@ def check_user(user: str) -> None:
     from multiprocessing; this finds it before a socket is bound, by running
     the interpreter as that user.
     """
+    user = config.server_user
+    if not user:
+        return
     entry = _entry(user)
     if os.geteuid() != 0:
         if os.geteuid() != entry.pw_uid:
@@ -63,11 +67,13 @@ def check_user(user: str) -> None:
         failure = [e.strerror or str(e)]
     except subprocess.TimeoutExpired:
         failure = ["it did not finish in 30 s"]
-    if failure is None:
-        return
-    denied = _first_denied(entry, _needed_paths())
-    why = f"{denied} is not readable by {user}" if denied else f"{' '.join(failure) or 'it failed'}"
-    raise ConfigError(f"[server] user {user} cannot run {sys.executable} with dnsrouter: {why}")
+    if failure is not None:
+        denied = _first_denied(entry, _needed_paths())
+        why = f"{denied} is not readable by {user}" if denied else f"{' '.join(failure) or 'it failed'}"
+        raise ConfigError(f"[server] user {user} cannot run {sys.executable} with dnsrouter: {why}")
+    denied = _first_denied(entry, [config.registry_routes_dir] if config.registry_routes_dir else [])
+    if denied:
+        raise ConfigError(f"[server] user {user} cannot read {denied}")
 
 
 def _needed_paths() -> list[str]:
@@ -81,8 +87,9 @@ def _needed_paths() -> list[str]:
 
 
 def _first_denied(entry: pwd.struct_passwd, paths: list[str]) -> str | None:
-    """The first of ``paths`` or their parent directories that ``entry`` cannot
-    read (enter, for a directory), by the permission bits."""
+    """The first of ``paths``, or of the directories above them, that
+    ``entry`` cannot use by the permission bits: enter every directory on
+    the way, read the path itself (and enter it, if it is a directory)."""
     groups = set(_groups(entry))
     for path in paths:
         parts = os.path.abspath(path).split(os.sep)
@@ -92,17 +99,11 @@ def _first_denied(entry: pwd.struct_passwd, paths: list[str]) -> str | None:
                 st = os.stat(here)
             except OSError:
                 return here
-            if stat.S_ISDIR(st.st_mode):
-                need = (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH)
-            else:
-                need = (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH)
-            if st.st_uid == entry.pw_uid:
-                allowed = st.st_mode & need[0]
-            elif st.st_gid in groups:
-                allowed = st.st_mode & need[1]
-            else:
-                allowed = st.st_mode & need[2]
-            if not allowed:
+            last = depth == len(parts)
+            need = (stat.S_IRUSR if last else 0) | (stat.S_IXUSR if stat.S_ISDIR(st.st_mode) else 0)
+            # owner bits, group bits or other bits, by who the user is to the file
+            shift = 0 if st.st_uid == entry.pw_uid else 3 if st.st_gid in groups else 6
+            if (st.st_mode << shift) & need != need:
                 return here
     return None
 
