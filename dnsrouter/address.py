@@ -6,13 +6,16 @@ import ipaddress
 import socket
 from typing import NamedTuple
 
+_CACHED = 4096  # addresses; far more than a router's live backends
+
 
 class Address(NamedTuple):
     host: str  # a literal IP, normalised (so equal addresses compare equal)
     port: int
 
     # The packet path asks these for every query: each is computed once per
-    # address (backends are few) and then looked up.
+    # address and then looked up. Bounded: backends come and go, and a
+    # router that runs for months must not keep every one it ever saw.
     @property
     def family(self) -> int:
         return _family(self)
@@ -26,19 +29,19 @@ class Address(NamedTuple):
         return _text(self)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=_CACHED)
 def _family(address: Address) -> int:
     return socket.AF_INET6 if ":" in address.host else socket.AF_INET
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=_CACHED)
 def _sockaddr(address: Address) -> tuple:
     if _family(address) == socket.AF_INET6:
         return (address.host, address.port, 0, 0)
     return (address.host, address.port)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=_CACHED)
 def _text(address: Address) -> str:
     if _family(address) == socket.AF_INET6:
         return f"[{address.host}]:{address.port}"

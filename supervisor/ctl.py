@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="the router's INI file (for the registry and metrics)")
     for setting in SETTINGS:  # the same flags, help and validation as the router's
         if setting.flag and setting.section in ("registry", "metrics"):
-            parser.add_argument(setting.flag, dest=setting.name, help=setting.help)
+            parser.add_argument(setting.flag, dest=setting.name, metavar=setting.metavar, help=setting.help)
     commands = parser.add_subparsers(dest="command", required=True)
     register = commands.add_parser("register", help="register a backend for names matching REGEXP; prints the key")
     register.add_argument("address", metavar="ADDR:PORT")

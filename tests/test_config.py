@@ -13,6 +13,7 @@ from dnsrouter import config as configuration
 from dnsrouter.address import Address
 from dnsrouter.cli import main
 from dnsrouter.errors import ConfigError
+from dnsrouter.settings import SETTINGS
 
 
 def _load(*argv: str):
@@ -378,3 +379,14 @@ def test_the_documented_example_parses_and_names_every_setting():
     for setting in SETTINGS:
         assert f"[{setting.section}]" in text
         assert f"{setting.key} =" in text, f"[{setting.section}] {setting.key} is not documented"
+
+
+def test_help_writes_values_as_a_person_reads_them():
+    # argparse's default metavar is the dest in capitals: SERVER_LISTEN.
+    text = configuration.build_parser().format_help()
+    for setting in SETTINGS:
+        assert setting.name.upper() not in text
+    for shown in ("--listen ADDR:PORT", "--workers N|auto", "--etcd URL[,URL...]", "--routes-dir DIR",
+                  "--log-level LEVEL", "--metrics ADDR:PORT", "--user USER", "--pidfile FILE"):
+        assert shown in text, shown
+
