@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 # supervisor -> worker
 SNAPSHOT = "snapshot"  # payload: Snapshot.to_wire() bytes
-SETTINGS = "settings"  # payload: dict of live settings (forward_timeout, log_level, log_queries)
+SETTINGS = "settings"  # payload: dict of live settings (forward_timeout, retry_min, log_level, log_queries)
 REOPEN_LOGS = "reopen_logs"  # payload: None (SIGUSR1)
 STOP = "stop"  # payload: None; finish in-flight queries and exit 0
 
@@ -46,6 +46,9 @@ class WorkerSpec:
     allow: tuple  # ip_network objects; empty: everyone
     deny_action: str
     tcp_idle_timeout: float
+    tcp_output_limit: int
+    retry_min: float
+    tcp_fetches: int
     log_level: str
     log_target: str
     log_queries: bool

@@ -202,6 +202,9 @@ class Config:
     server_tcp_idle_timeout: float = _setting(
         "server", "tcp_idle_timeout", "10", _positive_float,
         "seconds a TCP client connection may stay idle (RFC 7766)")
+    server_tcp_output_limit: int = _setting(
+        "server", "tcp_output_limit", "262144", _positive_int,
+        "bytes of replies a TCP client may leave unread; past it the client is disconnected")
     registry_etcd: tuple[str, ...] = _setting(
         "registry", "etcd", "http://127.0.0.1:2379", _urls,
         "etcd endpoints, comma separated (v2 keys API)", flag="--etcd", metavar="URL[,URL...]")
@@ -230,7 +233,14 @@ class Config:
         "health", "rise", "2", _positive_int, "successes in a row that bring a backend back", live=True)
     forward_timeout: float = _setting(
         "forward", "timeout", "1", _positive_float,
-        "seconds to wait for a backend's reply before the one retry", live=True)
+        "seconds a query waits for any backend's reply before the router answers SERVFAIL", live=True)
+    forward_retry_min: float = _setting(
+        "forward", "retry_min", "0.02", _positive_float,
+        "seconds at least before a query not yet answered is also sent to another backend "
+        "(the wait is the backend's SRTT + 4 x RTTVAR, at most half of timeout)", live=True)
+    forward_tcp_fetches: int = _setting(
+        "forward", "tcp_fetches", "32", _positive_int,
+        "truncated replies a worker fetches again over TCP at once; more wait their turn")
     metrics_listen: Address | None = _setting(
         "metrics", "listen", "", _optional(parse_address),
         "serve /metrics and /routes over HTTP at ip:port", flag="--metrics", metavar="ADDR:PORT", live=True)

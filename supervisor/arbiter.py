@@ -142,6 +142,8 @@ class Supervisor:
             max_in_flight=self.config.server_max_in_flight,
             allow=self.config.server_allow, deny_action=self.config.server_deny_action,
             tcp_idle_timeout=self.config.server_tcp_idle_timeout,
+            tcp_output_limit=self.config.server_tcp_output_limit,
+            retry_min=self.config.forward_retry_min, tcp_fetches=self.config.forward_tcp_fetches,
             log_level=self.config.log_level, log_target=self.config.log_target,
             log_queries=self.config.log_queries)
         handle = workerset.spawn(spec, self.worker_main)
@@ -223,6 +225,7 @@ class Supervisor:
             log.error("%s", e)
         for handle in self.workers.values():
             handle.post(control.SETTINGS, {"forward_timeout": config.forward_timeout,
+                                           "retry_min": config.forward_retry_min,
                                            "log_level": config.log_level,
                                            "log_queries": config.log_queries})
         log.info("reloaded %s: applied %s%s", config.config_file, ", ".join(applied) or "nothing new",
