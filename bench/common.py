@@ -1,39 +1,32 @@
-"""What bench/run.py, bench/convergence.py and bench/failover.py share.
+"""What the bench scripts share (run.py, convergence.py, failover.py, soak.py, cpu.py).
 
-The servers themselves come from the test suite (tests/router_process.py,
-tests/knot_server.py, tests/etcd_server.py); importing this module puts
-tests/ on sys.path. Here: child processes in their own session and their
-stopping, the router started, waited for and reported on, dnsperf's command
-line and output, one-shot queries, and the router's /metrics and /routes.
+The servers, processes, zones, queries and metrics come from the test
+suite's support package (tests/support/): importing this module, first in
+every script, puts tests/ on sys.path. Here: signal handling, the router
+started, waited for and reported on, and dnsperf's command line and output.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import shlex
 import signal
-import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-TESTS = os.path.join(ROOT, "tests")
+# The benchmarks measure with the very servers, zones and helpers the tests
+# use, so that a number here and an assertion there mean the same setup:
+# tests/support/ is a package of tests/, which is not installed.
+TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
 if TESTS not in sys.path:
     sys.path.insert(0, TESTS)
 
-import dns.exception  # noqa: E402
-import dns.message  # noqa: E402
-import dns.query  # noqa: E402
-import dns.rcode  # noqa: E402
-
-from netutil import HOST, wait_until  # noqa: E402
-from router_process import Router  # noqa: E402
+from support.net import HOST, wait_until  # noqa: E402
+from support.processes import program  # noqa: E402
+from support.router import Router  # noqa: E402
 
 
 def command_line() -> str:
@@ -41,63 +34,46 @@ def command_line() -> str:
     return shlex.join([os.path.relpath(sys.executable), *sys.argv])
 
 
-# -- child processes ---------------------------------------------------------
+# -- signals -----------------------------------------------------------------
 
-# Every process started by spawn(), stopped by stop_all() even on Ctrl-C.
-# Children get their own session, so a Ctrl-C in the terminal reaches only
-# the script, which stops them in order.
-_procs: list[subprocess.Popen] = []
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: stop everything and leave."""
 
 
-def spawn(argv: list[str], **kw) -> subprocess.Popen:
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True, **kw)
-    _procs.append(proc)
-    return proc
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted(signal.Signals(signum).name)
 
 
-def stop(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
-    """SIGTERM, wait, then SIGKILL the process group on timeout."""
-    if proc is None:
-        return
-    if proc.poll() is None:
-        try:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            print(f"  ! pid {proc.pid} ignored SIGTERM for {timeout:g}s, killing its group", file=sys.stderr)
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-    # Leftovers in the group (a child that outlived its parent).
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    if proc in _procs:
-        _procs.remove(proc)
+def handle_signals() -> None:
+    """SIGINT and SIGTERM raise Interrupted (a KeyboardInterrupt), so a script
+    stopped by a timeout or a CI runner cleans up in its finally blocks
+    exactly as on Ctrl-C, even if it was started with SIGINT ignored."""
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
-def stop_all() -> None:
-    for proc in reversed(list(_procs)):
-        stop(proc, timeout=5.0)
+def ignore_signals() -> None:
+    """For the cleanup itself: a second Ctrl-C must not cut it short and
+    leave servers behind (stop() has its own deadlines, so it cannot hang)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # -- the router --------------------------------------------------------------
 
 def router_executable() -> list[str]:
-    """The dnsrouter next to this interpreter (a virtual environment's), else ``python -m dnsrouter``."""
-    exe = os.path.join(os.path.dirname(sys.executable), "dnsrouter")
-    return [exe] if os.access(exe, os.X_OK) else [sys.executable, "-m", "dnsrouter"]
+    """The dnsrouter beside this interpreter (a virtual environment's, not
+    whichever comes first on PATH), else ``python -m dnsrouter``."""
+    exe = program("dnsrouter")
+    return [str(exe)] if os.access(exe, os.X_OK) else [sys.executable, "-m", "dnsrouter"]
 
 
 def bench_router(workdir: str, *, workers: int, log_level: str = "warning",
                  executable: Sequence[str] | None = None, routes_dir: str | None = None,
                  args: Sequence[str] = ()) -> Router:
-    """A Router (not started) in its own session, living in ``workdir``."""
+    """A Router (not started) living in ``workdir``."""
     return Router(routes_dir=routes_dir, workers=workers, args=list(args), workdir=workdir,
-                  executable=executable or router_executable(), log_level=log_level, new_session=True)
+                  executable=executable or router_executable(), log_level=log_level)
 
 
 def start_router(router: Router, ready: Callable[[], bool], timeout: float, message: str,
@@ -130,21 +106,6 @@ def finish_router(router: Router | None, log_level: str, lines: int = 40) -> Non
     print(f"router stderr (--log-level {log_level}, last {lines} lines): " + ("(empty)" if not err.strip() else ""))
     for line in err.splitlines()[-lines:]:
         print("  | " + line)
-
-
-# -- queries -----------------------------------------------------------------
-
-def answered(port: int, name: str, transport: str = "udp", timeout: float = 0.5) -> bool:
-    """Whether one query for name's A gets NOERROR with an answer."""
-    q = dns.message.make_query(name, "A")
-    try:
-        if transport == "udp":
-            r = dns.query.udp(q, HOST, port=port, timeout=timeout)
-        else:
-            r = dns.query.tcp(q, HOST, port=port, timeout=timeout)
-    except (dns.exception.DNSException, OSError):
-        return False
-    return r.rcode() == dns.rcode.NOERROR and bool(r.answer)
 
 
 # -- dnsperf -----------------------------------------------------------------
@@ -259,29 +220,3 @@ def parse_dnsperf(lines: Iterable[str]) -> Perf:
     perf.raw_tail = "".join(t + "\n" for t in tail[-40:])
     return perf
 
-
-# -- the router's HTTP endpoints ---------------------------------------------
-
-def metrics_text(mport: int) -> str:
-    with urllib.request.urlopen(f"http://{HOST}:{mport}/metrics", timeout=5) as r:
-        return r.read().decode()
-
-
-def metric(mport: int, name: str) -> float | None:
-    """The value of the first sample of metric ``name`` (None if absent)."""
-    for line in metrics_text(mport).splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    return None
-
-
-def metric_lines(text: str, *prefixes: str) -> list[str]:
-    return [line for line in text.splitlines()
-            if not line.startswith("#") and line.startswith(prefixes)]
-
-
-def routes_state(mport: int) -> dict[str, bool]:
-    """backend address -> up, from /routes."""
-    with urllib.request.urlopen(f"http://{HOST}:{mport}/routes", timeout=2) as r:
-        table = json.loads(r.read())
-    return {b["address"]: b["up"] for route in table["routes"] for b in route["backends"]}

@@ -50,29 +50,15 @@ import urllib.parse
 import dns.message
 import dns.rdatatype
 
-from common import HOST, answered, bench_router, command_line, finish_router, metric, percentile, start_router
-from etcd_server import EtcdServer, put
-from knot_server import KnotServer, make_split_zone
-from netutil import free_port
+from common import (bench_router, command_line, finish_router, handle_signals, ignore_signals, percentile,
+                    start_router)
+from support import metrics
+from support.etcd import EtcdServer, put
+from support.knot import KnotServer
+from support.net import HOST, answered, free_port
+from support.zones import make_split_zone
 
 PREFIX = "/dnsrouter/"
-
-
-class MultiPortKnot(KnotServer):
-    """knotd listening on its own port plus ``extra_ports``: one process, many backend addresses."""
-
-    def __init__(self, zones, extra_ports: list[int], **kw) -> None:
-        self.extra_ports = list(extra_ports)
-        super().__init__(zones, **kw)
-
-    def _write_files(self) -> None:
-        super()._write_files()
-        with open(self.conf_path) as f:
-            conf = f.read()
-        listen = "[" + ", ".join(f"{HOST}@{p}" for p in [self.port, *self.extra_ports]) + "]"
-        conf = conf.replace(f"listen: {HOST}@{self.port}\n", f"listen: {listen}\n")
-        with open(self.conf_path, "w") as f:
-            f.write(conf)
 
 
 def summary(label: str, values_s: list[float]) -> str:
@@ -224,6 +210,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.writes < 1:
         ap.error("--writes must be at least 1")
+    handle_signals()
 
     print("command: " + command_line())
     n_names = args.writes + args.new_backends + 10
@@ -239,7 +226,7 @@ def main() -> int:
         extra_ports = [free_port("both") for _ in range(args.new_backends)]
         if extra_ports:
             # the same zone as knot_a, reachable at many addresses the router does not know yet
-            knot_new = MultiPortKnot({za: zone.zones[za]}, extra_ports).start()
+            knot_new = KnotServer({za: zone.zones[za]}, extra_ports=extra_ports).start()
 
         # both known backends registered (and checked) before the measured writes
         put(etcd_srv.url, PREFIX + "base-a", rf"{knot_a.addr},^ns\.a\.example\.com\.$")
@@ -254,7 +241,7 @@ def main() -> int:
                                          for n in ("ns.a.example.com.", "ns.b.example.com.")),
                      timeout=20, message="router never answered through both base routes")
         time.sleep(0.3)  # let the start-up snapshots settle before reading the version
-        v0 = metric(mport, "dnsrouter_snapshot_version")
+        v0 = metrics.first(mport, "dnsrouter_snapshot_version")
 
         client = Etcd(etcd_srv.client_port)
         known = []
@@ -265,7 +252,7 @@ def main() -> int:
             known.append(measure(client, port, f"w{i:04d}", f"{knot.addr},{regexp}", name,
                                  zone.addresses[name], args.probe_sockets, args.deadline))
             time.sleep(args.gap)
-        v1 = metric(mport, "dnsrouter_snapshot_version")
+        v1 = metrics.first(mport, "dnsrouter_snapshot_version")
 
         fresh = []
         for j, eport in enumerate(extra_ports, start=1):
@@ -275,8 +262,8 @@ def main() -> int:
                                  zone.addresses[name], args.probe_sockets, args.deadline))
             time.sleep(args.gap)
         time.sleep(0.3)
-        v2 = metric(mport, "dnsrouter_snapshot_version")
-        routes = metric(mport, "dnsrouter_routes")
+        v2 = metrics.first(mport, "dnsrouter_snapshot_version")
+        routes = metrics.first(mport, "dnsrouter_routes")
 
         print()
         report(f"known backends: {len(known)} writes of a new key (route to an already healthy backend), "
@@ -301,6 +288,7 @@ def main() -> int:
         print(f"dnsrouter_routes: {routes:.0f} (expected {2 + len(known) + len(fresh)})")
         return 0 if ok1 and ok2 else 1
     finally:
+        ignore_signals()
         if client is not None:
             client.close()
         finish_router(router, args.log_level)

@@ -19,9 +19,12 @@ import subprocess
 import sys
 import tempfile
 
-from common import answered, bench_router, dnsperf_argv, parse_dnsperf, spawn, start_router, stop, stop_all
-from knot_server import KnotServer
-from run import ZONE, make_zone, write_routes
+from common import bench_router, dnsperf_argv, handle_signals, ignore_signals, parse_dnsperf, start_router
+from run import ZONE, write_routes
+from support.knot import KnotServer
+from support.net import answered
+from support.processes import program, spawn, stop, stop_all
+from support.zones import numbered_zone
 
 
 def worker_cpu(router) -> float:
@@ -60,7 +63,7 @@ def measure(executable: list[str], routes_dir: str, workdir: str, qfile: str, ar
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--baseline", required=True, help="the other build's dnsrouter executable")
-    p.add_argument("--candidate", default=os.path.join(os.path.dirname(sys.executable), "dnsrouter"),
+    p.add_argument("--candidate", default=str(program("dnsrouter")),
                    help="this build's dnsrouter (default: the one next to this interpreter)")
     p.add_argument("--rate", type=int, default=10000, help="dnsperf -Q")
     p.add_argument("--duration", type=int, default=5, help="dnsperf -l seconds per run")
@@ -69,10 +72,11 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--transport", choices=("udp", "tcp"), default="udp")
     args = p.parse_args()
+    handle_signals()
     work = tempfile.mkdtemp(prefix="dnsrouter-cpu-")
     results: dict[str, list[tuple[float, float]]] = {"baseline": [], "candidate": []}
     try:
-        with KnotServer({ZONE: make_zone(5000)}, workdir=os.path.join(work, "knot")) as knot:
+        with KnotServer({ZONE: numbered_zone(ZONE, 5000)}, workdir=os.path.join(work, "knot")) as knot:
             routes = os.path.join(work, "routes")
             write_routes(routes, args.routes, knot.addr)
             qfile = os.path.join(work, "queries.txt")
@@ -86,6 +90,7 @@ def main() -> int:
                           file=sys.stderr)
                     results[name].append((cpu, avg))
     finally:
+        ignore_signals()
         stop_all()
     print(f"\n{args.workers} workers, {args.routes} route(s), dnsperf -m {args.transport} -Q {args.rate} "
           f"-l {args.duration}, "

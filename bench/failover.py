@@ -43,10 +43,13 @@ import tempfile
 import threading
 import time
 
-from common import (HOST, answered, bench_router, command_line, dnsperf_argv, finish_router, metric_lines,
-                    metrics_text, parse_dnsperf, routes_state, spawn, start_router, stop, verbose_line)
-from knot_server import KnotServer, make_split_zone
-from netutil import free_port, wait_until
+from common import (bench_router, command_line, dnsperf_argv, finish_router, handle_signals, ignore_signals,
+                    parse_dnsperf, start_router, verbose_line)
+from support import metrics
+from support.knot import KnotServer
+from support.net import HOST, answered, free_port, wait_until
+from support.processes import spawn, stop
+from support.zones import make_split_zone
 
 ZONE = "a.example.com."
 REGEXP = r"^h[0-9]+\.a\.example\.com\.$"
@@ -163,6 +166,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-control", action="store_true", help="skip the control run without a kill")
     args = ap.parse_args()
+    handle_signals()
     total = PRE_KILL + args.seconds
     outstanding = max(100, int(args.rate * (DNSPERF_TIMEOUT + 1)))
 
@@ -187,7 +191,7 @@ def main() -> int:
 
         def both_up() -> bool:
             try:
-                state = routes_state(mport)
+                state = metrics.backends_up(mport)
             except OSError:
                 return False
             return len(state) == 2 and all(state.values())
@@ -227,7 +231,7 @@ def main() -> int:
         def poll_down() -> None:
             while not stop_poll.is_set():
                 try:
-                    if routes_state(mport).get(victim.addr) is False:
+                    if metrics.backends_up(mport).get(victim.addr) is False:
                         down_seen.append(time.monotonic())
                         return
                 except OSError:
@@ -249,15 +253,16 @@ def main() -> int:
         print(cpu.report())
         per_second_table(run, t_kill)
         print()
-        text = metrics_text(mport)
+        text = metrics.text(mport)
         print("router metrics after the runs:")
-        for line in metric_lines(text, "dnsrouter_backend_up", "dnsrouter_backend_timeouts_total",
+        for line in metrics.lines(text, "dnsrouter_backend_up", "dnsrouter_backend_timeouts_total",
                                  "dnsrouter_backend_queries_total", "dnsrouter_responses_total",
                                  "dnsrouter_worker_restarts_total", "dnsrouter_dropped_total"):
             print("  " + line)
         print(f"  (survivor: {survivor.addr})")
         return 0
     finally:
+        ignore_signals()
         for run in runs:
             run.stop()
         finish_router(router, "warning")

@@ -21,23 +21,22 @@ import argparse
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 
 import dns.exception
-import dns.message
-import dns.query
 import dns.rcode
 import psutil
 
-from common import (HOST, Perf, Router, answered, bench_router, dnsperf_argv, parse_dnsperf, spawn,
-                    start_router, stop, stop_all)
-from knot_server import KnotServer
-from netutil import free_port, wait_until
+from common import Perf, bench_router, dnsperf_argv, handle_signals, ignore_signals, parse_dnsperf, start_router
 from report import Row, fmt, tables
+from support.knot import KnotServer
+from support.net import HOST, answered, free_port, query, wait_until
+from support.processes import spawn, stop, stop_all
+from support.router import Router
+from support.zones import numbered_zone
 
 ZONE = "zone.example.com."
 # The same regexp text serves both routers: dnsrouter matches the name with
@@ -117,13 +116,6 @@ def _dnsperf_once(port: int, qfile: str, transport: str, args: argparse.Namespac
 
 # -- servers -----------------------------------------------------------------
 
-def make_zone(n: int) -> str:
-    lines = [f"$ORIGIN {ZONE}", "$TTL 300", "@ SOA ns hostmaster 1 3600 900 604800 300",
-             "@ NS ns", "ns A 192.0.2.53"]
-    lines += [f"h{i:04d} A 10.{i // 65536}.{(i // 256) % 256}.{i % 256}" for i in range(1, n + 1)]
-    return "\n".join(lines) + "\n"
-
-
 def answers(port: int) -> bool:
     """h0001 gets NOERROR with an answer over UDP and over TCP."""
     return (answered(port, f"h0001.{ZONE}", "udp", timeout=0.5)
@@ -132,7 +124,7 @@ def answers(port: int) -> bool:
 
 def rcode_of(port: int, name: str) -> str:
     try:
-        r = dns.query.udp(dns.message.make_query(name, "A"), HOST, port=port, timeout=2.0)
+        r = query(name, "A", port=port, timeout=2.0)
     except (dns.exception.DNSException, OSError) as e:
         return f"no answer ({type(e).__name__})"
     return dns.rcode.to_text(r.rcode())
@@ -196,12 +188,12 @@ def start(r: Router, startup_timeout: float) -> float:
 def worker_rss_mb(r: Router) -> list[float]:
     """RSS of each ``dnsrouter: worker K``, in K order."""
     out = []
-    for proc in r.workers_procs():
+    for _, proc in sorted(r.numbered_workers().items(), key=lambda item: int(item[0])):
         try:
-            out.append((" ".join(proc.cmdline()), proc.memory_info().rss / 2**20))
+            out.append(proc.memory_info().rss / 2**20)
         except psutil.Error:
             pass
-    return [rss for _, rss in sorted(out)]
+    return out
 
 
 class Dnsdist:
@@ -283,14 +275,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
-def _sigterm(signum, frame):
-    raise KeyboardInterrupt  # same cleanup path as Ctrl-C
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _sigterm)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
+    handle_signals()
     if shutil.which("dnsperf") is None:
         print("dnsperf not found in PATH", file=sys.stderr)
         return 2
@@ -327,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             problems.append(f"router {tag}: exit status {rc} after SIGTERM")
 
     try:
-        knot = KnotServer({ZONE: make_zone(args.names)}, workers=args.knot_workers,
+        knot = KnotServer({ZONE: numbered_zone(ZONE, args.names)}, workers=args.knot_workers,
                           workdir=os.path.join(workdir, "knot"))
         knot.start()
         backend = knot.addr
@@ -396,10 +383,11 @@ def main(argv: list[str] | None = None) -> int:
                         note(Row("fixed-rate", "dnsdist", t, 1, None, perf, [d.rss_mb()]))
                 finally:
                     d.stop()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Interrupted (SIGINT, SIGTERM) too
         interrupted = True
         log("interrupted: stopping everything")
     finally:
+        ignore_signals()
         stop_all()
         if knot is not None:
             knot.stop()

@@ -25,41 +25,25 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+import psutil
 
-import dns.exception  # noqa: E402
-import dns.message  # noqa: E402
-import dns.query  # noqa: E402
-import dns.rcode  # noqa: E402
-import psutil  # noqa: E402
-
-from knot_server import KnotServer  # noqa: E402
-from netutil import HOST, wait_until  # noqa: E402
-from router_process import Router  # noqa: E402
-
-from common import parse_dnsperf  # noqa: E402  (the dnsperf output parser the benchmarks share)
+from common import Interrupted, bench_router, handle_signals, ignore_signals, parse_dnsperf, start_router
+from support.knot import KnotServer
+from support.net import HOST, answered
+from support.processes import spawn, stop
+from support.router import Router
+from support.zones import numbered_zone
 
 ZONE = "soak.example.com."
 MEASURES = ("rss", "fds", "threads")
 COUNT_SLACK = 2  # descriptors/threads: within the tolerance or within this many
-
-
-class Interrupted(Exception):
-    """SIGTERM or SIGINT: stop everything and leave."""
-
-
-def _interrupt(signum, frame):
-    raise Interrupted(signal.Signals(signum).name)
 
 
 @dataclass
@@ -68,22 +52,10 @@ class Sample:
     procs: dict[str, tuple[int, float, int, int]]  # role -> (pid, rss MB, fds, threads)
 
 
-def zone_text(names: int) -> str:
-    lines = [f"$ORIGIN {ZONE}", "$TTL 300", "@ SOA ns hostmaster 1 3600 900 604800 300", "@ NS ns",
-             "ns A 192.0.2.53"]
-    lines += [f"h{i:05d} A 10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" for i in range(1, names + 1)]
-    return "\n".join(lines) + "\n"
-
-
 def router_processes(router: Router) -> dict[str, psutil.Process]:
     out = {"supervisor": psutil.Process(router.proc.pid)}
-    for proc in router.workers_procs():
-        try:
-            title = " ".join(proc.cmdline())
-        except psutil.Error:
-            continue
-        m = re.search(r"dnsrouter: worker (\d+)", title)
-        out[f"worker {m.group(1) if m else proc.pid}"] = proc
+    for number, proc in router.numbered_workers().items():
+        out[f"worker {number}"] = proc
     return out
 
 
@@ -174,29 +146,21 @@ def main() -> int:
         print("dnsperf not found (Debian package dnsperf)", file=sys.stderr)
         return 2
 
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
+    handle_signals()
     workdir = tempfile.mkdtemp(prefix="dnsrouter-soak-")
     knot = router = perf_proc = None
     perf_out = os.path.join(workdir, "dnsperf.out")
     samples: list[Sample] = []
     hard_deadline = time.monotonic() + duration + 60 + 60  # start-up included
     try:
-        knot = KnotServer({ZONE: zone_text(args.names)}, workdir=os.path.join(workdir, "knot")).start()
-        router = Router(routes_dir=os.path.join(workdir, "routes"), workers=args.workers,
-                        args=["--log-level", "info"])  # the later flag wins over Router's debug
+        knot = KnotServer({ZONE: numbered_zone(ZONE, args.names, width=5)},
+                          workdir=os.path.join(workdir, "knot")).start()
+        router = bench_router(os.path.join(workdir, "router"), workers=args.workers, log_level="info",
+                              routes_dir=os.path.join(workdir, "routes"))
         router.route("soak", rf"{knot.addr},\.soak\.example\.com\.$")
-        router.start()
-
-        def routed() -> bool:
-            try:
-                reply = dns.query.udp(dns.message.make_query(f"h00001.{ZONE}", "A"), HOST,
-                                      port=router.port, timeout=0.5)
-            except dns.exception.Timeout:
-                return False
-            return reply.rcode() == dns.rcode.NOERROR and bool(reply.answer)
-
-        wait_until(routed, 15, message="the router never answered from Knot")
+        start_router(router, lambda: answered(router, f"h00001.{ZONE}")
+                     and len(router.worker_pids()) == args.workers,
+                     timeout=15, message="the router never answered from Knot")
         qfile = os.path.join(workdir, "queries.txt")
         with open(qfile, "w") as f:
             f.writelines(f"h{i:05d}.{ZONE} A\n" for i in range(1, args.names + 1))
@@ -205,10 +169,10 @@ def main() -> int:
               f"Knot {knot.addr}, sample every {args.interval:g}s, warm-up {warmup:g}s; work dir {workdir}",
               flush=True)
         with open(perf_out, "w") as out:
-            perf_proc = subprocess.Popen(
+            perf_proc = spawn(
                 ["dnsperf", "-s", HOST, "-p", str(router.port), "-d", qfile, "-l", str(int(duration)),
                  "-Q", str(args.rate), "-c", "4", "-q", "500", "-t", "3", "-S", str(int(args.interval))],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                stdout=out, stderr=subprocess.STDOUT)
         start = time.monotonic()
         next_at = start
         while True:
@@ -242,15 +206,8 @@ def main() -> int:
         print(f"soak: work directory kept for a look: {workdir}", file=sys.stderr)
         return 2
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # no second interrupt half way through cleanup
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if perf_proc is not None and perf_proc.poll() is None:
-            perf_proc.terminate()
-            try:
-                perf_proc.wait(10)
-            except subprocess.TimeoutExpired:
-                perf_proc.kill()
-                perf_proc.wait()
+        ignore_signals()  # no second interrupt half way through cleanup
+        stop(perf_proc, timeout=10)
         if router is not None:
             router.stop()
         if knot is not None:
@@ -278,7 +235,6 @@ def main() -> int:
         print(f"work directory kept: {workdir}")
     else:
         shutil.rmtree(workdir, ignore_errors=True)
-        shutil.rmtree(router.dir, ignore_errors=True)
     return 0 if flat and lost_ok and not others else 1
 
 

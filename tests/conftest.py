@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from knot_server import KnotServer, make_split_zone
-from router_process import Router
+from support.knot import KnotServer
+from support.router import Router
+from support.zones import make_split_zone
 
 
 @pytest.fixture(scope="session")

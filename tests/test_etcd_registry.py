@@ -10,9 +10,9 @@ import pytest
 
 from dnsrouter.supervisor.registry import Record
 from dnsrouter.supervisor.registry.etcd import EtcdRegistry
-from etcd_server import (EtcdCluster, EtcdServer, delete, enable_auth, make_tls_files, put,
-                         read_dir)
-from netutil import wait_until
+from support.etcd import (EtcdCluster, EtcdServer, delete, enable_auth, make_tls_files, put,
+                          read_dir)
+from support.net import wait_until
 
 PREFIX = "/dnsrouter/"
 LOGGER = "dnsrouter.registry.etcd"

@@ -1,12 +1,10 @@
 """Routes from a real etcd, end to end: the router subprocess, Knot backends, dnsrouterctl."""
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import subprocess
 import sys
-import urllib.request
 import uuid
 
 import dns.exception
@@ -15,21 +13,12 @@ import dns.query
 import dns.rcode
 import pytest
 
-from etcd_server import EtcdCluster, EtcdServer, delete, put, read_dir
-from netutil import HOST, free_port, wait_until
+from support import metrics
+from support.etcd import EtcdCluster, EtcdServer, delete, put, read_dir
+from support.net import HOST, free_port, rcode_of, routed, wait_until
+from support.processes import spawn, stop
 
 PREFIX = "/dnsrouter/"
-
-
-def rcode(r, name: str):
-    try:
-        return dns.query.udp(dns.message.make_query(name, "A"), HOST, port=r.port, timeout=0.5).rcode()
-    except dns.exception.Timeout:
-        return None
-
-
-def served(r, name: str) -> bool:
-    return rcode(r, name) == dns.rcode.NOERROR
 
 
 @pytest.fixture
@@ -43,12 +32,8 @@ def etcd_router(router, urls, *extra, start=True, workers=1):
     r = router(workers=workers, start=start,
                args=["--etcd", ",".join(urls), "--metrics", f"{HOST}:{mport}", *extra])
     r.metrics = f"http://{HOST}:{mport}"
+    r.mport = mport
     return r
-
-
-def routes_json(r) -> dict:
-    with urllib.request.urlopen(r.metrics + "/routes", timeout=2) as response:
-        return json.loads(response.read())
 
 
 def test_the_curl_form_routes_within_a_second(router, etcd, knots, split_zone):
@@ -56,12 +41,12 @@ def test_the_curl_form_routes_within_a_second(router, etcd, knots, split_zone):
         pytest.fail("curl is needed (Debian package curl)")
     r = etcd_router(router, [etcd.url])
     name = split_zone.names[split_zone.zone_names[0]][0]
-    assert rcode(r, name) == dns.rcode.SERVFAIL
+    assert rcode_of(r, name) == dns.rcode.SERVFAIL
     key = str(uuid.uuid4())
     subprocess.run(["curl", "-sf", "-XPUT", f"{etcd.url}/v2/keys/dnsrouter/{key}",
                     "-d", rf"value={knots[0].addr},^h[0-9]*\.a\.example\.com\.$"],
                    check=True, stdout=subprocess.DEVNULL)
-    wait_until(lambda: served(r, name), 1.0, message="curl-registered route not used within a second")
+    wait_until(lambda: routed(r, name), 1.0, message="curl-registered route not used within a second")
 
 
 def test_update_delete_and_ttl_expiry(router, etcd, knots, split_zone):
@@ -70,15 +55,15 @@ def test_update_delete_and_ttl_expiry(router, etcd, knots, split_zone):
     name_b = split_zone.names[split_zone.zone_names[1]][0]
     r = etcd_router(router, [etcd.url])
     put(etcd.url, PREFIX + "k1", rf"{a.addr},\.a\.example\.com\.$")
-    wait_until(lambda: served(r, name_a), 2, message="create not applied")
+    wait_until(lambda: routed(r, name_a), 2, message="create not applied")
     put(etcd.url, PREFIX + "k1", rf"{b.addr},\.b\.example\.com\.$")  # update: the value is replaced
-    wait_until(lambda: served(r, name_b) and rcode(r, name_a) == dns.rcode.SERVFAIL, 2,
+    wait_until(lambda: routed(r, name_b) and rcode_of(r, name_a) == dns.rcode.SERVFAIL, 2,
                message="update not applied")
     delete(etcd.url, PREFIX + "k1")
-    wait_until(lambda: rcode(r, name_b) == dns.rcode.SERVFAIL, 2, message="delete not applied")
+    wait_until(lambda: rcode_of(r, name_b) == dns.rcode.SERVFAIL, 2, message="delete not applied")
     put(etcd.url, PREFIX + "k2", rf"{a.addr},\.a\.example\.com\.$", ttl=1)
-    wait_until(lambda: served(r, name_a), 2, message="ttl key not applied")
-    wait_until(lambda: rcode(r, name_a) == dns.rcode.SERVFAIL, 5, message="expired key still routes")
+    wait_until(lambda: routed(r, name_a), 2, message="ttl key not applied")
+    wait_until(lambda: rcode_of(r, name_a) == dns.rcode.SERVFAIL, 5, message="expired key still routes")
 
 
 def test_bad_values_are_skipped_and_counted(router, etcd, knots, split_zone):
@@ -89,13 +74,12 @@ def test_bad_values_are_skipped_and_counted(router, etcd, knots, split_zone):
         put(etcd.url, PREFIX + key, value)
     put(etcd.url, PREFIX + "sub/k", rf"{knots[1].addr},.")  # a directory: ignored
     put(etcd.url, PREFIX + "good", rf"{knots[0].addr},\.a\.example\.com\.$")
-    wait_until(lambda: served(r, name), 2, message="good value not routed beside bad ones")
-    table = wait_until(lambda: (t := routes_json(r)) and len(t["invalid"]) == 5 and t, 3,
+    wait_until(lambda: routed(r, name), 2, message="good value not routed beside bad ones")
+    table = wait_until(lambda: (t := metrics.routes(r.mport)) and len(t["invalid"]) == 5 and t, 3,
                        message="invalid values not all counted")
     assert set(table["invalid"]) == {"bad1", "bad2", "bad3", "bad4", "bad5"}
     assert [x["pattern"] for x in table["routes"]] == [r"\.a\.example\.com\.$"]
-    with urllib.request.urlopen(r.metrics + "/metrics", timeout=2) as response:
-        assert "dnsrouter_registry_invalid_values 5.0" in response.read().decode()
+    assert "dnsrouter_registry_invalid_values 5.0" in metrics.text(r.mport)
 
 
 def test_etcd_restart_keeps_serving_and_applies_later_changes(router, etcd, knots, split_zone):
@@ -103,14 +87,14 @@ def test_etcd_restart_keeps_serving_and_applies_later_changes(router, etcd, knot
     name_b = split_zone.names[split_zone.zone_names[1]][0]
     r = etcd_router(router, [etcd.url])
     put(etcd.url, PREFIX + "a", rf"{knots[0].addr},\.a\.example\.com\.$")
-    wait_until(lambda: served(r, name_a), 2, message="route not applied")
+    wait_until(lambda: routed(r, name_a), 2, message="route not applied")
     etcd.kill()
     for _ in range(50):  # the last table keeps serving through the outage
-        assert served(r, name_a)
+        assert routed(r, name_a)
     etcd.start()
     put(etcd.url, PREFIX + "b", rf"{knots[1].addr},\.b\.example\.com\.$")
-    wait_until(lambda: served(r, name_b), 10, message="change after the restart not applied")
-    assert served(r, name_a)
+    wait_until(lambda: routed(r, name_b), 10, message="change after the restart not applied")
+    assert routed(r, name_a)
     assert r.log().count("etcd") < 20  # one line per outage, not one per try
 
 
@@ -119,10 +103,10 @@ def test_router_started_before_etcd(router, knots, split_zone):
     try:
         r = etcd_router(router, [etcd.url])
         name = split_zone.names[split_zone.zone_names[0]][0]
-        assert rcode(r, name) == dns.rcode.SERVFAIL  # serving, with no routes yet
+        assert rcode_of(r, name) == dns.rcode.SERVFAIL  # serving, with no routes yet
         etcd.start()
         put(etcd.url, PREFIX + "a", rf"{knots[0].addr},\.a\.example\.com\.$")
-        wait_until(lambda: served(r, name), 10, message="routes not loaded once etcd came")
+        wait_until(lambda: routed(r, name), 10, message="routes not loaded once etcd came")
     finally:
         etcd.stop()
         etcd.cleanup()
@@ -131,7 +115,7 @@ def test_router_started_before_etcd(router, knots, split_zone):
 def test_watcher_far_behind_ends_in_etcds_state(router, etcd, knots):
     r = etcd_router(router, [etcd.url])
     put(etcd.url, PREFIX + "keep", rf"{knots[0].addr},^keep\.$")
-    wait_until(lambda: served(r, "keep.") or rcode(r, "keep.") == dns.rcode.REFUSED, 3,
+    wait_until(lambda: routed(r, "keep.") or rcode_of(r, "keep.") == dns.rcode.REFUSED, 3,
                message="first route not applied")
     r.signal(signal.SIGSTOP)
     try:
@@ -143,7 +127,7 @@ def test_watcher_far_behind_ends_in_etcds_state(router, etcd, knots):
     expected = {value.split(",", 1)[1] for value, _ in read_dir(etcd.url, PREFIX).values()}
 
     def converged():
-        patterns = {x["pattern"] for x in routes_json(r)["routes"]}
+        patterns = {x["pattern"] for x in metrics.routes(r.mport)["routes"]}
         return patterns == expected
 
     wait_until(converged, 10, interval=0.1, message="router did not end in etcd's state")
@@ -156,7 +140,7 @@ def test_cluster_member_killed_still_delivers_changes(router, knots, split_zone)
     with EtcdCluster(3) as cluster:
         r = etcd_router(router, cluster.urls)
         put(cluster.urls[1], PREFIX + "a", rf"{knots[0].addr},\.a\.example\.com\.$")
-        wait_until(lambda: served(r, name_a), 3, message="route not applied")
+        wait_until(lambda: routed(r, name_a), 3, message="route not applied")
         cluster.members[0].kill()  # the first endpoint, the one the router uses
 
         def write():  # the cluster may be electing a new leader for a moment
@@ -166,7 +150,7 @@ def test_cluster_member_killed_still_delivers_changes(router, knots, split_zone)
                 return None
 
         wait_until(write, 15, message="the cluster never took the write")
-        wait_until(lambda: served(r, name_b), 10, message="change not delivered after a member died")
+        wait_until(lambda: routed(r, name_b), 10, message="change not delivered after a member died")
 
 
 def ctl(etcd, *args) -> subprocess.CompletedProcess:
@@ -181,7 +165,7 @@ def test_dnsrouterctl_register_list_which_deregister(router, etcd, knots, split_
     assert done.returncode == 0, done.stderr
     key = done.stdout.strip()
     assert str(uuid.UUID(key)) == key
-    wait_until(lambda: served(r, name), 2, message="ctl registration not routed")
+    wait_until(lambda: routed(r, name), 2, message="ctl registration not routed")
     refused = ctl(etcd, "register", "localhost:53", "x")
     assert refused.returncode == 2 and "not a literal IP" in refused.stderr
     put(etcd.url, PREFIX + "broken", "nonsense")
@@ -195,14 +179,14 @@ def test_dnsrouterctl_register_list_which_deregister(router, etcd, knots, split_
                             capture_output=True, text=True, timeout=30, cwd="/")
     assert f"{knots[0].addr} (up)" in routes.stdout and "invalid key broken" in routes.stdout
     assert ctl(etcd, "deregister", key).returncode == 0
-    wait_until(lambda: rcode(r, name) == dns.rcode.SERVFAIL, 2, message="deregistered route still used")
+    wait_until(lambda: rcode_of(r, name) == dns.rcode.SERVFAIL, 2, message="deregistered route still used")
     assert key not in read_dir(etcd.url, PREFIX)
 
 
 def test_dnsrouterctl_keepalive_refreshes_until_stopped(etcd):
-    proc = subprocess.Popen([sys.executable, "-m", "dnsrouter.supervisor.ctl", "--etcd", etcd.url, "register",
-                             "127.0.0.1:5300", r"\.ka\.$", "--ttl", "1", "--keepalive"],
-                            stdout=subprocess.PIPE, text=True, cwd="/")
+    proc = spawn([sys.executable, "-m", "dnsrouter.supervisor.ctl", "--etcd", etcd.url, "register",
+                  "127.0.0.1:5300", r"\.ka\.$", "--ttl", "1", "--keepalive"],
+                 stdout=subprocess.PIPE, text=True, cwd="/")
     try:
         key = proc.stdout.readline().strip()
         # Alive well past its TTL: refreshed.
@@ -214,5 +198,4 @@ def test_dnsrouterctl_keepalive_refreshes_until_stopped(etcd):
         assert proc.wait(5) == 0
         assert key not in read_dir(etcd.url, PREFIX)
     finally:
-        proc.kill()
-        proc.wait()
+        stop(proc)

@@ -155,7 +155,7 @@ class _Running:
 def test_running_sees_renames_at_once_and_edits_in_place_within_a_second(tmp_path):
     import time
 
-    from netutil import wait_until
+    from support.net import wait_until
 
     _write(tmp_path / "a", "10.0.0.1:53,x")
     with _Running(tmp_path) as running:

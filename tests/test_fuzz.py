@@ -44,8 +44,8 @@ import dns.rcode
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
-from fake_backend import ANSWER_ADDRESS, FakeBackend
-from netutil import HOST, wait_until
+from support.fake_backend import ANSWER_ADDRESS, FakeBackend
+from support.net import HOST, ask, wait_until
 
 FORWARD_TIMEOUT = 0.3
 ROUTE = re.compile(r"\.test\.$")  # the route's regexp, applied as RE2 would (search)
@@ -422,10 +422,8 @@ def fuzz_router(router, tmp_path):
 
 
 def well_formed_ok(r) -> bool:
-    query = dns.message.make_query("check.test.", "A")
-    try:
-        reply = dns.query.udp(query, HOST, port=r.port, timeout=2)
-    except dns.exception.Timeout:
+    reply = ask(r, "check.test.", timeout=2)
+    if reply is None:
         return False
     return reply.rcode() == NOERROR and [rr.address for rr in reply.answer[0]] == [ANSWER_ADDRESS]
 

@@ -1,20 +1,17 @@
 """Health checks that heal, and failover without failed queries (real Knot, fake backends)."""
 from __future__ import annotations
 
-import threading
 import time
 
-import dns.exception
-import dns.message
-import dns.query
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import pytest
 
-from fake_backend import FakeBackend
-from knot_server import KnotServer
-from netutil import HOST, wait_until
+from support.fake_backend import FakeBackend
+from support.knot import KnotServer
+from support.load import Load
+from support.net import ask, rcode_of, wait_until
 
 INTERVAL, RISE, FALL = 0.2, 2, 2
 
@@ -29,18 +26,6 @@ def health_router(router, tmp_path):
         return router(args=["--config", str(conf)], **kw)
 
     return make
-
-
-def ask(r, name: str, timeout: float = 2.0) -> dns.message.Message | None:
-    try:
-        return dns.query.udp(dns.message.make_query(name, "A"), HOST, port=r.port, timeout=timeout)
-    except dns.exception.Timeout:
-        return None
-
-
-def rcode_of(r, name: str):
-    reply = ask(r, name, 0.5)
-    return None if reply is None else reply.rcode()
 
 
 def state_change(r, backend, old: str, new: str) -> bool:
@@ -143,48 +128,6 @@ def test_a_starting_router_answers_only_once_its_backends_are_checked(router, sp
             assert r.proc.poll() is None, r.log()
         assert rcodes and set(rcodes) == {"NOERROR"}, rcodes
         assert "serving routes version" in r.log()
-
-
-class Load:
-    """Queries at a steady rate from a few threads; counts what clients would see fail."""
-
-    def __init__(self, port: int, names: list[str], rate: int = 300, threads: int = 4) -> None:
-        self.port, self.names, self.interval = port, names, threads / rate
-        self.sent = 0
-        self.failures: list[str] = []  # what each failed query saw, for the assertion message
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
-
-    def _run(self, index: int) -> None:
-        i = index
-        next_at = time.monotonic()
-        while not self.stop.is_set():
-            name = self.names[i % len(self.names)]
-            i += len(self.threads)
-            started = time.monotonic()
-            try:
-                reply = dns.query.udp(dns.message.make_query(name, "A"), HOST, port=self.port, timeout=3)
-                failure = None if reply.rcode() == dns.rcode.NOERROR and reply.answer else \
-                    dns.rcode.to_text(reply.rcode())
-            except dns.exception.DNSException as e:
-                failure = type(e).__name__
-            with self.lock:
-                self.sent += 1
-                if failure:
-                    self.failures.append(f"{name} at {started:.3f}: {failure} after {time.monotonic() - started:.3f} s")
-            next_at += self.interval
-            self.stop.wait(max(0.0, next_at - time.monotonic()))
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join()
 
 
 def test_kill_one_of_two_knot_members_under_load(health_router, split_zone):

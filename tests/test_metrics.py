@@ -3,33 +3,14 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
-import urllib.request
 
 import dns.message
 import dns.query
 import dns.rcode
-from prometheus_client.parser import text_string_to_metric_families
 
-from fake_backend import FakeBackend
-from netutil import HOST, free_port, wait_until
-
-
-def get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-def samples(port: int) -> dict:
-    _, body = get(f"http://{HOST}:{port}/metrics")
-    out = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            out[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
-    return out
+from support.fake_backend import FakeBackend
+from support.metrics import http_get, samples, value
+from support.net import HOST, free_port, wait_until
 
 
 def test_counters_match_the_traffic_sent(router):
@@ -40,9 +21,6 @@ def test_counters_match_the_traffic_sent(router):
         r.route("bad", "no comma here")
         wait_until(lambda: dns.query.udp(dns.message.make_query("w.test.", "A"), HOST, port=r.port,
                                          timeout=1).rcode() == dns.rcode.NOERROR, 3, message="not routed")
-
-        def value(snapshot, name, **labels):
-            return snapshot.get((name, tuple(sorted(labels.items()))), 0)
 
         # Workers report once a second: wait until the warm-up queries are all counted.
         seen = []
@@ -76,7 +54,7 @@ def test_counters_match_the_traffic_sent(router):
         diff = {k: now[k] - base.get(k, 0) for k in now}
 
         def d(name, **labels):
-            return diff.get((name, tuple(sorted(labels.items()))), 0)
+            return value(diff, name, **labels)
 
         assert d("dnsrouter_queries_total", transport="udp") == 70
         assert d("dnsrouter_queries_total", transport="tcp") == 10
@@ -100,7 +78,7 @@ def test_routes_and_healthz(router):
         r.route("4", "127.0.0.1:0,x")
 
         def table():
-            status, body = get(f"http://{HOST}:{mport}/routes")
+            status, body = http_get(f"http://{HOST}:{mport}/routes")
             routes = json.loads(body)
             return routes if len(routes["routes"]) == 2 and "not checked yet" not in body.decode() else None
 
@@ -109,5 +87,5 @@ def test_routes_and_healthz(router):
         assert [[(b["address"], b["up"]) for b in x["backends"]] for x in routes["routes"]] == \
             [[(one.addr, True)], [(two.addr, False), (one.addr, True)]]
         assert "port" in routes["invalid"]["4"]
-        status, body = get(f"http://{HOST}:{mport}/healthz")
+        status, body = http_get(f"http://{HOST}:{mport}/healthz")
         assert status == 200 and body.startswith(b"ok")

@@ -4,36 +4,28 @@ from __future__ import annotations
 import collections
 import os
 import pwd
-import shutil
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import dns.message
-import dns.query
 import dns.rcode
 import psutil
 import pytest
 
-from fake_backend import FakeBackend
-from netutil import HOST, free_port, wait_until
-from router_process import Router
-from test_health import Load
+from support.fake_backend import FakeBackend
+from support.load import Load
+from support.net import HOST, ask, free_port, free_privileged_port, routed, wait_until
+from support.processes import gone, program
+from support.router import Router
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def ok(r, name="x.test.") -> bool:
-    try:
-        return dns.query.udp(dns.message.make_query(name, "A"), HOST, port=r.port,
-                             timeout=1).rcode() == dns.rcode.NOERROR
-    except dns.exception.Timeout:
-        return False
-
-
-def gone(procs) -> bool:
-    return not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs)
+    return routed(r, name, timeout=1)
 
 
 def test_sighup_applies_a_new_health_interval_without_failed_queries(router, tmp_path):
@@ -124,7 +116,7 @@ def test_a_worker_that_cannot_start_stops_the_supervisor(tmp_path):
 def test_root_on_a_privileged_port_without_user_is_refused(tmp_path):
     if os.geteuid() != 0:
         pytest.fail("this test runs as root, as CI does")
-    r = Router(port=_free_privileged_port())
+    r = Router(port=free_privileged_port())
     try:
         r.start(wait=False)
         assert r.proc.wait(20) == 2
@@ -133,25 +125,12 @@ def test_root_on_a_privileged_port_without_user_is_refused(tmp_path):
         r.stop()
 
 
-def _free_privileged_port() -> int:
-    for port in range(900, 1000):
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u, \
-                    socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                u.bind((HOST, port))
-                t.bind((HOST, port))
-                return port
-        except OSError:
-            continue
-    raise RuntimeError("no free port below 1024")
-
-
 def test_user_nobody_on_a_privileged_port(router):
     if os.geteuid() != 0:
         pytest.fail("this test runs as root, as CI does")
     nobody = pwd.getpwnam("nobody").pw_uid
     with FakeBackend("ok") as fake:
-        r = router(workers=2, port=_free_privileged_port(), args=["--user", "nobody"], start=False)
+        r = router(workers=2, port=free_privileged_port(), args=["--user", "nobody"], start=False)
         os.chmod(r.dir, 0o755)
         os.chmod(r.routes_dir, 0o755)
         r.route("a", rf"{fake.addr},\.test\.$")
@@ -163,8 +142,8 @@ def test_user_nobody_on_a_privileged_port(router):
 
 
 def test_init_script_starts_reports_reloads_and_stops(tmp_path):
-    daemon = shutil.which("dnsrouter")
-    assert daemon, "the dnsrouter console script is not installed"
+    daemon = str(program("dnsrouter"))
+    assert os.access(daemon, os.X_OK), f"the dnsrouter console script is not installed beside {sys.executable}"
     port = free_port()
     routes = tmp_path / "routes"
     routes.mkdir()
@@ -193,11 +172,7 @@ def test_init_script_starts_reports_reloads_and_stops(tmp_path):
 
 
 def _answers(port: int) -> bool:
-    try:
-        dns.query.udp(dns.message.make_query("x.invalid.", "A"), HOST, port=port, timeout=0.3)
-        return True
-    except dns.exception.Timeout:
-        return False
+    return ask(port, "x.invalid.", timeout=0.3) is not None
 
 
 def test_query_log_and_log_file_reopened_on_sigusr1(router, tmp_path):

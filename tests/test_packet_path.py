@@ -16,23 +16,15 @@ import dns.rdatatype
 import psutil
 import pytest
 
-from fake_backend import FakeBackend
-from netutil import HOST, wait_until
-from router_process import raw_udp
+from support.fake_backend import FakeBackend
+from support.net import HOST, raw_udp, routed, wait_until
+from support.processes import gone
 
 
 def route_halves(r, knots):
     a, b = knots
     r.route("10-a", rf"{a.addr},\.a\.example\.com\.$")
     r.route("20-b", rf"{b.addr},\.b\.example\.com\.$")
-
-
-def routed(r, name: str, rcode=dns.rcode.NOERROR) -> bool:
-    try:
-        reply = dns.query.udp(dns.message.make_query(name, "A"), HOST, port=r.port, timeout=0.5)
-    except dns.exception.Timeout:
-        return False
-    return reply.rcode() == rcode
 
 
 def tcp_exchange_raw(port: int, queries: list[bytes], timeout: float = 3.0) -> list[bytes]:
@@ -310,8 +302,7 @@ def test_workers_leave_when_the_supervisor_is_killed(router):
     assert len(workers) == 2
     r.proc.kill()
     r.proc.wait()
-    wait_until(lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers), 2,
-               message="workers outlived the supervisor")
+    wait_until(lambda: gone(workers), 2, message="workers outlived the supervisor")
 
 
 def test_sigterm_stops_cleanly(router):
@@ -319,8 +310,7 @@ def test_sigterm_stops_cleanly(router):
     workers = r.workers_procs()
     r.signal(signal.SIGTERM)
     assert r.proc.wait(10) == 0
-    wait_until(lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers), 2,
-               message="workers left after SIGTERM")
+    wait_until(lambda: gone(workers), 2, message="workers left after SIGTERM")
 
 
 def test_process_titles(router):

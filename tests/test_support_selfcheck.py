@@ -1,4 +1,4 @@
-"""Self-checks of the test-support modules: netutil, knot_server, fake_backend.
+"""Self-checks of the support package: net, processes, zones, metrics, knot, fake_backend.
 
 If these fail, integration test failures elsewhere say nothing about
 dnsrouter.
@@ -6,21 +6,29 @@ dnsrouter.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import dns.exception
 import dns.flags
 import dns.message
 import dns.rcode
 import dns.rdatatype
+import psutil
 import pytest
 
-import knot_server
-from fake_backend import ANSWER_ADDRESS, FakeBackend
-from knot_server import KnotServer, make_split_zone
-from netutil import free_port, query, wait_until
+import support.knot
+from support import metrics
+from support.fake_backend import ANSWER_ADDRESS, ANSWER_ADDRESS6, FakeBackend
+from support.knot import KnotServer
+from support.net import free_port, query, raw_udp, wait_until
+from support.processes import gone, spawn, stop
+from support.zones import make_split_zone, numbered_zone
 
 SPLIT = make_split_zone(n=20)
 ZONE_A, ZONE_B = SPLIT.zone_names
@@ -42,7 +50,7 @@ def identity_of(port: int) -> str:
     return b"".join(r.answer[0][0].strings).decode()
 
 
-# -- netutil -------------------------------------------------------------------
+# -- net -----------------------------------------------------------------------
 
 def test_free_port_is_bindable_for_udp_and_tcp():
     port = free_port()
@@ -59,7 +67,53 @@ def test_wait_until_returns_value_and_fails_at_deadline():
     assert 0.2 <= time.monotonic() - start < 2
 
 
-# -- knot_server ------------------------------------------------------------------
+# -- processes -------------------------------------------------------------------
+
+def test_stop_escalates_to_sigkill_and_kills_the_group():
+    # A shell that ignores SIGTERM, with a child of its own in its group.
+    proc = spawn(["sh", "-c", "trap '' TERM; sleep 60 & echo $!; wait"], stdout=subprocess.PIPE, text=True)
+    child = psutil.Process(int(proc.stdout.readline()))
+    started = time.monotonic()
+    assert stop(proc, timeout=0.3) == -signal.SIGKILL
+    assert time.monotonic() - started < 3
+    wait_until(lambda: gone([child]), 3, message="the child in the group survived stop()")
+    assert stop(proc) == -signal.SIGKILL  # idempotent
+
+
+def test_a_spawned_process_dies_with_its_parent():
+    # The parent, SIGKILLed, has no chance to clean up: the kernel must.
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from support.processes import spawn; "
+            "print(spawn(['sleep', '60']).pid, flush=True); sys.stdin.read()")
+    parent = subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).parent)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        orphan = psutil.Process(int(parent.stdout.readline()))
+        assert not gone([orphan])
+    finally:
+        parent.kill()
+        parent.wait()
+    wait_until(lambda: gone([orphan]), 5, message="a spawned process outlived its parent")
+
+
+# -- zones and metrics --------------------------------------------------------------
+
+def test_numbered_zone_text():
+    assert numbered_zone("z.example", 2, width=5, net=3) == (
+        "$ORIGIN z.example.\n$TTL 300\n@ SOA ns hostmaster 1 3600 900 604800 300\n@ NS ns\n"
+        "ns A 192.0.2.53\nh00001 A 10.3.0.1\nh00002 A 10.3.0.2\n")
+
+
+def test_metrics_parse_and_value():
+    page = ('# TYPE q counter\nq_total{transport="udp"} 3.0\nq_total{transport="tcp"} 1.0\n'
+            '# TYPE v gauge\nv 7.0\n')
+    samples = metrics.parse(page)
+    assert metrics.value(samples, "q_total", transport="udp") == 3
+    assert metrics.value(samples, "q_total", transport="other") == 0
+    assert metrics.value(samples, "v") == 7
+    assert metrics.lines(page, "q_total") == ['q_total{transport="udp"} 3.0', 'q_total{transport="tcp"} 1.0']
+
+
+# -- knot ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def knots():
@@ -135,10 +189,18 @@ def test_knot_kill_restart_same_port_then_stop():
 
 
 def test_missing_knotd_is_an_error_not_a_skip(monkeypatch):
-    monkeypatch.setattr(knot_server.shutil, "which", lambda name: None)
-    monkeypatch.setattr(knot_server.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(support.knot.shutil, "which", lambda name: None)
+    monkeypatch.setattr(support.knot.os, "access", lambda path, mode: False)
     with pytest.raises(RuntimeError, match="knotd not found"):
-        knot_server.knotd_path()
+        support.knot.knotd_path()
+
+
+def test_knot_listens_on_extra_ports_too():
+    extra = free_port()
+    with KnotServer({ZONE_A: SPLIT.zones[ZONE_A]}, extra_ports=[extra]) as k:
+        for port in (k.port, extra):
+            assert [rd.address for rd in query(SPLIT.names[ZONE_A][0], port=port).answer[0]] == \
+                [SPLIT.addresses[SPLIT.names[ZONE_A][0]]]
 
 
 def test_bad_zone_fails_fast_with_log():
@@ -152,13 +214,6 @@ def test_bad_zone_fails_fast_with_log():
 
 
 # -- fake_backend --------------------------------------------------------------
-
-def raw_udp(port: int, wire: bytes, timeout: float = 2.0) -> bytes:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(timeout)
-        s.sendto(wire, ("127.0.0.1", port))
-        return s.recv(65535)
-
 
 def test_fake_ok_answers_and_records():
     with FakeBackend("ok") as b:
@@ -178,8 +233,7 @@ def test_fake_ok_answers_and_records():
 
 def test_fake_records_unparsable_queries_without_answering():
     with FakeBackend("ok") as b:
-        with pytest.raises(socket.timeout):
-            raw_udp(b.port, b"\x01\x02\x03", timeout=0.3)
+        assert raw_udp(b.port, b"\x01\x02\x03", timeout=0.3) is None  # no answer
         assert b.received[0].message is None and b.received[0].wire == b"\x01\x02\x03"
 
 
@@ -251,3 +305,14 @@ def test_fake_udp_only():
         assert query("x.example.", port=b.port).answer
         with pytest.raises(ConnectionRefusedError):
             query("x.example.", port=b.port, transport="tcp", timeout=1)
+
+
+def test_fake_on_the_ipv6_loopback():
+    with FakeBackend("ok", host="::1") as b:
+        assert b.addr == f"[::1]:{b.port}"
+        for transport in ("udp", "tcp"):
+            r = query("x.example.", "AAAA", port=b.port, transport=transport, host="::1")
+            assert [rd.address for rd in r.answer[0]] == [ANSWER_ADDRESS6]
+        assert b.received[0].peer[0] == "::1" and b.count() == 2
+    with pytest.raises(ValueError, match="loopback"):
+        FakeBackend(host="0.0.0.0")

@@ -9,7 +9,6 @@ dependency (Debian package ``etcd-server``), not an optional one.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
@@ -21,7 +20,8 @@ import urllib.parse
 import urllib.request
 from typing import Any, NamedTuple, Optional
 
-from netutil import free_port as _free_port, wait_until
+from support.net import free_port as _free_port, wait_until
+from support.processes import spawn, stop
 
 
 class _Managed:
@@ -40,17 +40,6 @@ class _Managed:
 
 ETCD = os.environ.get("ETCD_BINARY", "etcd")
 START_TIMEOUT = 20.0
-
-
-def _die_with_parent() -> None:
-    # An interrupted test run (Ctrl-C, SIGKILL of pytest) must not leave etcd
-    # servers behind holding ports: ask the kernel to kill the child when we
-    # go away. Best effort: Linux only.
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def _request(method: str, url: str, data: Optional[dict] = None,
@@ -211,9 +200,7 @@ class EtcdServer(_Managed):
             raise RuntimeError(f"etcd binary {ETCD!r} not found (Debian package etcd-server)")
         log = open(self.log_path, "ab")
         try:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=log,
-                                         preexec_fn=_die_with_parent)
+            self.proc = spawn(self.command(), stdout=log, stderr=log)
         finally:
             log.close()
         if wait:
@@ -255,15 +242,7 @@ class EtcdServer(_Managed):
             return ""
 
     def _signal(self, sig: int, timeout: float) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc, timeout, sig=sig)
         self.proc = None
 
     def stop(self, timeout: float = 10.0) -> None:

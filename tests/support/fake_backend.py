@@ -1,4 +1,4 @@
-"""A scriptable fake DNS backend on 127.0.0.1 for fault-injection tests.
+"""A scriptable fake DNS backend on 127.0.0.1 (or ::1) for fault-injection tests.
 
     with FakeBackend("ok") as b:
         ...                      # route some names to b.addr
@@ -6,22 +6,30 @@
         assert b.count("udp") == 1
 
 Modes (changeable at any time through .mode):
-  ok        NOERROR, A 192.0.2.1 for any name asked type A (or ANY), and
-            `id.server. CH TXT` -> .identity; other types: empty NOERROR
+  ok        NOERROR, A 192.0.2.1 for any name asked type A (or ANY), AAAA ::53
+            for type AAAA, and `id.server. CH TXT` -> .identity; other
+            types: empty NOERROR
   drop      never answers (TCP connections are accepted, then ignored)
   delay     like ok, but each answer is sent .delay seconds later
   wrong_id  like ok, but with a different message ID
   refused   REFUSED, question echoed
   garbage   random bytes (length-prefixed on TCP, so framing still works)
+  truncate  over UDP an empty answer with TC set; over TCP the answer of ok,
+            .delay seconds later (a big answer, and a slow TCP path to it)
 
 One thread serves UDP and TCP through a selector; delayed answers wait in
 a schedule, not in sleeping threads, so a slow answer never holds up the
 others. Every query received is recorded in .received before the mode
 decides what to do with it.
+
+FakeBackend(host="::1") listens on the IPv6 loopback instead; .addr is
+then "[::1]:<port>", the form route values take.
 """
 from __future__ import annotations
 
+import errno
 import heapq
+import ipaddress
 import itertools
 import os
 import random
@@ -34,15 +42,18 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import dns.exception
+import dns.flags
 import dns.message
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-HOST = "127.0.0.1"
-MODES = ("ok", "drop", "delay", "wrong_id", "refused", "garbage")
+from support.net import HOST
+
+MODES = ("ok", "drop", "delay", "wrong_id", "refused", "garbage", "truncate")
 ANSWER_ADDRESS = "192.0.2.1"
+ANSWER_ADDRESS6 = "::53"
 
 
 @dataclass(frozen=True)
@@ -52,7 +63,7 @@ class Received:
     transport: str                        # 'udp' or 'tcp'
     wire: bytes                           # the query's bytes (no TCP length prefix)
     message: dns.message.Message | None   # parsed, or None if it did not parse
-    peer: tuple[str, int]
+    peer: tuple                           # (host, port), or (host, port, flow, scope) on IPv6
     time: float                           # time.monotonic() at arrival
 
     @property
@@ -73,7 +84,7 @@ def _large_receive_buffer(sock: socket.socket, size: int = 4 << 20) -> None:
 
 
 class FakeBackend:
-    """A fake DNS server on 127.0.0.1:<port>, UDP and/or TCP, in one thread."""
+    """A fake DNS server on 127.0.0.1:<port> (or [::1]:<port>), UDP and/or TCP, in one thread."""
 
     def __init__(
         self,
@@ -83,7 +94,13 @@ class FakeBackend:
         delay: float = 1.0,
         identity: str | None = None,
         port: int | None = None,
+        host: str = HOST,
     ) -> None:
+        ip = ipaddress.ip_address(host)
+        if not ip.is_loopback:
+            raise ValueError(f"a fake backend listens on loopback only (127.0.0.0/8, ::1), not {host!r}")
+        self.host = host
+        self.family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
         self.transports = tuple(transports)
         if not self.transports or set(self.transports) - {"udp", "tcp"}:
             raise ValueError(f"transports must be a non-empty subset of ('udp', 'tcp'), not {transports!r}")
@@ -93,14 +110,17 @@ class FakeBackend:
         self._received: list[Received] = []
         self._udp, self._tcp = self._bind(port)
         self.port: int = (self._udp or self._tcp).getsockname()[1]
-        self.addr: str = f"{HOST}:{self.port}"
+        self.addr: str = f"[{host}]:{self.port}" if self.family == socket.AF_INET6 else f"{host}:{self.port}"
         self.identity: str = identity if identity is not None else f"fake-{self.port}"
         self._sel = selectors.DefaultSelector()
         # A socketpair wakes the selector on stop() instead of a polling timeout.
         self._wake_r, self._wake_w = socket.socketpair()
         self._conns: dict[socket.socket, bytearray] = {}
-        self._schedule: list[tuple[float, int, socket.socket, bytes, tuple[str, int] | None]] = []
+        self._schedule: list[tuple[float, int, socket.socket, bytes, tuple | None]] = []
         self._seq = itertools.count()  # heap tie-breaker: sockets do not compare
+        # TCP queries received and not answered yet: how many now, and the most at once.
+        self._tcp_waiting = 0
+        self.tcp_peak = 0
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"fake-backend-{self.port}", daemon=True)
         self._started = False
@@ -125,20 +145,22 @@ class FakeBackend:
             udp = tcp = None
             try:
                 if "udp" in self.transports:
-                    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    udp = socket.socket(self.family, socket.SOCK_DGRAM)
                     _large_receive_buffer(udp)
-                    udp.bind((HOST, port or 0))
+                    udp.bind((self.host, port or 0))
                 if "tcp" in self.transports:
-                    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    tcp = socket.socket(self.family, socket.SOCK_STREAM)
                     tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    tcp.bind((HOST, udp.getsockname()[1] if udp else (port or 0)))
+                    tcp.bind((self.host, udp.getsockname()[1] if udp else (port or 0)))
                     tcp.listen(64)
                 return udp, tcp
-            except OSError:
+            except OSError as e:
                 for s in (udp, tcp):
                     if s:
                         s.close()
-                if port:
+                # Retry only a race for the number (UDP got one TCP cannot
+                # have); anything else, say no IPv6 loopback, fails at once.
+                if port or e.errno != errno.EADDRINUSE:
                     raise
         raise RuntimeError("could not bind UDP and TCP on the same port")
 
@@ -253,7 +275,7 @@ class FakeBackend:
         del self._conns[conn]
         conn.close()
 
-    def _handle(self, transport: str, wire: bytes, peer: tuple[str, int], sock: socket.socket) -> None:
+    def _handle(self, transport: str, wire: bytes, peer: tuple, sock: socket.socket) -> None:
         try:
             msg: dns.message.Message | None = dns.message.from_wire(wire)
         except (dns.exception.DNSException, ValueError):
@@ -263,18 +285,25 @@ class FakeBackend:
         mode = self._mode  # read once: a concurrent change applies to the next query
         if mode == "drop" or (msg is None and mode != "garbage"):
             return
-        reply = self._reply(mode, msg)
+        reply = self._reply(mode, msg, transport)
         dest = peer if transport == "udp" else None
-        due = time.monotonic() + (self.delay if mode == "delay" else 0.0)
+        slow = mode == "delay" or (mode == "truncate" and transport == "tcp")
+        due = time.monotonic() + (self.delay if slow else 0.0)
+        if dest is None:
+            self._tcp_waiting += 1
+            self.tcp_peak = max(self.tcp_peak, self._tcp_waiting)
         heapq.heappush(self._schedule, (due, next(self._seq), sock, reply, dest))
 
-    def _reply(self, mode: str, q: dns.message.Message | None) -> bytes:
+    def _reply(self, mode: str, q: dns.message.Message | None, transport: str = "udp") -> bytes:
         if mode == "garbage":
             return os.urandom(random.randint(1, 64))
         assert q is not None
         r = dns.message.make_response(q)  # echoes ID, question, RD and EDNS
         if mode == "refused":
             r.set_rcode(dns.rcode.REFUSED)
+            return r.to_wire()
+        if mode == "truncate" and transport == "udp":
+            r.flags |= dns.flags.TC
             return r.to_wire()
         if q.question:
             qq = q.question[0]
@@ -283,6 +312,8 @@ class FakeBackend:
                 r.answer.append(dns.rrset.from_text(qq.name, 0, "CH", "TXT", f'"{self.identity}"'))
             elif qq.rdclass == dns.rdataclass.IN and qq.rdtype in (dns.rdatatype.A, dns.rdatatype.ANY):
                 r.answer.append(dns.rrset.from_text(qq.name, 300, "IN", "A", ANSWER_ADDRESS))
+            elif qq.rdclass == dns.rdataclass.IN and qq.rdtype == dns.rdatatype.AAAA:
+                r.answer.append(dns.rrset.from_text(qq.name, 300, "IN", "AAAA", ANSWER_ADDRESS6))
         if mode == "wrong_id":
             r.id = (q.id + 1) & 0xFFFF
         return r.to_wire()
@@ -291,6 +322,8 @@ class FakeBackend:
         now = time.monotonic()
         while self._schedule and self._schedule[0][0] <= now:
             _, _, sock, reply, dest = heapq.heappop(self._schedule)
+            if dest is None:
+                self._tcp_waiting -= 1  # answered (or its client gone): no longer waiting
             try:
                 if dest is not None:
                     sock.sendto(reply, dest)

@@ -1,30 +1,19 @@
-"""The real router as a subprocess, for integration tests."""
+"""The real router as a subprocess, for integration tests and benchmarks."""
 from __future__ import annotations
 
 import os
-import signal
-import socket
+import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import IO, Sequence
 
 import dns.message
 import psutil
 
-from netutil import HOST, free_port, wait_until
-
-
-def raw_udp(port: int, payload: bytes, timeout: float = 2.0) -> bytes | None:
-    """Send bytes, return the reply's bytes, or None when nothing comes back."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(timeout)
-        s.sendto(payload, (HOST, port))
-        try:
-            return s.recv(65535)
-        except socket.timeout:
-            return None
+from support.net import HOST, free_port, raw_udp, wait_until
+from support.processes import spawn, stop
 
 
 class Router:
@@ -33,17 +22,14 @@ class Router:
     def __init__(self, routes_dir: str | None = None, workers: int = 1,
                  args: Sequence[str] = (), port: int | None = None, *,
                  executable: Sequence[str] | None = None, log_level: str = "debug",
-                 workdir: str | None = None, new_session: bool = False) -> None:
+                 workdir: str | None = None) -> None:
         """executable: the command that runs dnsrouter (default ``python -m
         dnsrouter`` of this interpreter); workdir: the router's cwd, log and
-        default routes dir (default a new temporary directory); new_session:
-        start it in its own session, so a Ctrl-C in the terminal reaches only
-        this process, which then stops the router in order."""
+        default routes dir (default a new temporary directory)."""
         self.port = port or free_port()
         self.workers = workers
         self.executable = list(executable) if executable else [sys.executable, "-m", "dnsrouter"]
         self.log_level = log_level
-        self.new_session = new_session
         if workdir is None:
             self.dir = Path(tempfile.mkdtemp(prefix="dnsrouter-test-"))
         else:
@@ -54,6 +40,7 @@ class Router:
         self.args = list(args)
         self.log_path = self.dir / "stderr.log"
         self.proc: subprocess.Popen | None = None
+        self._log: IO[bytes] | None = None
 
     @property
     def addr(self) -> str:
@@ -78,8 +65,7 @@ class Router:
     def start(self, wait: bool = True) -> "Router":
         self._log = open(self.log_path, "ab")
         # cwd outside the checkout: the source folder must not shadow the package.
-        self.proc = subprocess.Popen(self.command(), cwd=self.dir, stdout=self._log, stderr=self._log,
-                                     stdin=subprocess.DEVNULL, start_new_session=self.new_session)
+        self.proc = spawn(self.command(), cwd=self.dir, stdout=self._log, stderr=self._log)
         if wait:
             self.wait_ready()
         return self
@@ -118,28 +104,29 @@ class Router:
     def worker_pids(self) -> list[int]:
         return sorted(p.pid for p in self.workers_procs())
 
+    def numbered_workers(self) -> dict[str, psutil.Process]:
+        """{worker number, as in its title "dnsrouter: worker N": process} of the live workers."""
+        out = {}
+        for proc in self.workers_procs():
+            try:
+                m = re.search(r"dnsrouter: worker (\d+)", " ".join(proc.cmdline()))
+            except psutil.Error:
+                continue
+            if m:
+                out[m.group(1)] = proc
+        return out
+
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM, then SIGKILL; every worker is killed too whatever happens."""
+        """SIGTERM, then SIGKILL; the workers (in its process group) are killed too whatever happens."""
         if self.proc is None:
             return None
-        workers = self.workers_procs()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for worker in workers:
-            try:
-                worker.kill()
-            except psutil.Error:
-                pass
-        self._log.close()
-        return self.proc.returncode
+        code = stop(self.proc, timeout)
+        if self._log is not None:
+            self._log.close()
+        return code
 
     def __enter__(self) -> "Router":
         return self.start()

@@ -7,18 +7,16 @@ Each server lives in its own temporary directory (config, zone files,
 databases, pid file, control socket, log) and listens on 127.0.0.1 only,
 UDP and TCP on the same free port. It answers `id.server. CH TXT` with its
 identity (default "knot-<port>") so tests can tell backends apart, and
-REFUSED for names outside its zones.
+REFUSED for names outside its zones. Zone texts come from support.zones.
 """
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
-from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import dns.exception
 import dns.flags
@@ -26,19 +24,9 @@ import dns.message
 import dns.query
 import dns.rcode
 
-from netutil import HOST, free_port, wait_until
-
-# knotd processes still running, killed at interpreter exit so that a test
-# that forgot stop() (or crashed) never leaves a server behind.
-_live: set[subprocess.Popen] = set()
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    for proc in list(_live):
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+from support.net import HOST, free_port, wait_until
+from support.processes import spawn, stop
+from support.zones import fqdn as _fqdn
 
 
 def knotd_path() -> str:
@@ -59,6 +47,8 @@ class KnotServer:
     zones maps zone name -> zone file text (or is an iterable of such
     pairs). The port is chosen free unless given; it stays the same over
     stop()/kill()/start(), so restart tests hit the same address.
+    extra_ports: more ports it listens on too (one process, many backend
+    addresses the router has never seen).
     """
 
     def __init__(
@@ -70,6 +60,7 @@ class KnotServer:
         workdir: str | None = None,
         startup_timeout: float = 10.0,
         workers: int = 1,
+        extra_ports: Sequence[int] = (),
     ) -> None:
         items = zones.items() if isinstance(zones, Mapping) else zones
         self.zones: dict[str, str] = {_fqdn(name): text for name, text in items}
@@ -80,6 +71,7 @@ class KnotServer:
         self._started_once = False
         self.startup_timeout = startup_timeout
         self.workers = workers
+        self.extra_ports = list(extra_ports)
         self._own_dir = workdir is None
         self.dir: str = workdir or tempfile.mkdtemp(prefix="knot-")
         self.conf_path = os.path.join(self.dir, "knot.conf")
@@ -105,6 +97,9 @@ class KnotServer:
         for name, text in self.zones.items():
             with open(self.zone_path(name), "w") as f:
                 f.write(text if text.endswith("\n") else text + "\n")
+        listen = f"{HOST}@{self.port}"
+        if self.extra_ports:
+            listen = "[" + ", ".join(f"{HOST}@{p}" for p in [self.port, *self.extra_ports]) + "]"
         zone_lines = "".join(
             f'  - domain: "{name}"\n    file: "{self.zone_path(name)}"\n' for name in self.zones
         )
@@ -118,7 +113,7 @@ server:
     rundir: "{self.dir}/run"
     pidfile: "{self.dir}/run/knot.pid"
     identity: "{self.identity}"
-    listen: {HOST}@{self.port}
+    listen: {listen}
     udp-workers: {self.workers}
     tcp-workers: {self.workers}
     background-workers: 1
@@ -176,14 +171,7 @@ zone:
     def _spawn_and_wait(self) -> None:
         self._log_start = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [knotd_path(), "-c", self.conf_path],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                # Own session: a Ctrl-C in the terminal reaches pytest, whose
-                # cleanup then stops knotd in order.
-                start_new_session=True,
-            )
-        _live.add(self.proc)
+            self.proc = spawn([knotd_path(), "-c", self.conf_path], stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_until(self._ready, timeout=self.startup_timeout, interval=0.05,
                        message=f"knotd on {self.addr} did not answer for its zones")
@@ -217,25 +205,11 @@ zone:
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM knotd and wait for it; SIGKILL if it does not exit in time."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        _live.discard(self.proc)
+        stop(self.proc, timeout)
 
     def kill(self) -> None:
         """SIGKILL knotd (a crash, as far as clients can tell) and reap it."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-        _live.discard(self.proc)
+        stop(self.proc, sig=signal.SIGKILL)
 
     def close(self) -> None:
         """stop() and remove the temporary directory (if we made it)."""
@@ -285,67 +259,3 @@ zone:
 class _PortTaken(Exception):
     """knotd could not bind its port."""
 
-
-def _fqdn(name: str) -> str:
-    return name if name.endswith(".") else name + "."
-
-
-# -- test data -----------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SplitZone:
-    """Two backend halves of one namespace, as two separate zones.
-
-    dnsrouter routes by regexp over names, so each Knot gets its own zone
-    (a.<origin> and b.<origin>) rather than half of one zone.
-    """
-
-    origin: str
-    zones: dict[str, str]            # zone name -> zone file text
-    names: dict[str, list[str]]      # zone name -> owner names that have an A record
-    addresses: dict[str, str]        # owner name -> its A address
-    big_txt: dict[str, str]          # zone name -> owner of the big TXT RRset
-    big_txt_strings: dict[str, list[str]]  # zone name -> the TXT strings at big_txt
-
-    @property
-    def zone_names(self) -> list[str]:
-        return list(self.zones)
-
-
-def make_split_zone(origin: str = "example.com.", n: int = 300, big_txt_count: int = 8) -> SplitZone:
-    """Zones a.<origin> and b.<origin>, each with n A records h0001..hNNNN.
-
-    Each zone also has big.<zone> with big_txt_count TXT records of 200
-    characters: about 1.7 KB on the wire with the defaults, so over UDP it
-    exceeds both 512 (no EDNS) and Knot's 1232-byte EDNS cap and comes back
-    with TC, while over TCP it arrives whole (and stays below 4000 bytes).
-    """
-    origin = _fqdn(origin)
-    zones: dict[str, str] = {}
-    names: dict[str, list[str]] = {}
-    addresses: dict[str, str] = {}
-    big_txt: dict[str, str] = {}
-    big_strings: dict[str, list[str]] = {}
-    for half, label in enumerate(("a", "b"), start=1):
-        zone = f"{label}.{origin}"
-        lines = [
-            f"$ORIGIN {zone}",
-            "$TTL 300",
-            "@ SOA ns hostmaster 1 3600 900 604800 300",
-            "@ NS ns",
-            "ns A 192.0.2.53",
-        ]
-        names[zone] = []
-        for i in range(1, n + 1):
-            owner = f"h{i:04d}.{zone}"
-            # 10.<half>.x.y: distinct per name, so answers identify the zone too.
-            addr = f"10.{half}.{i // 256}.{i % 256}"
-            lines.append(f"h{i:04d} A {addr}")
-            names[zone].append(owner)
-            addresses[owner] = addr
-        strings = [(f"{label}-{j:02d}-" + "x" * 200)[:200] for j in range(big_txt_count)]
-        lines += [f'big TXT "{s}"' for s in strings]
-        zones[zone] = "\n".join(lines) + "\n"
-        big_txt[zone] = f"big.{zone}"
-        big_strings[zone] = strings
-    return SplitZone(origin, zones, names, addresses, big_txt, big_strings)
