@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -23,15 +24,26 @@ _QUIET = re2.Options()
 _QUIET.log_errors = False
 
 
+# How a backend learns the client's address ([forward] client_address).
+CLIENT_ADDRESS_MODES = ("none", "proxy", "ecs")
+_JSON_KEYS = {"backend", "regexp", "client_address"}
+
+
 @dataclass(frozen=True)
 class RouteValue:
-    """A parsed registry value ``<ip:port>,<regexp>``."""
+    """A parsed registry value: ``<ip:port>,<regexp>``, or the JSON object
+    ``{"backend": ..., "regexp": ..., "client_address": ...}`` for the options
+    of one backend."""
 
     backend: Address
     pattern: str
+    client_address: str | None = None  # None: [forward] client_address decides
 
     def to_text(self) -> str:
-        return f"{self.backend},{self.pattern}"
+        if self.client_address is None:
+            return f"{self.backend},{self.pattern}"
+        return json.dumps({"backend": str(self.backend), "regexp": self.pattern,
+                           "client_address": self.client_address})
 
 
 def parse_value(value: str | bytes) -> RouteValue:
@@ -50,9 +62,13 @@ def parse_value(value: str | bytes) -> RouteValue:
     value = value.strip()
     if not value:
         raise ValueParseError("value is empty")
-    address, comma, pattern = value.partition(",")
-    if not comma:
-        raise ValueParseError("no comma between ip:port and regexp")
+    client_address = None
+    if value.startswith("{"):  # a plain value starts with an address: never ambiguous
+        address, pattern, client_address = _parse_json(value)
+    else:
+        address, comma, pattern = value.partition(",")
+        if not comma:
+            raise ValueParseError("no comma between ip:port and regexp")
     if not pattern:
         raise ValueParseError("empty regexp")
     try:
@@ -64,7 +80,27 @@ def parse_value(value: str | bytes) -> RouteValue:
     except re2.error as e:
         reason = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else e
         raise ValueParseError(f"regexp does not compile under RE2: {reason}") from None
-    return RouteValue(backend, pattern)
+    return RouteValue(backend, pattern, client_address)
+
+
+def _parse_json(value: str) -> tuple[str, str, str | None]:
+    """(address, regexp, client_address) of a JSON value."""
+    try:
+        obj = json.loads(value)
+    except (ValueError, RecursionError) as e:
+        raise ValueParseError(f"value is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueParseError("a JSON value must be an object")
+    unknown = sorted(set(obj) - _JSON_KEYS)
+    if unknown:
+        raise ValueParseError(f"unknown key {unknown[0]!r} (known: backend, regexp, client_address)")
+    for key in ("backend", "regexp"):
+        if not isinstance(obj.get(key), str):
+            raise ValueParseError(f"{key!r} must be a string")
+    mode = obj.get("client_address")
+    if mode is not None and mode not in CLIENT_ADDRESS_MODES:
+        raise ValueParseError(f"client_address {mode!r} is not one of {', '.join(CLIENT_ADDRESS_MODES)}")
+    return obj["backend"], obj["regexp"], mode
 
 
 @dataclass(frozen=True)
@@ -73,6 +109,8 @@ class Route:
 
     pattern: str
     backends: tuple[Address, ...]
+    # Each backend's own client_address, where its value named one; () when none did.
+    client_address: tuple[str | None, ...] = ()
 
 
 class Pool:
@@ -155,10 +193,15 @@ def compile_set(patterns: Iterable[str]) -> "re2.Set":
 
 def build_routes(values: Iterable[tuple[int, RouteValue]]) -> tuple[Route, ...]:
     """Group (order, value) pairs into pools, ordered by first registration."""
-    pools: dict[str, list[tuple[int, Address]]] = {}
+    pools: dict[str, list[RouteValue]] = {}
     for order, value in sorted(values, key=lambda item: item[0]):
         members = pools.setdefault(value.pattern, [])
-        if value.backend not in (b for _, b in members):
-            members.append((order, value.backend))
+        if value.backend not in (m.backend for m in members):
+            members.append(value)
     # dicts keep insertion order, and insertion followed registration order.
-    return tuple(Route(p, tuple(b for _, b in members)) for p, members in pools.items())
+    routes = []
+    for pattern, members in pools.items():
+        modes = tuple(m.client_address for m in members)
+        routes.append(Route(pattern, tuple(m.backend for m in members),
+                            modes if any(m is not None for m in modes) else ()))
+    return tuple(routes)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 from .address import Address, parse_address
+from .routes import CLIENT_ADDRESS_MODES
 
 
 def _positive_float(text: str) -> float:
@@ -108,6 +109,23 @@ def _deny_action(text: str) -> str:
     if value not in ("refuse", "drop"):
         raise ValueError(f"{text!r} is not refuse or drop")
     return value
+
+
+def _client_address(text: str) -> str:
+    value = text.strip().lower()
+    if value not in CLIENT_ADDRESS_MODES:
+        raise ValueError(f"{text!r} is not one of {', '.join(CLIENT_ADDRESS_MODES)}")
+    return value
+
+
+def _prefix_length(bits: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if not 0 <= value <= bits:
+            raise ValueError(f"{text!r} is not a prefix length in 0-{bits}")
+        return value
+
+    return parse
 
 
 def _directory(text: str) -> str:
@@ -241,6 +259,23 @@ class Config:
     forward_tcp_fetches: int = _setting(
         "forward", "tcp_fetches", "32", _positive_int,
         "truncated replies a worker fetches again over TCP at once; more wait their turn")
+    forward_client_address: str = _setting(
+        "forward", "client_address", "none", _client_address,
+        "how backends learn the client's address: none, proxy (a PROXY v2 header before each "
+        "datagram) or ecs (an EDNS Client Subnet option); a JSON registry value may set its own",
+        flag="--client-address", metavar="none|proxy|ecs")
+    forward_proxy_tcp: bool = _setting(
+        "forward", "proxy_tcp", "no", _bool,
+        "with proxy: send the header on the TCP connections that fetch truncated answers too")
+    forward_ecs_ipv4_prefix: int = _setting(
+        "forward", "ecs_ipv4_prefix", "24", _prefix_length(32),
+        "with ecs: bits of an IPv4 client address the backend sees")
+    forward_ecs_ipv6_prefix: int = _setting(
+        "forward", "ecs_ipv6_prefix", "56", _prefix_length(128),
+        "with ecs: bits of an IPv6 client address the backend sees")
+    forward_ecs_override: bool = _setting(
+        "forward", "ecs_override", "no", _bool,
+        "with ecs: replace a client's own ECS option (no: forward the client's as it is)")
     metrics_listen: Address | None = _setting(
         "metrics", "listen", "", _optional(parse_address),
         "serve /metrics and /routes over HTTP at ip:port", flag="--metrics", metavar="ADDR:PORT", live=True)

@@ -326,3 +326,34 @@ def test_a_regexp_too_big_for_re2_is_refused_not_compiled():
     # value must not make a worker build it.
     with pytest.raises(ValueParseError, match="pattern too large"):
         parse_value(r"127.0.0.1:53,\pL{1000}")  # any letter, a thousand times: a huge program
+
+
+# -- JSON values: per-backend options -----------------------------------------
+
+def test_json_value_with_client_address():
+    v = parse_value(r'{"backend": "10.1.1.15:5300", "regexp": "^[ab]*\\.example\\.com\\.$", '
+                    r'"client_address": "proxy"}')
+    assert v == RouteValue(Address("10.1.1.15", 5300), r"^[ab]*\.example\.com\.$", "proxy")
+    assert parse_value(v.to_text()) == v
+    assert parse_value('{"backend": "[2001:db8::1]:53", "regexp": "x"}') == RouteValue(D, "x")
+
+
+@pytest.mark.parametrize("value, reason", [
+    ('{"backend": "10.0.0.1:53", "regexp": "x", "weight": 2}', "unknown key 'weight'"),
+    ('{"backend": "10.0.0.1:53", "regexp": "x", "client_address": "both"}', "client_address 'both'"),
+    ('{"backend": "10.0.0.1:53"}', "'regexp' must be a string"),
+    ('{"backend": 53, "regexp": "x"}', "'backend' must be a string"),
+    ('{"backend": "host:53", "regexp": "x"}', "not a literal IP"),
+    ('{"backend": "10.0.0.1:53", "regexp": "("}', "RE2"),
+    ('{"backend": "10.0.0.1:53", "regexp": "x"', "not valid JSON"),
+    ('{' * 5000, "longer than"),
+])
+def test_bad_json_values_say_why(value, reason):
+    assert reason in _reason(value)
+
+
+def test_a_backend_option_rides_with_its_route():
+    values = [(1, parse_value(r"10.0.0.1:53,^a\.$")),
+              (2, parse_value('{"backend": "10.0.0.2:53", "regexp": "^a\\\\.$", "client_address": "ecs"}')),
+              (3, parse_value(r"10.0.0.3:53,^b\.$"))]
+    assert build_routes(values) == (Route(r"^a\.$", (A, B), (None, "ecs")), Route(r"^b\.$", (C,)))
