@@ -29,7 +29,7 @@ keep the table they have). Hence:
 
 The count in flight includes queries queued on a dead worker's socket, so
 this bound only means something while each dead worker is replaced quickly;
-hence also, as DESIGN.md promises, every killed worker is replaced within a
+hence also, as the README promises, every killed worker is replaced within a
 second (a replacement that waits longer leaves that socket's share of the
 clients unanswered), and the router must keep answering: never more than
 1.5 s without a single successful answer.
@@ -65,7 +65,7 @@ RATE = int(os.environ.get("DNSROUTER_CHAOS_RATE", "300"))
 CLIENT_TIMEOUT = 3.0
 KILL_EVERY = float(os.environ.get("DNSROUTER_CHAOS_KILL_EVERY", "3"))
 FLAP_EVERY = 7.0
-# DESIGN.md: "A worker that dies is replaced within a second on the same sockets."
+# The contract (README, Supervision): a worker that dies is replaced at once on the same sockets.
 REPLACE_WITHIN = 1.0
 # A failed query counts against a kill when it was in flight at the kill
 # (sent before it, failed after it), or else when it was sent less than the
