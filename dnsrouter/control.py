@@ -16,8 +16,10 @@ STOP = "stop"  # payload: None; finish in-flight queries and exit 0
 
 # worker -> supervisor
 READY = "ready"  # payload: snapshot version applied; the worker serves
-REPORT = "report"  # payload: dict of counter deltas; also the heartbeat
-TIMEOUT = "timeout"  # payload: ("ip:port", timeouts in a row) of a backend that did not answer
+REPORT = "report"  # payload: {"delta": counter deltas, "version": snapshot served, "srtt": {"ip:port": s}}; the heartbeat
+# payload: {"ip:port": failures in a row} of the backends whose unanswered
+# tries or ICMP errors grew since the last one; at most every EVIDENCE_INTERVAL
+EVIDENCE = "evidence"
 BOOT_FAILED = "boot_failed"  # payload: the reason, before exiting EXIT_BOOT_FAILED
 
 # Worker exit codes. A worker that cannot boot must not be respawned in a
@@ -30,6 +32,7 @@ EXIT_BOOT_FAILED = 3
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 REPORT_INTERVAL = 1.0  # seconds between two reports (heartbeats) of a worker
+EVIDENCE_INTERVAL = 0.1  # seconds at least between two EVIDENCE messages of a worker
 
 
 @dataclass

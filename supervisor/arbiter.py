@@ -257,7 +257,8 @@ class Supervisor:
         return False
 
     def publish(self) -> None:
-        snapshot = self.table.snapshot()
+        states = dict(self.health.states)
+        snapshot = self.table.snapshot({b: s.latency for b, s in states.items() if s.latency is not None})
         self._wire = snapshot.to_wire()
         self._published_at = time.monotonic()
         self._send_routes(self.workers.values())
@@ -300,19 +301,22 @@ class Supervisor:
         return {"health": dict(self.health.states), "invalid": len(self.table.invalid),
                 "version": self.table.version, "updated": self.table.updated,
                 "routes": len(self.table.routes), "restarts": self.restarts,
-                "workers": {i: h.pid for i, h in list(self.workers.items())}}
+                "workers": {i: h.pid for i, h in list(self.workers.items())},
+                "srtt": [h.srtt for h in list(self.workers.values())]}
 
     def routes(self) -> dict:
         """The live table with each backend's health (``/routes``)."""
         states = dict(self.health.states)
         table = self.table
+        default = self.config.forward_client_address
         return {
             "version": table.version, "updated": table.updated,
             "routes": [{"pattern": route.pattern, "backends": [
                 {"address": str(b), "up": b in table.up,
                  "reason": states[b].reason if b in states else "not checked yet",
-                 "check_latency": states[b].latency if b in states else None}
-                for b in route.backends]} for route in table.routes],
+                 "check_latency": states[b].latency if b in states else None,
+                 "client_address": mode}
+                for b, mode in route.modes(default).items()]} for route in table.routes],
             "invalid": dict(table.invalid),
         }
 
@@ -337,6 +341,7 @@ class Supervisor:
             while handle.conn.poll():
                 tag, payload = handle.conn.recv()
                 handle.last_seen = time.monotonic()
+                self.metrics.add({("worker_messages", tag): 1})
                 self.on_worker_message(handle, tag, payload)
         except (EOFError, OSError):
             pass  # it died; the sentinel tells the loop
@@ -348,10 +353,11 @@ class Supervisor:
             handle.version = payload
         elif tag == control.REPORT:
             handle.version = payload["version"]
+            handle.srtt = payload.get("srtt", {})
             self.metrics.add(payload["delta"])
-        elif tag == control.TIMEOUT:
-            backend, streak = payload
-            self.health.forward_timeout(parse_address(backend), streak)
+        elif tag == control.EVIDENCE:
+            for backend, streak in payload.items():
+                self.health.passive_failures(parse_address(backend), streak)
         elif tag == control.BOOT_FAILED:
             raise BootError(payload)
 

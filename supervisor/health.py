@@ -80,8 +80,8 @@ class HealthChecker:
     def configure(self, settings: HealthSettings) -> None:
         self._loop.call_soon_threadsafe(self._configure, settings)
 
-    def forward_timeout(self, backend: Address, streak: int) -> None:
-        """A worker saw ``streak`` forwarding timeouts in a row for ``backend``."""
+    def passive_failures(self, backend: Address, streak: int) -> None:
+        """A worker saw ``streak`` unanswered tries or ICMP errors in a row for ``backend``."""
         self._loop.call_soon_threadsafe(self._passive, backend, streak)
 
     def up(self) -> frozenset[Address]:
@@ -154,7 +154,7 @@ class HealthChecker:
         state = self.states.get(backend)
         if state is not None and state.up and streak >= self.settings.fall:
             state.successes = 0
-            self._change(backend, state, False, f"{streak} forwarding timeouts in a row", "up")
+            self._change(backend, state, False, f"{streak} forwarded queries unanswered or unreachable in a row", "up")
 
     def _change(self, backend: Address, state: BackendState, up: bool, reason: str, old: str) -> None:
         state.up, state.reason, state.since = up, reason, time.time()

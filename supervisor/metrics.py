@@ -32,6 +32,15 @@ LABELLED_COUNTERS = {
     "backend_timeouts": ("dnsrouter_backend_timeouts_total", "Forwarded queries a backend did not answer in time", "backend"),
     "ignored_replies": ("dnsrouter_ignored_replies_total", "Replies from backends ignored (wrong source, ID or question)", "reason"),
     "tcp_closed": ("dnsrouter_tcp_closed_total", "TCP client connections closed by the router", "reason"),
+    "backend_retries": ("dnsrouter_backend_retries_total",
+                        "Queries also sent to another backend because this one had not answered within its "
+                        "retry time, or was unreachable", "backend"),
+    "late_replies": ("dnsrouter_backend_late_replies_total",
+                     "Replies dropped because the query was already answered (or had timed out)", "backend"),
+    "backend_icmp_errors": ("dnsrouter_backend_icmp_errors_total",
+                            "ICMP errors (port or host unreachable) for queries sent to a backend", "backend"),
+    "worker_messages": ("dnsrouter_worker_messages_total", "Messages the supervisor received from workers",
+                        "type"),
 }
 
 
@@ -89,6 +98,17 @@ class Metrics:
                 check.add_metric([str(backend)], health.latency)
         yield up
         yield check
+        # Each worker keeps its own estimate; the mean of theirs is the backend's.
+        estimates: dict[str, list[float]] = {}
+        for worker in state["srtt"]:
+            for backend, seconds in worker.items():
+                estimates.setdefault(backend, []).append(seconds)
+        srtt = GaugeMetricFamily("dnsrouter_backend_srtt_seconds",
+                                 "Smoothed round trip of forwarded queries (RFC 6298), mean over workers",
+                                 labels=["backend"])
+        for backend, values in sorted(estimates.items()):
+            srtt.add_metric([backend], sum(values) / len(values))
+        yield srtt
         yield GaugeMetricFamily("dnsrouter_registry_invalid_values", "Registry values that do not parse",
                                 value=state["invalid"])
         yield GaugeMetricFamily("dnsrouter_snapshot_version", "Version of the route snapshot",

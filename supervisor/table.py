@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from dnsrouter.address import Address
 from dnsrouter.errors import ValueParseError
@@ -73,8 +73,11 @@ class RouteTable:
     def backends(self) -> frozenset[Address]:
         return frozenset(b for r in self.routes for b in r.backends)
 
-    def snapshot(self) -> Snapshot:
-        """A new version of the table, for the workers."""
+    def snapshot(self, rtt: Mapping[Address, float] | None = None) -> Snapshot:
+        """A new version of the table, for the workers (``rtt``: backends'
+        health check round trips, their first RTT estimate)."""
         self.version += 1
         self.updated = time.time()
-        return Snapshot(self.version, self.routes, self.down)
+        backends = self.backends
+        return Snapshot(self.version, self.routes, self.down,
+                        {b: s for b, s in (rtt or {}).items() if b in backends})

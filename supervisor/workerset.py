@@ -35,6 +35,7 @@ class WorkerHandle:
         self.ready = False
         self.ready_at = 0.0
         self.version = -1  # of the snapshot it serves, as its READY and REPORTs say
+        self.srtt: dict[str, float] = {}  # its backends' smoothed round trips, from its last REPORT
         self._outbox: list[tuple[str, object]] = []
         self._cond = threading.Condition()
         self._closed = False

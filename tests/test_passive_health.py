@@ -1,49 +1,41 @@
-"""Passive health evidence in a worker: timeouts "in a row" by send order."""
+"""Passive health evidence in a worker: unanswered tries "in a row" by send order."""
 from __future__ import annotations
 
-import dns.message
-
 from dnsrouter.address import Address
-from dnsrouter.routes import Pool, Route
 from dnsrouter.workers.forwarder import Forwarder
 from dnsrouter.workers.stats import Stats
-from dnsrouter.workers.upstream import Pending
-
-
-class Client:
-    def __init__(self):
-        self.sent = []
-
-    def send(self, data, addr):
-        self.sent.append(data)
-
-
-def make_entry(backend: Address, sent: float, client: Client) -> Pending:
-    query = dns.message.make_query("x.test.", "A").to_wire()
-    pool = Pool(Route(r"\.test\.$", (backend,)), [backend])
-    entry = Pending(client, None, query, query[12:], pool, backend, False, False)
-    entry.sent = sent
-    return entry
 
 
 def test_a_burst_of_lost_packets_from_a_live_backend_is_no_evidence():
-    reports = []
-    forwarder = Forwarder(1.0, Stats(), lambda b, streak: reports.append((b, streak)))
-    backend, client, counts = Address("127.0.0.1", 5300), Client(), {}
-    counts = Stats().for_thread()
-    forwarder.answered[backend] = 10.0  # it answered a query sent at t=10
+    forwarder = Forwarder(1.0, Stats())
+    backend, counts = Address("127.0.0.1", 5300), Stats().for_thread()
+    forwarder.answered(backend, 10.0, 0.001, counts)  # it answered a query sent at t=10
     for sent in (9.0, 9.1, 9.2, 9.3):  # four lost before that: a full buffer, not a dead server
-        forwarder._expired(make_entry(backend, sent, client), counts)
-    assert reports == []
-    assert len(client.sent) == 4  # each lost query still got its SERVFAIL
+        forwarder.unanswered(backend, sent, counts)
+    assert forwarder.evidence == {}
+    assert counts["backend_timeouts", backend] == 4
 
 
-def test_timeouts_after_the_last_answer_count_in_a_row():
-    reports = []
-    forwarder = Forwarder(1.0, Stats(), lambda b, streak: reports.append((b, streak)))
-    backend, client = Address("127.0.0.1", 5300), Client()
+def test_unanswered_tries_after_the_last_answer_count_in_a_row():
+    forwarder = Forwarder(1.0, Stats())
+    backend, counts = Address("127.0.0.1", 5300), Stats().for_thread()
+    forwarder.answered(backend, 10.0, 0.001, counts)
+    forwarder.unanswered(backend, 10.5, counts)
+    forwarder.unreachable(backend, counts)  # an ICMP error counts as much
+    forwarder.unanswered(backend, 10.7, counts)
+    # Coalesced: the supervisor hears the latest streak, once.
+    assert forwarder.evidence == {backend: 3}
+
+
+def test_the_retry_time_follows_the_round_trips_within_its_bounds():
+    forwarder = Forwarder(1.0, Stats(), retry_min=0.02)
+    fast, slow, new = Address("127.0.0.1", 1), Address("127.0.0.1", 2), Address("127.0.0.1", 3)
     counts = Stats().for_thread()
-    forwarder.answered[backend] = 10.0
-    for sent in (10.5, 10.6, 10.7):
-        forwarder._expired(make_entry(backend, sent, client), counts)
-    assert reports == [(backend, 1), (backend, 2), (backend, 3)]
+    for _ in range(50):
+        forwarder.answered(fast, 0.0, 0.0005, counts)
+        forwarder.answered(slow, 0.0, 0.080, counts)
+    assert forwarder.rto(fast) == 0.02  # retry_min
+    assert 0.080 < forwarder.rto(slow) < 0.2  # SRTT + 4 x RTTVAR of a steady 80 ms
+    forwarder.answered(slow, 0.0, 3.0, counts)
+    assert forwarder.rto(slow) == 0.5  # never past half the timeout
+    assert forwarder.rto(new) == 0.5  # nothing known yet

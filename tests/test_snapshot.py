@@ -24,6 +24,7 @@ def _snapshot() -> Snapshot:
                 Route(r"example\.com\.$", (B, V6B)),
                 Route(r"^\[x,y\]\.$", (A,))),
         down=frozenset({V6, B}),
+        rtt={A: 0.0012, V6: 0.25},
     )
 
 
@@ -35,6 +36,7 @@ def test_round_trip():
     assert back.routes[0].backends == (A, V6)
     assert back.routes[1].pattern == r"example\.com\.$"
     assert back.down == frozenset({V6, B})
+    assert back.rtt == {A: 0.0012, V6: 0.25}
     assert all(isinstance(b, Address) for r in back.routes for b in r.backends)
 
 
@@ -45,8 +47,8 @@ def test_round_trip_empty():
 
 def test_to_wire_is_deterministic():
     # The down set is a frozenset; its bytes must not depend on hash order.
-    one = Snapshot(3, (Route("x", (A, B, V6)),), frozenset([A, B, V6]), 1.5)
-    two = Snapshot(3, (Route("x", (A, B, V6)),), frozenset([V6, B, A]), 1.5)
+    one = Snapshot(3, (Route("x", (A, B, V6)),), frozenset([A, B, V6]), {A: 0.001, B: 0.002})
+    two = Snapshot(3, (Route("x", (A, B, V6)),), frozenset([V6, B, A]), {B: 0.002, A: 0.001})
     assert one.to_wire() == two.to_wire()
 
 
@@ -100,3 +102,10 @@ def test_unchanged_routes_are_reused_not_decoded_again():
     assert health_only.routes is first.routes and health_only.down == frozenset()
     changed = Snapshot.from_wire(Snapshot(3, routes[:1], frozenset()).to_wire(), health_only)
     assert changed.routes == routes[:1] and changed.routes is not first.routes
+
+
+def test_a_backend_option_survives_the_wire():
+    snap = Snapshot(7, (Route(r"^a\.$", (A, B), (None, "proxy")), Route(r"^b\.$", (B,))))
+    back = Snapshot.from_wire(snap.to_wire())
+    assert back.routes == snap.routes
+    assert back.routes[0].client_address == (None, "proxy") and back.routes[1].client_address == ()

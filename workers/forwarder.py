@@ -5,7 +5,6 @@ import logging
 import socket
 import struct
 import threading
-import time
 from typing import Callable
 
 from dnsrouter import wire
@@ -17,6 +16,7 @@ from .stats import Stats, observe_latency
 from .types import Client, Counts, Outbox
 from .upstream import Pending, RandomIds, Upstream
 from . import mmsg, tcp_fetch
+from .rtt import Rtt
 
 log = logging.getLogger("dnsrouter.worker")
 qlog = logging.getLogger("dnsrouter.queries")
@@ -35,10 +35,11 @@ class Forwarder:
     # random: the source port an off-path spoofer must guess, beside the ID.
     SOCKETS = 4
 
-    def __init__(self, timeout: float, stats: Stats, report_timeout: Callable[[Address, int], None],
-                 max_in_flight: int = 20000, allow: Callable[[str], bool] | None = None,
-                 deny_action: str = "refuse") -> None:
+    def __init__(self, timeout: float, stats: Stats, max_in_flight: int = 20000,
+                 allow: Callable[[str], bool] | None = None, deny_action: str = "refuse",
+                 retry_min: float = 0.02, tcp_fetches: int = 32) -> None:
         self.timeout = timeout
+        self.retry_min = retry_min
         self.stats = stats
         self.allowed = allow
         self.deny_action = deny_action
@@ -46,16 +47,24 @@ class Forwarder:
         self.matcher = Matcher(())
         self.version = -1
         self.query_log = False
-        self._report_timeout = report_timeout
-        # Passive health evidence: timeouts in a row per backend, "in a row"
-        # by the order queries were sent. A backend that answered a query sent
-        # after the lost one is alive; a burst of packets lost to a full buffer
-        # must not take down a backend that answers thousands of others.
+        # Passive health evidence: unanswered tries and ICMP errors in a row
+        # per backend, "in a row" by the order queries were sent. A backend
+        # that answered a query sent after the lost one is alive; a burst of
+        # packets lost to a full buffer must not take down a backend that
+        # answers thousands of others.
         self.streaks: dict[Address, int] = {}
-        self.answered: dict[Address, float] = {}  # backend -> send time of its latest answered query
+        self.last_answered: dict[Address, float] = {}  # backend -> send time of its latest answered query
+        # What the supervisor has not been told yet: backend -> latest streak.
+        # The worker sends it at most every EVIDENCE_INTERVAL, one message for
+        # all backends: a dead backend at 20,000 qps must not flood the pipe.
+        self.evidence: dict[Address, int] = {}
+        self.rtts: dict[Address, Rtt] = {}
+        self.rtos: dict[Address, float] = {}  # each backend's retry time, kept ready for the packet path
         self.upstreams: dict[int, list[Upstream]] = {}
         self._upstreams_lock = threading.Lock()  # taken once per family, at its first query
         self._random = RandomIds()
+        # Truncated replies fetched again over TCP: a bounded pool, never a thread per reply.
+        self.tcp_fetches: tcp_fetch.Fetches[Pending] = tcp_fetch.Fetches(tcp_fetches, stats, self._fetch_tcp)
 
     # -- snapshots -------------------------------------------------------
     def apply(self, snapshot: Snapshot) -> None:
@@ -64,16 +73,21 @@ class Forwarder:
         # A health-only change keeps the compiled RE2 set: no recompile.
         self.matcher = Matcher(snapshot.routes, snapshot.down, old.set if same_routes and old.routes else None)
         self.version = snapshot.version
+        # A backend's first estimate is its health check's round trip (over
+        # TCP, so if anything too long: no needless retries at the start).
+        for backend, seconds in snapshot.rtt.items():
+            if backend not in self.rtts:
+                self.rtts[backend] = Rtt(seconds)
+                self.rtos[backend] = self.rtts[backend].timeout(self.retry_min, self.timeout / 2)
 
     # -- threads ---------------------------------------------------------
     def start(self) -> None:
         self._family(socket.AF_INET)  # IPv6 ones come with the first IPv6 backend
-        threading.Thread(target=self._timer, name="timer", daemon=True).start()
 
     def _family(self, family: int) -> list[Upstream]:
         with self._upstreams_lock:
             if family not in self.upstreams:
-                pool = [Upstream(family, self._on_reply, self.stats.for_thread(), self._per_socket)
+                pool = [Upstream(family, self, self.stats.for_thread(), self._per_socket)
                         for _ in range(self.SOCKETS)]
                 for upstream in pool:
                     threading.Thread(target=upstream.serve, name="upstream", daemon=True).start()
@@ -155,12 +169,55 @@ class Forwarder:
         counts["responses", rcode] += 1
         client.send(wire.make_answer(data, rcode, question, edns), addr, outbox)
 
-    # -- replies and timeouts ----------------------------------------------
-    def _on_reply(self, entry: Pending, data: bytes, counts: Counts, outbox: Outbox) -> None:
-        self.answered[entry.backend] = entry.sent
-        observe_latency(counts, time.monotonic() - entry.sent)
+    # -- the upstream sockets' policy (upstream.Policy), on their threads ----
+    def rto(self, backend: Address) -> float:
+        try:
+            return self.rtos[backend]
+        except KeyError:  # never answered, never checked: half the timeout
+            return self.timeout / 2
+
+    def retry_target(self, entry: Pending) -> Address:
+        return entry.pool.other(entry.backend) or entry.backend  # a pool of one: the same once more
+
+    def answered(self, backend: Address, sent: float, rtt: float, counts: Counts) -> None:
+        if sent > self.last_answered.get(backend, 0.0):
+            self.last_answered[backend] = sent
+        observe_latency(counts, rtt)
+        estimate = self.rtts.get(backend)
+        if estimate is None:
+            estimate = self.rtts[backend] = Rtt(rtt)
+        else:
+            estimate.sample(rtt)
+        self.rtos[backend] = estimate.timeout(self.retry_min, self.timeout / 2)
+
+    def unanswered(self, backend: Address, sent: float, counts: Counts) -> None:
+        counts["backend_timeouts", backend] += 1
+        if self.last_answered.get(backend, 0.0) > sent:
+            self.streaks[backend] = 0  # it answered later queries: alive
+        else:
+            self._evidence(backend)
+
+    def unreachable(self, backend: Address, counts: Counts) -> None:
+        self._evidence(backend)
+
+    def _evidence(self, backend: Address) -> None:
+        streak = self.streaks[backend] = self.streaks.get(backend, 0) + 1
+        self.evidence[backend] = streak
+
+    def fail(self, entry: Pending, counts: Counts) -> None:
+        self._servfail(entry, counts)
+
+    def srtts(self) -> dict[str, float]:
+        """Each backend's smoothed round trip, for the metrics."""
+        return {str(b): r.srtt for b, r in list(self.rtts.items())}
+
+    # -- replies -------------------------------------------------------------
+    def reply(self, entry: Pending, data: bytes, counts: Counts, outbox: Outbox) -> None:
+        """The first valid reply to ``entry`` (``entry.backend`` answered it)."""
         if entry.tcp and data[2] & 0x02:  # TC: fetch it whole over TCP, off this thread
-            threading.Thread(target=self._fetch_tcp, args=(entry,), daemon=True).start()
+            if not self.tcp_fetches.submit(entry):
+                counts["dropped", "tcp_fetch_queue"] += 1  # the pool's backlog is full: no waiting without end
+                self._servfail(entry, counts)
             return
         self._relay(entry, data, counts, outbox)
 
@@ -175,8 +232,8 @@ class Forwarder:
         counts["responses", data[3] & 0xF] += 1
         entry.client.send(reply, entry.addr, outbox)
 
-    def _fetch_tcp(self, entry: Pending) -> None:
-        counts = self.stats.for_thread()
+    def _fetch_tcp(self, entry: Pending, counts: Counts) -> None:
+        """On a thread of the fetch pool; ``counts`` are that thread's."""
         try:
             reply = tcp_fetch.exchange(entry.backend, entry.query, self.timeout)
         except (OSError, ValueError):
@@ -184,34 +241,6 @@ class Forwarder:
             self._servfail(entry, counts)
         else:
             self._relay(entry, reply, counts)
-        finally:
-            self.stats.release(counts)
-
-    def _timer(self) -> None:
-        counts = self.stats.for_thread()
-        while True:
-            # Scan often while few queries wait (timeouts stay precise), less
-            # often when a dead backend piles them up (the scan stays cheap).
-            time.sleep(min(0.1, 0.02 + self.in_flight() / 200_000))
-            sent_before = time.monotonic() - self.timeout
-            for upstream in self._all_upstreams():
-                for entry in upstream.expired(sent_before):
-                    self._expired(entry, counts)
-
-    def _expired(self, entry: Pending, counts: Counts) -> None:
-        counts["backend_timeouts", entry.backend] += 1
-        if self.answered.get(entry.backend, 0.0) > entry.sent:
-            self.streaks[entry.backend] = 0  # it answered later queries: alive
-        else:
-            streak = self.streaks[entry.backend] = self.streaks.get(entry.backend, 0) + 1
-            self._report_timeout(entry.backend, streak)
-        if not entry.retried:
-            other = entry.pool.other(entry.backend)
-            if other is not None:
-                entry.retried = True
-                entry.backend = other
-                return self._send(entry, counts)
-        self._servfail(entry, counts)
 
     def _servfail(self, entry: Pending, counts: Counts) -> None:
         qname, qtype, qclass, end = wire.parse_question(entry.query)

@@ -21,7 +21,6 @@ from typing import Any, NoReturn, TypeAlias
 import setproctitle
 
 from dnsrouter import control, logs
-from dnsrouter.address import Address
 from dnsrouter.snapshot import Snapshot
 
 from . import acl, tcp, udp
@@ -68,8 +67,9 @@ class Worker:
         self.send_lock = threading.Lock()
         self.stats = Stats()
         self.stopping = threading.Event()
-        self.forwarder = Forwarder(spec.forward_timeout, self.stats, self._report_timeout,
-                                   spec.max_in_flight, acl.make(spec.allow), spec.deny_action)
+        self.forwarder = Forwarder(spec.forward_timeout, self.stats, spec.max_in_flight,
+                                   acl.make(spec.allow), spec.deny_action, spec.retry_min,
+                                   tcp_fetches=spec.tcp_fetches)
         self.forwarder.query_log = spec.log_queries
         self.snapshot: Snapshot | None = None
         self.udp_threads: list[threading.Thread] = []
@@ -81,13 +81,26 @@ class Worker:
             except (OSError, ValueError):
                 pass  # the supervisor is gone; the control loop will notice
 
-    def _report_timeout(self, backend: Address, streak: int) -> None:
-        self.send(control.TIMEOUT, (str(backend), streak))
+    def _report(self) -> None:
+        self.send(control.REPORT, {"delta": self.stats.delta(), "version": self.forwarder.version,
+                                   "srtt": self.forwarder.srtts()})
+
+    def _send_evidence(self) -> None:
+        """Unanswered tries and ICMP errors since the last call, one message
+        for every backend: never a message per query."""
+        forwarder = self.forwarder
+        if forwarder.evidence:
+            evidence, forwarder.evidence = forwarder.evidence, {}
+            self.send(control.EVIDENCE, {str(b): streak for b, streak in evidence.items()})
 
     def _reporter(self) -> None:
+        next_report = time.monotonic() + control.REPORT_INTERVAL
         while not self.stopping.is_set():
-            time.sleep(control.REPORT_INTERVAL)
-            self.send(control.REPORT, {"delta": self.stats.delta(), "version": self.forwarder.version})
+            time.sleep(control.EVIDENCE_INTERVAL)
+            self._send_evidence()
+            if time.monotonic() >= next_report:
+                next_report += control.REPORT_INTERVAL
+                self._report()
 
     def boot(self) -> None:
         spec = self.spec
@@ -104,10 +117,13 @@ class Worker:
                                       daemon=True)
             thread.start()
             self.udp_threads.append(thread)
+        if spec.tcp_sockets:
+            writer = tcp.Writer()  # one for every listener: the worker's one thread that may wait on clients
+            writer.start()
         for sock in spec.tcp_sockets:
             threading.Thread(target=tcp.serve, name="tcp-accept",
-                             args=(sock, self.forwarder, self.stats, self.stopping,
-                                   spec.tcp_connections, spec.tcp_idle_timeout),
+                             args=(sock, self.forwarder, self.stats, self.stopping, spec.tcp_connections,
+                                   spec.tcp_idle_timeout, spec.tcp_output_limit, writer),
                              daemon=True).start()
         threading.Thread(target=self._reporter, name="reporter", daemon=True).start()
         self.send(control.READY, self.forwarder.version)
@@ -135,6 +151,7 @@ class Worker:
                     serving = True
             elif tag == control.SETTINGS:
                 self.forwarder.timeout = payload["forward_timeout"]
+                self.forwarder.retry_min = payload["retry_min"]
                 self.forwarder.query_log = payload["log_queries"]
                 logging.getLogger().setLevel(payload["log_level"].upper())
             elif tag == control.REOPEN_LOGS:
@@ -157,7 +174,8 @@ class Worker:
             thread.join(max(0.0, deadline - time.monotonic()))
         while self.forwarder.in_flight() and time.monotonic() < deadline:
             time.sleep(0.01)
-        self.send(control.REPORT, {"delta": self.stats.delta(), "version": self.forwarder.version})
+        self._send_evidence()
+        self._report()
 
 
 def run(spec: control.WorkerSpec, conn: _Pipe) -> NoReturn:

@@ -1,23 +1,36 @@
 """Queries in flight to the backends, over UDP.
 
 Each upstream socket has a receiving thread and a table of pending queries
-keyed by the 16-bit upstream ID. Nothing here takes a lock per packet:
-inserts and removals are single dict operations, atomic under the GIL, and
-a reply and a timeout race for the same entry through ``dict.pop``.
+keyed by the 16-bit upstream ID. Any thread sends (inserting into the
+table); only the socket's own thread decides what becomes of a query: the
+reply, the early retry, an ICMP error, the timeout. One owner per query, so
+"first answer wins" needs no lock and no atomic claim: a query answered is
+``done``, and whatever comes for it afterwards is late.
 
-Expiry scans the table of pending queries. It holds only the queries not
-yet answered (rate x backend latency: tens, normally), so the scan costs
-little, and nothing has to be appended per packet; a deadline queue would
-keep every query, answered or not, for the whole timeout (megabytes at tens
-of thousands of queries a second).
+A query not answered within its backend's retry time (``Policy.rto``: SRTT
++ 4 x RTTVAR, clamped) is sent again, from the same socket under a second
+ID, to another member of its pool, and both tries stay open. An ICMP error
+(IP_RECVERR: the kernel hands back the datagram it refers to, so we know the
+query) sends it on at once. ``[forward] timeout`` after the first send, the
+query gets SERVFAIL if nothing answered, and each try still open counts as
+unanswered against its backend.
+
+Retries are found through per-backend queues in send order, which hold a
+query only until its retry time (tens of milliseconds); timeouts by scanning
+the table, which holds only queries not yet answered. A deadline queue of
+every query for the whole timeout would cost megabytes at tens of thousands
+of queries a second.
 """
 from __future__ import annotations
 
 import array
+import errno
 import os
 import socket
+import struct
 import time
-from typing import Callable, Iterator, TypeAlias
+from collections import deque
+from typing import Iterator, Protocol
 
 from dnsrouter.address import Address
 from dnsrouter.routes import Pool
@@ -26,26 +39,34 @@ from . import mmsg
 from .types import Client, Counts, Outbox
 
 MAX_IN_FLIGHT = 60_000  # per upstream socket at most; of 65,536 IDs, keep some free
+TICK = 0.005  # seconds between two looks at due retries when no reply wakes the thread
+_IP_RECVERR, _IPV6_RECVERR = 11, 25  # linux/in.h, linux/in6.h; the socket module lacks them
+_UNREACHABLE = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN})
 
 
 class Pending:
-    """One query waiting for a backend's reply."""
+    """One query waiting for a backend's reply: its first try and its retry."""
 
-    __slots__ = ("client", "addr", "query", "question", "pool",
-                 "backend", "retried", "strip_opt", "sent", "tcp")
+    __slots__ = ("client", "addr", "query", "question", "pool", "strip_opt", "tcp",
+                 "backend", "sent", "uid", "retry_at", "retry_backend", "retry_sent", "retry_uid", "done")
 
     def __init__(self, client: Client, addr: bytes | None, query: bytes, question: bytes,
                  pool: Pool, backend: Address, strip_opt: bool, tcp: bool) -> None:
         self.client = client
         self.addr = addr  # the client's raw address; None over TCP
-        self.query = query  # with the client's ID: only the sent copy carries ours
+        self.query = query  # with the client's ID: only the sent copies carry ours
         self.question = question  # wire bytes of the question, to check the reply
         self.pool = pool
-        self.backend = backend
-        self.retried = False
         self.strip_opt = strip_opt
-        self.sent = 0.0
         self.tcp = tcp
+        self.backend = backend  # of the first try; once answered, of the try that answered
+        self.sent = 0.0  # of the first try: the timeout counts from here
+        self.uid = -1
+        self.retry_at = 0.0
+        self.retry_backend = backend
+        self.retry_sent = 0.0
+        self.retry_uid = -1  # -1: not retried
+        self.done = False  # answered, or SERVFAIL sent: nothing more to do
 
 
 class RandomIds:
@@ -62,59 +83,115 @@ class RandomIds:
             return next(self._it)
 
 
-# What to do with a valid reply, on the receiving socket's thread: (entry,
-# reply, that thread's counts, the outbox of its batch).
-OnReply: TypeAlias = Callable[[Pending, bytes, Counts, Outbox], None]
+class Policy(Protocol):
+    """What the forwarder decides for the upstream sockets."""
+
+    timeout: float  # seconds from the first send to SERVFAIL
+
+    def rto(self, backend: Address) -> float:
+        """Seconds to wait for ``backend`` before the early retry."""
+
+    def retry_target(self, entry: Pending) -> Address:
+        """Where the retry goes: another usable member of the pool, or the same."""
+
+    def answered(self, backend: Address, sent: float, rtt: float, counts: Counts) -> None:
+        """``backend`` answered the try sent at ``sent`` after ``rtt`` seconds."""
+
+    def reply(self, entry: Pending, data: bytes, counts: Counts, outbox: Outbox) -> None:
+        """The first valid reply: relay it (``entry.backend`` is who answered)."""
+
+    def unanswered(self, backend: Address, sent: float, counts: Counts) -> None:
+        """The try sent to ``backend`` at ``sent`` got nothing within the timeout."""
+
+    def unreachable(self, backend: Address, counts: Counts) -> None:
+        """An ICMP error said ``backend`` cannot be reached."""
+
+    def fail(self, entry: Pending, counts: Counts) -> None:
+        """Nothing answered in time, or every try was unreachable: SERVFAIL."""
 
 
 class Upstream:
     """One UDP socket towards the backends of one address family."""
 
-    def __init__(self, family: int, on_reply: OnReply, counts: Counts, limit: int = MAX_IN_FLIGHT) -> None:
+    def __init__(self, family: int, policy: Policy, counts: Counts, limit: int = MAX_IN_FLIGHT) -> None:
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        # ICMP errors for unconnected UDP sockets reach us only when asked for.
+        if family == socket.AF_INET6:
+            self.sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVERR, 1)
+        else:
+            self.sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+        # The receive gives up after TICK, so that due retries are sent even
+        # when no reply arrives to wake the thread.
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, int(TICK * 1e6)))
         # Port 0: the kernel picks a random ephemeral port.
         self.sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
         self.fd = self.sock.fileno()
         self.pending: dict[int, Pending] = {}
+        # First tries by backend, in send order, until their retry time: the
+        # retry times of one backend's queries come in the same order.
+        self.waiting: dict[Address, deque[Pending]] = {}
         self._ids = RandomIds()
-        self._on_reply = on_reply
+        self.policy = policy
         self.counts = counts  # this socket's thread counts here
         self.limit = min(limit, MAX_IN_FLIGHT)
+        self._scan_at = 0.0
+        self._closing = False
 
     def send(self, entry: Pending, outbox: Outbox | None = None) -> bool:
-        """Send ``entry.query`` to ``entry.backend``, with the batch or now;
-        False when too busy."""
+        """The first try: ``entry.query`` to ``entry.backend``, with the batch
+        or now; False when too busy. Any thread."""
         pending = self.pending
         if len(pending) >= self.limit:
             return False
-        # The send time first: the timer thread may scan the table as soon as
-        # the entry is in it, and must not take a stale time for an expired one.
-        entry.sent = time.monotonic()
-        while True:
-            uid = self._ids.next()
-            if pending.setdefault(uid, entry) is entry:
-                break
-        query = uid.to_bytes(2, "big") + entry.query[2:]
-        if outbox is None:
-            mmsg.send(self.fd, query, mmsg.raw_address(entry.backend))
-        else:
-            outbox.add(self.fd, query, mmsg.raw_address(entry.backend))
+        # Times first: the owner thread may look at the entry as soon as it is in.
+        entry.sent = now = time.monotonic()
+        entry.retry_at = now + self.policy.rto(entry.backend)
+        uid = self._insert(entry, False)
+        waiting = self.waiting.get(entry.backend)
+        if waiting is None:
+            waiting = self.waiting.setdefault(entry.backend, deque())
+        waiting.append(entry)
+        self._transmit(uid, entry, entry.backend, outbox)
         return True  # a datagram the kernel refuses times out like a lost one
 
+    def _insert(self, entry: Pending, retry: bool) -> int:
+        pending = self.pending
+        while True:
+            uid = self._ids.next()
+            if retry:
+                entry.retry_uid = uid
+            else:
+                entry.uid = uid
+            if pending.setdefault(uid, entry) is entry:
+                return uid
+
+    def _transmit(self, uid: int, entry: Pending, backend: Address, outbox: Outbox | None) -> None:
+        query = uid.to_bytes(2, "big") + entry.query[2:]
+        if outbox is None:
+            mmsg.send(self.fd, query, mmsg.raw_address(backend))
+        else:
+            outbox.add(self.fd, query, mmsg.raw_address(backend))
+
+    # -- the owner thread --------------------------------------------------
     def serve(self) -> None:
-        """Receive replies forever (the socket's own thread)."""
+        """Receive replies and run the clocks, forever (the socket's own thread)."""
         receive = mmsg.Receiver(self.sock).receive
         pending = self.pending
-        on_reply = self._on_reply
+        policy = self.policy
         counts = self.counts
         peer_key = mmsg.peer_key
-        outbox = mmsg.Outbox()  # the relayed replies of one batch
-        while True:
+        monotonic = time.monotonic
+        outbox = mmsg.Outbox()  # the relayed replies and retries of one batch
+        due = 0.0
+        while not self._closing:
+            batch: list[tuple[bytes, bytes]] = []
             try:
                 batch = receive()
-            except OSError:
-                continue  # ICMP errors surface here on Linux; the deadline covers them
+            except OSError as e:
+                if e.errno in _UNREACHABLE:
+                    self._errors(counts, outbox)
+            now = monotonic()
             for data, addr in batch:
                 if len(data) < 12:
                     counts["ignored_replies", "short"] += 1
@@ -124,7 +201,9 @@ class Upstream:
                 if entry is None:
                     counts["ignored_replies", "unknown_id"] += 1
                     continue
-                key = peer_key(entry.backend)
+                retry = uid == entry.retry_uid
+                backend = entry.retry_backend if retry else entry.backend
+                key = peer_key(backend)
                 if addr[:len(key)] != key:
                     counts["ignored_replies", "wrong_source"] += 1
                     continue
@@ -132,21 +211,96 @@ class Upstream:
                 if not data[2] & 0x80 or data[12:12 + len(question)].lower() != question:
                     counts["ignored_replies", "wrong_question"] += 1
                     continue
-                if pending.pop(uid, None) is not entry:
-                    continue  # the timer took it a moment ago
-                on_reply(entry, data, counts, outbox)
+                del pending[uid]
+                sent = entry.retry_sent if retry else entry.sent
+                policy.answered(backend, sent, now - sent, counts)
+                if entry.done:
+                    counts["late_replies", backend] += 1  # the other try won, or the timeout
+                    continue
+                entry.done = True
+                if retry:  # the try that answered becomes the first: entry.backend answered
+                    entry.backend, entry.retry_backend = entry.retry_backend, entry.backend
+                    entry.uid, entry.retry_uid = entry.retry_uid, entry.uid
+                    entry.sent, entry.retry_sent = entry.retry_sent, entry.sent
+                policy.reply(entry, data, counts, outbox)
+            if now >= due:
+                self._retries(now, counts, outbox)
+                if now >= self._scan_at:
+                    self._timeouts(now, counts)
+                due = now + TICK
             outbox.flush()
+        self.sock.close()  # here, by the thread that reads it: its number cannot be reused under it
 
-    def expired(self, sent_before: float) -> list[Pending]:
-        """Entries sent before ``sent_before`` that got no reply: taken out."""
-        out = []
+    def close(self) -> None:
+        """Stop the owner thread (within TICK), which then closes the socket."""
+        self._closing = True
+
+    def _retries(self, now: float, counts: Counts, outbox: Outbox) -> None:
+        """Send the early retry of every first try past its retry time."""
+        for waiting in list(self.waiting.values()):
+            while waiting:
+                entry = waiting[0]
+                if not (entry.done or entry.retry_uid >= 0):
+                    if entry.retry_at > now:
+                        break
+                    self._retry(entry, now, counts, outbox)
+                waiting.popleft()
+
+    def _retry(self, entry: Pending, now: float, counts: Counts, outbox: Outbox) -> None:
+        backend = self.policy.retry_target(entry)
+        entry.retry_backend = backend
+        entry.retry_sent = now
+        uid = self._insert(entry, True)
+        self._transmit(uid, entry, backend, outbox)
+        counts["backend_retries", entry.backend] += 1
+        counts["backend_queries", backend] += 1
+
+    def _timeouts(self, now: float, counts: Counts) -> None:
+        """``timeout`` after its first send, a query is over: every try
+        still open is unanswered, and SERVFAIL if nothing answered."""
         pending = self.pending
-        for uid, entry in list(pending.items()):  # a copy: other threads change the dict
+        policy = self.policy
+        # Scan often while few queries wait (timeouts stay precise), less
+        # often when a dead backend piles them up (the scan stays cheap).
+        self._scan_at = now + min(0.1, 0.02 + len(pending) / 200_000)
+        sent_before = now - policy.timeout
+        for uid, entry in list(pending.items()):  # a copy: senders insert meanwhile
             if entry.sent > sent_before:
                 continue
-            taken = pending.pop(uid, None)
-            if taken is entry:
-                out.append(entry)
-            elif taken is not None:
-                pending.setdefault(uid, taken)  # answered and the ID reused meanwhile; put it back
-        return out
+            del pending[uid]
+            retry = uid == entry.retry_uid
+            policy.unanswered(entry.retry_backend if retry else entry.backend,
+                              entry.retry_sent if retry else entry.sent, counts)
+            if not entry.done:
+                entry.done = True
+                policy.fail(entry, counts)
+
+    def _errors(self, counts: Counts, outbox: Outbox) -> None:
+        """ICMP errors queued on the socket: each names the datagram it refers
+        to, so the query's try is over at once; the query goes on elsewhere."""
+        pending = self.pending
+        while True:
+            try:
+                data, _, _, peer = self.sock.recvmsg(16, 512, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+            except OSError:
+                return  # the queue is empty
+            if len(data) < 2:
+                continue
+            uid = data[0] << 8 | data[1]
+            entry = pending.get(uid)
+            if entry is None:
+                continue
+            retry = uid == entry.retry_uid
+            backend = entry.retry_backend if retry else entry.backend
+            if tuple(peer[:2]) != backend.sockaddr[:2]:
+                continue  # about another datagram that had this ID before
+            del pending[uid]
+            counts["backend_icmp_errors", backend] += 1
+            self.policy.unreachable(backend, counts)
+            if entry.done:
+                continue
+            if not retry and entry.retry_uid < 0:
+                self._retry(entry, time.monotonic(), counts, outbox)  # at once, not at the retry time
+            elif pending.get(entry.uid if retry else entry.retry_uid) is not entry:
+                entry.done = True  # both tries unreachable: nothing to wait for
+                self.policy.fail(entry, counts)
