@@ -16,11 +16,17 @@ Modes (changeable at any time through .mode):
   garbage   random bytes (length-prefixed on TCP, so framing still works)
   truncate  over UDP an empty answer with TC set; over TCP the answer of ok,
             .delay seconds later (a big answer, and a slow TCP path to it)
+  lossy     like ok, but every .loss_every-th UDP query (counted from the
+            switch to this mode: the 10th, 20th, ... by default) is dropped;
+            TCP is never dropped (deterministic loss, health checks pass)
+  udp_drop  never answers over UDP, answers over TCP like ok (a backend whose
+            health checks pass while every forwarded query is lost)
 
 One thread serves UDP and TCP through a selector; delayed answers wait in
 a schedule, not in sleeping threads, so a slow answer never holds up the
 others. Every query received is recorded in .received before the mode
-decides what to do with it.
+decides what to do with it; .tcp_peak is the most TCP queries it has held
+unanswered at once (how many connections a client kept busy together).
 
 FakeBackend(host="::1") listens on the IPv6 loopback instead; .addr is
 then "[::1]:<port>", the form route values take.
@@ -51,7 +57,7 @@ import dns.rrset
 
 from support.net import HOST
 
-MODES = ("ok", "drop", "delay", "wrong_id", "refused", "garbage", "truncate")
+MODES = ("ok", "drop", "delay", "wrong_id", "refused", "garbage", "truncate", "lossy", "udp_drop")
 ANSWER_ADDRESS = "192.0.2.1"
 ANSWER_ADDRESS6 = "::53"
 
@@ -92,6 +98,7 @@ class FakeBackend:
         *,
         transports: Iterable[str] = ("udp", "tcp"),
         delay: float = 1.0,
+        loss_every: int = 10,
         identity: str | None = None,
         port: int | None = None,
         host: str = HOST,
@@ -104,8 +111,10 @@ class FakeBackend:
         self.transports = tuple(transports)
         if not self.transports or set(self.transports) - {"udp", "tcp"}:
             raise ValueError(f"transports must be a non-empty subset of ('udp', 'tcp'), not {transports!r}")
-        self.mode = mode
         self.delay = delay
+        self.loss_every = loss_every
+        self._lossy_count = 0  # UDP queries seen in lossy mode since it was set
+        self.mode = mode
         self._lock = threading.Lock()
         self._received: list[Received] = []
         self._udp, self._tcp = self._bind(port)
@@ -135,6 +144,8 @@ class FakeBackend:
     def mode(self, value: str) -> None:
         if value not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {value!r}")
+        if value == "lossy":
+            self._lossy_count = 0
         self._mode = value  # a plain attribute store: atomic for the server thread
 
     # -- lifecycle -----------------------------------------------------------
@@ -285,6 +296,12 @@ class FakeBackend:
         mode = self._mode  # read once: a concurrent change applies to the next query
         if mode == "drop" or (msg is None and mode != "garbage"):
             return
+        if transport == "udp" and mode == "udp_drop":
+            return
+        if transport == "udp" and mode == "lossy":
+            self._lossy_count += 1
+            if self._lossy_count % self.loss_every == 0:
+                return
         reply = self._reply(mode, msg, transport)
         dest = peer if transport == "udp" else None
         slow = mode == "delay" or (mode == "truncate" and transport == "tcp")
