@@ -112,6 +112,11 @@ class Route:
     # Each backend's own client_address, where its value named one; () when none did.
     client_address: tuple[str | None, ...] = ()
 
+    def modes(self, default: str) -> dict[Address, str]:
+        """Each backend's client_address, ``default`` where its value named none."""
+        own = self.client_address or (None,) * len(self.backends)
+        return {b: mode or default for b, mode in zip(self.backends, own)}
+
 
 class Pool:
     """The usable backends of a route, shared round robin.

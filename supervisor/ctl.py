@@ -17,7 +17,7 @@ import uuid
 
 from dnsrouter import config as configuration
 from dnsrouter.errors import ConfigError, ValueParseError
-from dnsrouter.routes import Matcher, build_routes, parse_value
+from dnsrouter.routes import CLIENT_ADDRESS_MODES, Matcher, RouteValue, build_routes, parse_value
 from dnsrouter.settings import SETTINGS, Config
 
 from .registry import RegistryError, open_registry
@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     register.add_argument("address", metavar="ADDR:PORT")
     register.add_argument("regexp", metavar="REGEXP")
     register.add_argument("--ttl", type=int, help="the key expires after this many seconds")
+    register.add_argument("--client-address", choices=CLIENT_ADDRESS_MODES,
+                          help="how this backend learns the client's address (default: the router's "
+                               "[forward] client_address); registers a JSON value")
     register.add_argument("--keepalive", action="store_true",
                           help="stay running and refresh the TTL; the key goes away when this stops")
     deregister = commands.add_parser("deregister", help="remove a registration")
@@ -80,7 +83,9 @@ def _http(config: Config, path: str) -> tuple[int, bytes]:
 def cmd_register(config: Config, args: argparse.Namespace) -> int:
     value = f"{args.address},{args.regexp}"
     try:
-        parse_value(value)  # refused here, before it reaches etcd
+        parsed = parse_value(value)  # refused here, before it reaches etcd
+        if args.client_address:
+            value = RouteValue(parsed.backend, parsed.pattern, args.client_address).to_text()
     except ValueParseError as e:
         print(f"dnsrouterctl: refused: {e}", file=sys.stderr)
         return 2
@@ -119,8 +124,8 @@ def cmd_list(config: Config, args: argparse.Namespace) -> int:
     for record in open_registry(config).read():
         key, value = record.key, record.value
         try:
-            parse_value(value)
-            verdict = "ok"
+            parsed = parse_value(value)
+            verdict = f"ok, client_address {parsed.client_address}" if parsed.client_address else "ok"
         except ValueParseError as e:
             verdict = f"invalid: {e}"
         print(f"{key}\t{value.strip()}\t{verdict}")
@@ -140,7 +145,8 @@ def cmd_which(config: Config, args: argparse.Namespace) -> int:
     if pool is None:
         print(f"{name}: no route (SERVFAIL)")
         return 1
-    print(f"{name}: {pool.route.pattern} -> {' '.join(str(b) for b in pool.backends)}")
+    modes = pool.route.modes(config.forward_client_address)
+    print(f"{name}: {pool.route.pattern} -> {' '.join(f'{b} ({modes[b]})' for b in pool.backends)}")
     return 0
 
 
@@ -149,7 +155,8 @@ def cmd_routes(config: Config, args: argparse.Namespace) -> int:
     table = json.loads(body)
     print(f"routes version {table['version']}")
     for route in table["routes"]:
-        backends = ", ".join(f"{b['address']} ({'up' if b['up'] else 'down: ' + b['reason']})"
+        backends = ", ".join(f"{b['address']} ({'up' if b['up'] else 'down: ' + b['reason']}; "
+                             f"client_address {b['client_address']})"
                              for b in route["backends"])
         print(f"{route['pattern']}\t{backends}")
     for key, reason in table["invalid"].items():

@@ -173,11 +173,19 @@ def test_dnsrouterctl_register_list_which_deregister(router, etcd, knots, split_
     assert f"{key}\t{knots[0].addr},\\.a\\.example\\.com\\.$\tok" in listing
     assert "broken\tnonsense\tinvalid: no comma" in listing
     which = ctl(etcd, "which", name.upper())
-    assert which.returncode == 0 and f"-> {knots[0].addr}" in which.stdout
+    assert which.returncode == 0 and f"-> {knots[0].addr} (none)" in which.stdout
     assert ctl(etcd, "which", "www.example.org").returncode == 1
+    # A backend with its own client_address: registered as a JSON value, shown everywhere.
+    own = ctl(etcd, "register", knots[1].addr, r"\.a\.example\.com\.$", "--client-address", "proxy")
+    assert own.returncode == 0, own.stderr
+    proxied = own.stdout.strip()
+    assert f"{proxied}\t{{\"backend\": \"{knots[1].addr}\"" in ctl(etcd, "list").stdout
+    assert "\tok, client_address proxy" in ctl(etcd, "list").stdout
+    assert f"{knots[0].addr} (none) {knots[1].addr} (proxy)" in ctl(etcd, "which", name).stdout
     routes = subprocess.run([sys.executable, "-m", "dnsrouter.supervisor.ctl", "--metrics", r.metrics[7:], "routes"],
                             capture_output=True, text=True, timeout=30, cwd="/")
-    assert f"{knots[0].addr} (up)" in routes.stdout and "invalid key broken" in routes.stdout
+    assert f"{knots[0].addr} (up; client_address none)" in routes.stdout and "invalid key broken" in routes.stdout
+    assert ctl(etcd, "deregister", proxied).returncode == 0
     assert ctl(etcd, "deregister", key).returncode == 0
     wait_until(lambda: rcode_of(r, name) == dns.rcode.SERVFAIL, 2, message="deregistered route still used")
     assert key not in read_dir(etcd.url, PREFIX)
