@@ -220,3 +220,31 @@ def test_an_entry_has_its_times_before_the_owner_thread_can_see_it():
         assert all(sent > 0 and retry_at > sent for sent, retry_at in seen)
     finally:
         upstream.sock.close()
+
+
+def test_the_retry_never_shares_its_first_try_s_id():
+    # The ID source may repeat: the retry must then draw again, or the two
+    # tries would be one table entry (and the first one's reply taken for
+    # the retry's backend).
+    policy = Policy(rto=0.01)
+    upstream = Upstream(socket.AF_INET, policy, Stats().for_thread())
+    ids = iter([1234, 1234, 1234, 4321])
+    upstream._ids.next = lambda: next(ids)
+    try:
+        entry = entry_for(Address(HOST, 9), Address(HOST, 10))
+        assert upstream.send(entry)
+        upstream._retry(entry, time.monotonic(), upstream.counts, _NoOutbox())
+        assert (entry.uid, entry.retry_uid) == (1234, 4321)
+        assert set(upstream.pending) == {1234, 4321}
+    finally:
+        upstream.sock.close()
+
+
+class _NoOutbox:
+    pick = 0
+
+    def add(self, fd: int, payload: bytes, name: bytes) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass

@@ -20,6 +20,8 @@ import struct
 import threading
 import time
 
+from dnsrouter import proxy
+
 from . import mmsg
 from .forwarder import Forwarder
 from .stats import Stats
@@ -30,13 +32,18 @@ log = logging.getLogger("dnsrouter.worker")
 # close() then resets the connection and frees what it holds in the kernel,
 # instead of leaving it to a FIN that waits behind data the client never reads.
 _ABORT = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 seconds
+SEND_BUFFER = 64 << 10  # bytes; the kernel doubles it, and a DNS message is at most 64 KiB
 
 
 class TcpClient:
-    __slots__ = ("conn", "fd", "lock", "outstanding", "out", "limit", "writer", "closed", "watched", "slow")
+    __slots__ = ("conn", "fd", "lock", "outstanding", "out", "limit", "writer", "closed", "watched", "slow",
+                 "peer", "local", "_proxy")
 
     def __init__(self, conn: socket.socket, writer: Writer, limit: int) -> None:
         self.conn = conn
+        self.peer: tuple[str, int] = conn.getpeername()[:2]
+        self.local: tuple[str, int] = conn.getsockname()[:2]
+        self._proxy: dict[bool, bytes] = {}  # one connection, one client: each header made once
         self.fd = conn.fileno()  # kept: the writer's selector must know it after close() set the socket's to -1
         self.lock = threading.Lock()  # one writer at a time; close() only between two writes
         self.outstanding = 0  # queries read and not yet answered (approximate)
@@ -74,6 +81,15 @@ class TcpClient:
                 self.writer.watch(self)
             if len(out) > self.limit:
                 self._cut_off()
+
+    def host(self, addr: bytes | None) -> str:
+        return self.peer[0]
+
+    def proxy_header(self, addr: bytes | None, stream: bool = False) -> bytes:
+        header = self._proxy.get(stream)
+        if header is None:
+            header = self._proxy[stream] = proxy.header(self.peer, self.local, stream)
+        return header
 
     def _cut_off(self) -> None:
         """Disconnect a client that does not read its answers (lock held)."""
@@ -285,6 +301,10 @@ def serve(listener: socket.socket, forwarder: Forwarder, stats: Stats, stopping:
             conn.close()
             continue
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # A fixed kernel buffer, instead of one that grows to megabytes for a
+        # client that never reads: what it leaves unread then waits in our
+        # queue, where tcp_output_limit sees it. Room for a whole reply.
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         threading.Thread(target=_connection,
                          args=(conn, forwarder, stats, idle, grace, slots, writer, output_limit),
                          name="tcp-client", daemon=True).start()

@@ -32,6 +32,7 @@ import time
 from collections import deque
 from typing import Iterator, Protocol
 
+from dnsrouter import ecs
 from dnsrouter.address import Address
 from dnsrouter.routes import Pool
 
@@ -48,7 +49,8 @@ class Pending:
     """One query waiting for a backend's reply: its first try and its retry."""
 
     __slots__ = ("client", "addr", "query", "question", "pool", "strip_opt", "tcp",
-                 "backend", "sent", "uid", "retry_at", "retry_backend", "retry_sent", "retry_uid", "done")
+                 "backend", "sent", "uid", "retry_at", "retry_backend", "retry_sent", "retry_uid", "done",
+                 "variants", "ecs_added")
 
     def __init__(self, client: Client, addr: bytes | None, query: bytes, question: bytes,
                  pool: Pool, backend: Address, strip_opt: bool, tcp: bool) -> None:
@@ -67,6 +69,11 @@ class Pending:
         self.retry_sent = 0.0
         self.retry_uid = -1  # -1: not retried
         self.done = False  # answered, or SERVFAIL sent: nothing more to do
+        # For the members of a pool that learn the client's address: backend ->
+        # (what goes before the message, the message). None: every backend
+        # gets ``query`` as it is, the case that must cost nothing.
+        self.variants: dict[Address, tuple[bytes, bytes]] | None = None
+        self.ecs_added: ecs.Added | None = None  # what the ECS variant added, to take out of the reply
 
 
 class RandomIds:
@@ -160,6 +167,8 @@ class Upstream:
         while True:
             uid = self._ids.next()
             if retry:
+                if uid == entry.uid:
+                    continue  # setdefault would find the entry itself there: the two tries need two IDs
                 entry.retry_uid = uid
             else:
                 entry.uid = uid
@@ -167,7 +176,12 @@ class Upstream:
                 return uid
 
     def _transmit(self, uid: int, entry: Pending, backend: Address, outbox: Outbox | None) -> None:
-        query = uid.to_bytes(2, "big") + entry.query[2:]
+        variants = entry.variants
+        if variants is None:
+            query = uid.to_bytes(2, "big") + entry.query[2:]
+        else:
+            prefix, message = variants.get(backend) or (b"", entry.query)
+            query = prefix + uid.to_bytes(2, "big") + message[2:]
         if outbox is None:
             mmsg.send(self.fd, query, mmsg.raw_address(backend))
         else:
@@ -224,7 +238,12 @@ class Upstream:
                     entry.sent, entry.retry_sent = entry.retry_sent, entry.sent
                 policy.reply(entry, data, counts, outbox)
             if now >= due:
-                self._retries(now, counts, outbox)
+                # Retries only once the replies that have arrived are read (a
+                # batch that did not fill up): a query whose answer waits in
+                # our own queue is not lost, and a busy worker must not
+                # double its load with retries of such queries.
+                if len(batch) < mmsg.BATCH:
+                    self._retries(now, counts, outbox)
                 if now >= self._scan_at:
                     self._timeouts(now, counts)
                 due = now + TICK
