@@ -15,14 +15,18 @@ from support.net import HOST
 class Load:
     """Queries at a steady rate from a few threads; counts what clients would see fail.
 
-    A closed loop: each thread waits for its answer (3 s at most) before the
-    next query, so a failure is what one client would have seen.
+    A closed loop: each thread waits for its answer (``timeout`` seconds at
+    most, one try: a resolver's patience is a fraction of a second) before
+    the next query, so a failure is what one client would have seen.
     """
 
-    def __init__(self, port: int, names: list[str], rate: int = 300, threads: int = 4) -> None:
+    def __init__(self, port: int, names: list[str], rate: int = 300, threads: int = 4,
+                 timeout: float = 3.0) -> None:
         self.port, self.names, self.interval = port, names, threads / rate
+        self.timeout = timeout
         self.sent = 0
         self.failures: list[str] = []  # what each failed query saw, for the assertion message
+        self.latencies: list[float] = []  # seconds each answered query took, in completion order
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
@@ -35,13 +39,17 @@ class Load:
             i += len(self.threads)
             started = time.monotonic()
             try:
-                reply = dns.query.udp(dns.message.make_query(name, "A"), HOST, port=self.port, timeout=3)
+                reply = dns.query.udp(dns.message.make_query(name, "A"), HOST, port=self.port,
+                                       timeout=self.timeout)
                 failure = None if reply.rcode() == dns.rcode.NOERROR and reply.answer else \
                     dns.rcode.to_text(reply.rcode())
             except dns.exception.DNSException as e:
                 failure = type(e).__name__
+            took = time.monotonic() - started
             with self.lock:
                 self.sent += 1
+                if failure is None:
+                    self.latencies.append(took)
                 if failure:
                     self.failures.append(f"{name} at {started:.3f}: {failure} after {time.monotonic() - started:.3f} s")
             next_at += self.interval
