@@ -14,9 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+import dns.edns
 import dns.exception
 import dns.flags
 import dns.message
+import dns.query
 import dns.rcode
 import dns.rdatatype
 import psutil
@@ -28,7 +30,7 @@ from support.fake_backend import ANSWER_ADDRESS, ANSWER_ADDRESS6, FakeBackend
 from support.knot import KnotServer
 from support.net import free_port, query, raw_udp, wait_until
 from support.processes import gone, spawn, stop
-from support.zones import make_split_zone, numbered_zone
+from support.zones import make_split_zone, numbered_zone, zone_text
 
 SPLIT = make_split_zone(n=20)
 ZONE_A, ZONE_B = SPLIT.zone_names
@@ -211,6 +213,66 @@ def test_bad_zone_fails_fast_with_log():
     assert time.monotonic() - start < 3
     assert not k.running()
     k.close()
+
+
+def proxy_v2(source: str, source_port: int, destination: str, destination_port: int) -> bytes:
+    """A PROXY v2 header for UDP over IPv4, built by hand from the specification."""
+    return (b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x12]) + (12).to_bytes(2, "big")
+            + socket.inet_aton(source) + socket.inet_aton(destination)
+            + source_port.to_bytes(2, "big") + destination_port.to_bytes(2, "big"))
+
+
+def a_addresses(wire: bytes | None) -> list[str]:
+    assert wire is not None, "no reply"
+    return [rd.address for rrset in dns.message.from_wire(wire).answer for rd in rrset]
+
+
+def test_knot_whoami_believes_a_proxy_header_from_its_allowlist_only():
+    zone = "whoami.test."
+    q = dns.message.make_query(zone, "A").to_wire()
+    with KnotServer({zone: zone_text(zone, [])}, whoami=[zone], proxy_allowlist="127.0.0.0/8") as k:
+        assert "proxy-allowlist: [127.0.0.0/8]" in Path(k.conf_path).read_text()
+        assert a_addresses(raw_udp(k.port, q)) == ["127.0.0.1"]
+        assert a_addresses(raw_udp(k.port, proxy_v2("127.1.2.3", 4000, "127.0.0.1", 53) + q)) == ["127.1.2.3"]
+        assert a_addresses(raw_udp(k.port, proxy_v2("203.0.113.9", 4000, "127.0.0.1", 53) + q)) == ["203.0.113.9"]
+        assert [rd.address for rd in query(zone, port=k.port, transport="tcp").answer[0]] == ["127.0.0.1"]
+    with KnotServer({zone: zone_text(zone, [])}, whoami=[zone]) as k:
+        assert a_addresses(raw_udp(k.port, q)) == ["127.0.0.1"]
+        # Not allowed to proxy: Knot drops the datagram (what a router that
+        # sent a header to the wrong backend would see).
+        assert raw_udp(k.port, proxy_v2("127.1.2.3", 4000, "127.0.0.1", 53) + q, timeout=0.3) is None
+
+
+def test_knot_geoip_answers_by_ecs_else_by_source_and_echoes_the_scope():
+    zone, owner = "geo.test.", "where.geo.test."
+    views = {owner: [("127.0.0.0/24", {"A": "198.51.100.10"}), ("127.0.0.1/32", {"A": "198.51.100.1"}),
+                     ("127.0.1.0/24", {"A": ["198.51.100.11", "198.51.100.12"]})]}
+    with KnotServer({zone: zone_text(zone, [])}, edns_client_subnet=True,
+                    geoip={zone: support.knot.geoip_subnets(views)}) as k:
+        assert "edns-client-subnet: on" in Path(k.conf_path).read_text()
+        for transport in ("udp", "tcp"):
+            assert [rd.address for rd in query(owner, port=k.port, transport=transport).answer[0]] == \
+                ["198.51.100.1"]
+            for net, expected in (("127.0.0.0", ["198.51.100.10"]), ("127.0.1.0", ["198.51.100.11", "198.51.100.12"])):
+                r = query(owner, port=k.port, transport=transport, use_edns=0,
+                          options=[dns.edns.ECSOption(net, 24)])
+                assert sorted(rd.address for rd in r.answer[0]) == expected
+                (echo,) = [o for o in r.options if o.otype == dns.edns.OptionType.ECS]
+                assert (echo.address, echo.srclen, echo.scopelen) == (net, 24, 24)
+        # No ECS, another source: that source's network.
+        r = dns.query.udp(dns.message.make_query(owner, "A"), "127.0.0.1", port=k.port, source="127.0.1.5", timeout=2)
+        assert sorted(rd.address for rd in r.answer[0]) == ["198.51.100.11", "198.51.100.12"]
+
+
+def test_knot_bad_module_config_fails_before_knotd_starts():
+    zone = "geo.test."
+    k = KnotServer({zone: zone_text(zone, [])}, geoip={zone: "where.geo.test.:\n  - subnet: 127.0.0.0/24\n    A: [192.0.2.1]\n"})
+    with pytest.raises(RuntimeError, match="conf-check(.|\n)*invalid key type 'subnet'"):
+        k.start()
+    assert k.proc is None
+    k.close()
+    with pytest.raises(ValueError, match="not one of the zones"):
+        KnotServer({zone: zone_text(zone, [])}, whoami=["other.test."])
 
 
 # -- fake_backend --------------------------------------------------------------

@@ -8,6 +8,25 @@ databases, pid file, control socket, log) and listens on 127.0.0.1 only,
 UDP and TCP on the same free port. It answers `id.server. CH TXT` with its
 identity (default "knot-<port>") so tests can tell backends apart, and
 REFUSED for names outside its zones. Zone texts come from support.zones.
+
+It can also stand in for a backend that cares who the client is:
+
+    KnotServer({"whoami.test.": zone_text("whoami.test.", [])},
+               whoami=["whoami.test."], proxy_allowlist="127.0.0.0/8")
+
+answers `whoami.test. A` with the source address it sees (mod-whoami): the
+address in a PROXY v2 header, when one arrives over UDP from an address of
+the allowlist (`server: proxy-allowlist`; Knot takes the header over UDP
+only), the datagram's source otherwise. And
+
+    KnotServer({"geo.test.": ...}, edns_client_subnet=True,
+               geoip={"geo.test.": geoip_subnets({"where.geo.test.": [
+                   ("127.0.1.0/24", {"A": "198.51.100.1"})]})})
+
+answers by subnet (mod-geoip, `mode: subnet`): the network of the query's
+EDNS Client Subnet option when there is one (`server: edns-client-subnet:
+on` makes Knot read it, and echo it with the scope of the view used), the
+source address (proxied or not) otherwise.
 """
 from __future__ import annotations
 
@@ -16,7 +35,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence, Union
 
 import dns.exception
 import dns.flags
@@ -27,6 +46,32 @@ import dns.rcode
 from support.net import HOST, free_port, wait_until
 from support.processes import spawn, stop
 from support.zones import fqdn as _fqdn
+
+
+# One view of mod-geoip's subnet mode: (network, {rrtype: rdata or [rdata, ...]}).
+GeoView = tuple[str, Mapping[str, Union[str, Sequence[str]]]]
+
+
+def geoip_subnets(views: Mapping[str, Sequence[GeoView]]) -> str:
+    """The text of a mod-geoip config file (subnet mode): owner -> its views.
+
+        geoip_subnets({"where.geo.test.": [("127.0.0.0/24", {"A": "198.51.100.1"}),
+                                           ("127.0.1.0/24", {"A": ["198.51.100.2", "198.51.100.3"]})]})
+
+    Owners are absolute names; rdata is zone-file text (a TXT value is one
+    word per string: the module's parser strips the quotes). The most
+    specific network holding the client's address (its ECS, else its
+    source) wins; a client in none of them gets what the zone itself holds.
+    """
+    lines = []
+    for owner, owner_views in views.items():
+        lines.append(f"{_fqdn(owner)}:")
+        for net, records in owner_views:
+            lines.append(f"  - net: {net}")
+            for rrtype, rdata in records.items():
+                values = [rdata] if isinstance(rdata, str) else list(rdata)
+                lines.append(f"    {rrtype}: [{', '.join(values)}]")
+    return "\n".join(lines) + "\n"
 
 
 def knotd_path() -> str:
@@ -49,6 +94,15 @@ class KnotServer:
     stop()/kill()/start(), so restart tests hit the same address.
     extra_ports: more ports it listens on too (one process, many backend
     addresses the router has never seen).
+
+    Who-is-the-client options (see the module docstring):
+    proxy_allowlist: addresses/networks (a string or a list) allowed to
+    send PROXY v2 headers over UDP (`server: proxy-allowlist`);
+    edns_client_subnet: read and echo ECS options (`server:
+    edns-client-subnet: on`); whoami: zones whose apex A/AAAA is the
+    client's address (mod-whoami); geoip: zone -> mod-geoip config file
+    text (subnet mode, TTL 0; see geoip_subnets()). With any of these the
+    generated config is checked with `knotc conf-check` before each start.
     """
 
     def __init__(
@@ -61,6 +115,10 @@ class KnotServer:
         startup_timeout: float = 10.0,
         workers: int = 1,
         extra_ports: Sequence[int] = (),
+        proxy_allowlist: str | Sequence[str] | None = None,
+        edns_client_subnet: bool = False,
+        whoami: Iterable[str] = (),
+        geoip: Mapping[str, str] | None = None,
     ) -> None:
         items = zones.items() if isinstance(zones, Mapping) else zones
         self.zones: dict[str, str] = {_fqdn(name): text for name, text in items}
@@ -72,6 +130,15 @@ class KnotServer:
         self.startup_timeout = startup_timeout
         self.workers = workers
         self.extra_ports = list(extra_ports)
+        self.proxy_allowlist: list[str] = (
+            [] if proxy_allowlist is None
+            else [proxy_allowlist] if isinstance(proxy_allowlist, str) else list(proxy_allowlist))
+        self.edns_client_subnet = edns_client_subnet
+        self.whoami: list[str] = [_fqdn(z) for z in whoami]
+        self.geoip: dict[str, str] = {_fqdn(z): text for z, text in (geoip or {}).items()}
+        for zone in [*self.whoami, *self.geoip]:
+            if zone not in self.zones:
+                raise ValueError(f"module for {zone}, which is not one of the zones {list(self.zones)}")
         self._own_dir = workdir is None
         self.dir: str = workdir or tempfile.mkdtemp(prefix="knot-")
         self.conf_path = os.path.join(self.dir, "knot.conf")
@@ -91,17 +158,52 @@ class KnotServer:
     def zone_path(self, zone: str) -> str:
         return os.path.join(self.dir, "zones", _fqdn(zone) + "zone")
 
+    def geoip_path(self, zone: str) -> str:
+        return os.path.join(self.dir, "geoip-" + _fqdn(zone) + "conf")
+
+    @property
+    def _checked(self) -> bool:
+        """Whether the config uses more than the plain options (then conf-check it before starting)."""
+        return bool(self.proxy_allowlist or self.edns_client_subnet or self.whoami or self.geoip)
+
     def _write_files(self) -> None:
         for sub in ("run", "db", "zones"):
             os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
         for name, text in self.zones.items():
             with open(self.zone_path(name), "w") as f:
                 f.write(text if text.endswith("\n") else text + "\n")
+        for name, text in self.geoip.items():
+            with open(self.geoip_path(name), "w") as f:
+                f.write(text if text.endswith("\n") else text + "\n")
+        server_extra = ""
+        if self.proxy_allowlist:
+            server_extra += f"    proxy-allowlist: [{', '.join(self.proxy_allowlist)}]\n"
+        if self.edns_client_subnet:
+            server_extra += "    edns-client-subnet: on\n"
+        # One mod-geoip instance per zone, each with its own file (the
+        # module is in Debian's knot-module-geoip, loaded from the module
+        # directory without a `module:` section). TTL 0: the answer is per
+        # client, nothing may reuse it for another.
+        geoip_ids = {name: f"geoip{i}" for i, name in enumerate(self.geoip)}
+        modules = ""
+        if self.geoip:
+            modules = "mod-geoip:\n" + "".join(
+                f'  - id: {geoip_ids[name]}\n    config-file: "{self.geoip_path(name)}"\n'
+                f'    ttl: 0\n    mode: subnet\n'
+                for name in self.geoip
+            ) + "\n"
         listen = f"{HOST}@{self.port}"
         if self.extra_ports:
             listen = "[" + ", ".join(f"{HOST}@{p}" for p in [self.port, *self.extra_ports]) + "]"
+
+        def zone_modules(name: str) -> str:
+            refs = (["mod-whoami"] if name in self.whoami else []) + \
+                ([f"mod-geoip/{geoip_ids[name]}"] if name in geoip_ids else [])
+            return f"    module: [{', '.join(refs)}]\n" if refs else ""
+
         zone_lines = "".join(
-            f'  - domain: "{name}"\n    file: "{self.zone_path(name)}"\n' for name in self.zones
+            f'  - domain: "{name}"\n    file: "{self.zone_path(name)}"\n{zone_modules(name)}'
+            for name in self.zones
         )
         # No `user:` line: knotd then keeps the uid it was started with (root
         # in CI), and every path it writes is inside our own directory.
@@ -117,7 +219,7 @@ server:
     udp-workers: {self.workers}
     tcp-workers: {self.workers}
     background-workers: 1
-
+{server_extra}
 log:
   - target: stderr
     any: info
@@ -128,7 +230,7 @@ database:
 control:
     listen: "{self.socket_path}"
 
-template:
+{modules}template:
   - id: default
     storage: "{self.dir}/zones"
     zonefile-sync: -1
@@ -168,7 +270,17 @@ zone:
                 self._set_port(free_port("both"))
         raise AssertionError("unreachable")
 
+    def conf_check(self) -> None:
+        """`knotc conf-check` of the generated config (modules load their files too); RuntimeError saying why not."""
+        knotc = shutil.which("knotc") or "/usr/sbin/knotc"
+        out = subprocess.run([knotc, "-c", self.conf_path, "conf-check"],
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode != 0:
+            raise RuntimeError(f"knotc conf-check of {self.conf_path} failed:\n{out.stdout}{out.stderr}")
+
     def _spawn_and_wait(self) -> None:
+        if self._checked:
+            self.conf_check()
         self._log_start = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
         with open(self.log_path, "ab") as log:
             self.proc = spawn([knotd_path(), "-c", self.conf_path], stdout=log, stderr=subprocess.STDOUT)
