@@ -52,6 +52,11 @@ class WorkerSpec:
     tcp_output_limit: int
     retry_min: float
     tcp_fetches: int
+    client_address: str
+    proxy_tcp: bool
+    ecs_ipv4_prefix: int
+    ecs_ipv6_prefix: int
+    ecs_override: bool
     log_level: str
     log_target: str
     log_queries: bool

@@ -125,12 +125,15 @@ class Pool:
     worker share a pool without a lock.
     """
 
-    __slots__ = ("route", "backends", "_cycle")
+    __slots__ = ("route", "backends", "_cycle", "modes")
 
-    def __init__(self, route: Route, backends: Sequence[Address]) -> None:
+    def __init__(self, route: Route, backends: Sequence[Address], default_mode: str = "none") -> None:
         self.route = route
         self.backends = tuple(backends)
         self._cycle = itertools.cycle(self.backends)
+        # The members that learn the client's address, and how; empty for a
+        # pool that needs nothing (the packet path tests this, and only this).
+        self.modes = {b: m for b, m in route.modes(default_mode).items() if m != "none"}
 
     def next(self) -> Address:
         return next(self._cycle)
@@ -155,10 +158,10 @@ class Matcher:
     CACHE_SIZE = 10_000
 
     def __init__(self, routes: Sequence[Route], down: Iterable[Address] = (),
-                 patterns: "re2.Set | None" = None) -> None:
+                 patterns: "re2.Set | None" = None, client_address: str = "none") -> None:
         self.routes = tuple(routes)
         down = frozenset(down)
-        self.pools = [Pool(r, [b for b in r.backends if b not in down]) for r in self.routes]
+        self.pools = [Pool(r, [b for b in r.backends if b not in down], client_address) for r in self.routes]
         self.set = patterns if patterns is not None else compile_set(r.pattern for r in self.routes)
         self._cache: dict[bytes, Pool | None] = {}
 

@@ -144,6 +144,9 @@ class Supervisor:
             tcp_idle_timeout=self.config.server_tcp_idle_timeout,
             tcp_output_limit=self.config.server_tcp_output_limit,
             retry_min=self.config.forward_retry_min, tcp_fetches=self.config.forward_tcp_fetches,
+            client_address=self.config.forward_client_address, proxy_tcp=self.config.forward_proxy_tcp,
+            ecs_ipv4_prefix=self.config.forward_ecs_ipv4_prefix, ecs_ipv6_prefix=self.config.forward_ecs_ipv6_prefix,
+            ecs_override=self.config.forward_ecs_override,
             log_level=self.config.log_level, log_target=self.config.log_target,
             log_queries=self.config.log_queries)
         handle = workerset.spawn(spec, self.worker_main)

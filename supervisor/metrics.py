@@ -39,6 +39,9 @@ LABELLED_COUNTERS = {
                      "Replies dropped because the query was already answered (or had timed out)", "backend"),
     "backend_icmp_errors": ("dnsrouter_backend_icmp_errors_total",
                             "ICMP errors (port or host unreachable) for queries sent to a backend", "backend"),
+    "client_address_failed": ("dnsrouter_client_address_failed_total",
+                              "Queries forwarded without the client's address (one no header or option can carry)",
+                              "mode"),
     "worker_messages": ("dnsrouter_worker_messages_total", "Messages the supervisor received from workers",
                         "type"),
 }

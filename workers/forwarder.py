@@ -5,9 +5,10 @@ import logging
 import socket
 import struct
 import threading
+from dataclasses import dataclass
 from typing import Callable
 
-from dnsrouter import wire
+from dnsrouter import ecs, wire
 from dnsrouter.address import Address
 from dnsrouter.routes import Matcher
 from dnsrouter.snapshot import Snapshot
@@ -24,6 +25,18 @@ qlog = logging.getLogger("dnsrouter.queries")
 _FORMERR, _SERVFAIL, _NOTIMP, _REFUSED = wire.FORMERR, wire.SERVFAIL, wire.NOTIMP, wire.REFUSED
 
 
+@dataclass(frozen=True)
+class ClientAddress:
+    """How backends learn the client's address: ``[forward] client_address``
+    (the default of members whose registry value names none) and its options."""
+
+    mode: str = "none"
+    proxy_tcp: bool = False
+    ecs_ipv4_prefix: int = 24
+    ecs_ipv6_prefix: int = 56
+    ecs_override: bool = False
+
+
 class Forwarder:
     """Shared by every serving thread of a worker.
 
@@ -37,8 +50,10 @@ class Forwarder:
 
     def __init__(self, timeout: float, stats: Stats, max_in_flight: int = 20000,
                  allow: Callable[[str], bool] | None = None, deny_action: str = "refuse",
-                 retry_min: float = 0.02, tcp_fetches: int = 32) -> None:
+                 retry_min: float = 0.02, tcp_fetches: int = 32,
+                 client_address: ClientAddress = ClientAddress()) -> None:
         self.timeout = timeout
+        self.client_address = client_address
         self.retry_min = retry_min
         self.stats = stats
         self.allowed = allow
@@ -71,7 +86,8 @@ class Forwarder:
         old = self.matcher
         same_routes = tuple(r.pattern for r in snapshot.routes) == tuple(r.pattern for r in old.routes)
         # A health-only change keeps the compiled RE2 set: no recompile.
-        self.matcher = Matcher(snapshot.routes, snapshot.down, old.set if same_routes and old.routes else None)
+        self.matcher = Matcher(snapshot.routes, snapshot.down, old.set if same_routes and old.routes else None,
+                               self.client_address.mode)
         self.version = snapshot.version
         # A backend's first estimate is its health check's round trip (over
         # TCP, so if anything too long: no needless retries at the start).
@@ -151,7 +167,34 @@ class Forwarder:
         if tcp:
             query, strip_opt = wire.with_large_buffer(data, end)
         entry = Pending(client, addr, query, lower, pool, pool.next(), strip_opt, tcp)
+        if pool.modes and not self._variants(entry, end, counts):  # none costs this test only
+            return self._answer(data, _FORMERR, question, end, addr, client, counts, outbox)
         self._send(entry, counts, outbox)
+
+    def _variants(self, entry: Pending, end: int, counts: Counts) -> bool:
+        """What each member of the pool that learns the client's address gets:
+        a PROXY v2 header before the query, or the query with ECS. False for
+        a query whose additional records do not parse (FORMERR: forwarded
+        as it is, a client's own ECS would slip past ecs_override)."""
+        settings = self.client_address
+        variants: dict[Address, tuple[bytes, bytes]] = {}
+        with_ecs: bytes | None = None
+        for backend, mode in entry.pool.modes.items():
+            try:
+                if mode == "proxy":
+                    variants[backend] = (entry.client.proxy_header(entry.addr), entry.query)
+                    continue
+                if with_ecs is None:
+                    with_ecs, entry.ecs_added = ecs.add(
+                        entry.query, end, entry.client.host(entry.addr), settings.ecs_ipv4_prefix,
+                        settings.ecs_ipv6_prefix, settings.ecs_override)
+                variants[backend] = (b"", with_ecs)
+            except wire.WireError:
+                return False
+            except ValueError:  # a client address no header or option can carry: as it is, counted
+                counts["client_address_failed", mode] += 1
+        entry.variants = variants
+        return True
 
     def _send(self, entry: Pending, counts: Counts, outbox: Outbox | None = None) -> None:
         family = entry.backend.family
@@ -224,6 +267,11 @@ class Forwarder:
     def _relay(self, entry: Pending, data: bytes, counts: Counts, outbox: Outbox | None = None) -> None:
         """The backend's reply to the client: its own bytes, the client's ID."""
         reply = entry.query[:2] + data[2:]  # the client's ID back
+        if entry.ecs_added is not None and entry.pool.modes.get(entry.backend) == "ecs":
+            try:  # the client gets no option it did not send, and no more than it can take
+                reply = ecs.restore(reply, entry.ecs_added, 65535 if entry.tcp else entry.ecs_added.payload)
+            except wire.WireError:
+                pass  # relayed as it is: better an extra option than no answer
         if entry.strip_opt:
             try:
                 reply = wire.without_opt(reply)
@@ -234,8 +282,12 @@ class Forwarder:
 
     def _fetch_tcp(self, entry: Pending, counts: Counts) -> None:
         """On a thread of the fetch pool; ``counts`` are that thread's."""
+        variant = entry.variants.get(entry.backend) if entry.variants else None
+        prefix, query = variant or (b"", entry.query)
+        if prefix:  # a PROXY header: over TCP only when asked, and then the stream form
+            prefix = entry.client.proxy_header(entry.addr, True) if self.client_address.proxy_tcp else b""
         try:
-            reply = tcp_fetch.exchange(entry.backend, entry.query, self.timeout)
+            reply = tcp_fetch.exchange(entry.backend, query, self.timeout, prefix)
         except (OSError, ValueError):
             counts["backend_timeouts", entry.backend] += 1
             self._servfail(entry, counts)

@@ -24,7 +24,7 @@ from dnsrouter import control, logs
 from dnsrouter.snapshot import Snapshot
 
 from . import acl, tcp, udp
-from .forwarder import Forwarder
+from .forwarder import ClientAddress, Forwarder
 from .stats import Stats
 
 log = logging.getLogger("dnsrouter.worker")
@@ -69,7 +69,10 @@ class Worker:
         self.stopping = threading.Event()
         self.forwarder = Forwarder(spec.forward_timeout, self.stats, spec.max_in_flight,
                                    acl.make(spec.allow), spec.deny_action, spec.retry_min,
-                                   tcp_fetches=spec.tcp_fetches)
+                                   tcp_fetches=spec.tcp_fetches,
+                                   client_address=ClientAddress(spec.client_address, spec.proxy_tcp,
+                                                                spec.ecs_ipv4_prefix, spec.ecs_ipv6_prefix,
+                                                                spec.ecs_override))
         self.forwarder.query_log = spec.log_queries
         self.snapshot: Snapshot | None = None
         self.udp_threads: list[threading.Thread] = []

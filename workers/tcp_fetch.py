@@ -84,15 +84,16 @@ class Fetches(Generic[T]):
                     self._busy -= 1
 
 
-def exchange(backend: Address, query: bytes, timeout: float) -> bytes:
-    """Send ``query`` (under a fresh ID) and return the reply with that ID.
+def exchange(backend: Address, query: bytes, timeout: float, prefix: bytes = b"") -> bytes:
+    """Send ``query`` (under a fresh ID, after ``prefix``: a PROXY header)
+    and return the reply with that ID.
 
     Raises OSError on network trouble or timeout, ValueError on a reply that
     is not the answer to this query.
     """
     uid = os.urandom(2)
     with socket.create_connection((backend.host, backend.port), timeout=timeout) as sock:
-        sock.sendall(struct.pack("!H", len(query)) + uid + query[2:])
+        sock.sendall(prefix + struct.pack("!H", len(query)) + uid + query[2:])
         length = struct.unpack("!H", _read(sock, 2))[0]
         reply = _read(sock, length)
     if len(reply) < 12 or reply[:2] != uid or not reply[2] & 0x80:

@@ -36,3 +36,11 @@ class Client(Protocol):
     def send(self, data: bytes, addr: bytes | None, outbox: Outbox | None = None) -> None:
         """``data`` to the client: ``addr`` is its raw address (None over TCP);
         with the batch of ``outbox`` if given, else at once. Never raises."""
+
+    def host(self, addr: bytes | None) -> str:
+        """The client's IP, as text (for ECS and the ACL)."""
+
+    def proxy_header(self, addr: bytes | None, stream: bool = False) -> bytes:
+        """The PROXY v2 header for the client's queries to a backend: from the
+        client to the router's address it asked (``stream``: for a TCP
+        connection). Raises ValueError where there is none to make."""

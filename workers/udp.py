@@ -4,6 +4,9 @@ from __future__ import annotations
 import errno
 import socket
 import threading
+from typing import Callable
+
+from dnsrouter import proxy
 
 from . import mmsg
 from .forwarder import Forwarder
@@ -13,10 +16,12 @@ from .types import Counts, Outbox
 class UdpClient:
     """Where replies to a UDP client go: the socket its query came in on."""
 
-    __slots__ = ("fd",)
+    __slots__ = ("fd", "local", "_proxy")
 
     def __init__(self, sock: socket.socket) -> None:
         self.fd = sock.fileno()
+        self.local: tuple[str, int] = sock.getsockname()[:2]  # the listening address, as the client asked it
+        self._proxy: Callable[[bytes], bytes] | None = None
 
     def send(self, data: bytes, addr: bytes | None, outbox: Outbox | None = None) -> None:
         """To the client at raw address ``addr``: with the batch, or now."""
@@ -25,6 +30,16 @@ class UdpClient:
             mmsg.send(self.fd, data, addr)
         else:
             outbox.add(self.fd, data, addr)
+
+    def host(self, addr: bytes | None) -> str:
+        assert addr is not None
+        return mmsg.host(addr)
+
+    def proxy_header(self, addr: bytes | None, stream: bool = False) -> bytes:
+        assert addr is not None
+        if self._proxy is None:  # packed once per socket; per datagram only the source is copied
+            self._proxy = proxy.sockaddr_prefix_for(self.local)
+        return self._proxy(addr)
 
 
 def serve(sock: socket.socket, forwarder: Forwarder, counts: Counts, stopping: threading.Event) -> None:
