@@ -44,7 +44,7 @@ import dns.query
 import dns.rcode
 
 from support.net import HOST, free_port, wait_until
-from support.processes import spawn, stop
+from support.processes import log_tail, spawn, stop
 from support.zones import fqdn as _fqdn
 
 
@@ -347,11 +347,7 @@ zone:
             return f.read()
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, lines)
 
     def knotc(self, *args: str, timeout: float = 10.0) -> str:
         """Run knotc against this server (e.g. 'zone-reload', 'a.example.com.'); returns stdout."""

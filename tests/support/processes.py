@@ -104,3 +104,12 @@ def gone(procs: Iterable[psutil.Process]) -> bool:
         except psutil.NoSuchProcess:
             return False
     return not any(alive(p) for p in procs)
+
+
+def log_tail(path: str | Path, lines: int = 30) -> str:
+    """The last ``lines`` lines of a server's log, for failure messages ("" if unreadable)."""
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""

@@ -22,7 +22,7 @@ import dns.message
 import dns.query
 
 from support.net import HOST, free_port, wait_until
-from support.processes import spawn, stop
+from support.processes import log_tail, spawn, stop
 from support.zones import fqdn
 
 UNBOUND = "/usr/sbin/unbound"
@@ -161,11 +161,7 @@ remote-control:
         self.close()
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, lines)
 
     def __repr__(self) -> str:
         return f"UnboundServer({self.addr}, stubs={self.stubs}, running={self.running()})"
