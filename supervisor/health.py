@@ -70,8 +70,22 @@ class HealthChecker:
         self._thread.start()
 
     def stop(self) -> None:
-        """No more checks (the supervisor is stopping)."""
+        """No more checks (the supervisor is stopping): the tasks end first,
+        so that none is left pending in a stopped loop (asyncio logs those)."""
+        if not self._thread.is_alive():
+            return
+        done = asyncio.run_coroutine_threadsafe(self._cancel_all(), self._loop)
+        try:
+            done.result(timeout=2)
+        except Exception:  # a check stuck past its timeout: stop anyway
+            pass
         self._loop.call_soon_threadsafe(self._loop.stop)
+
+    async def _cancel_all(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def set_backends(self, backends: Iterable[Address]) -> None:
         backends = frozenset(backends)
