@@ -17,6 +17,7 @@ class Row:
     perf: Perf
     rss_mb: list[float] = field(default_factory=list)
     notes: str = ""
+    client_address: str = "none"  # dnsrouter --client-address (none for backend, dnsdist)
 
 
 def fmt(v: float, digits: int = 3) -> str:
@@ -40,16 +41,49 @@ def rcode_str(p: Perf) -> str:
     return " ".join(f"{k}:{v}" for k, v in sorted(p.rcodes.items(), key=lambda kv: -kv[1])) or "-"
 
 
+def line(cells: Iterable[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def tables(rows: list[Row], header: str) -> str:
+    """The throughput and fixed-rate tables (client address none: as without
+    --client-address), then the client-address table when other modes ran."""
+    text = _main_tables([r for r in rows if r.client_address == "none"], header)
+    if any(r.client_address != "none" for r in rows):
+        text += "\n" + client_address_table([r for r in rows if r.scenario == "dnsrouter"])
+    return text
+
+
+def client_address_table(rows: list[Row]) -> str:
+    """dnsrouter rows of every mode, each with its ratios to the none row of
+    the same kind, transport, routes and workers (mode / none)."""
+    none = {(r.kind, r.transport, r.routes, r.workers): r for r in rows if r.client_address == "none"}
+    cols = ["client address", "kind", "transport", "routes", "workers", "qps", "avg latency ms", "p99 ms",
+            "qps / none", "avg latency / none", "p99 / none", "lost", "rcodes"]
+    out = ["### Client address (dnsrouter --client-address; each mode its own router, runs interleaved; "
+           "qps / none: higher is better, latency / none: lower is better)", "",
+           line(cols), line(["---"] * len(cols))]
+    for r in sorted(rows, key=lambda r: (r.kind != "throughput", r.transport, r.routes, r.workers)):
+        n = none.get((r.kind, r.transport, r.routes, r.workers))
+        out.append(line([
+            r.client_address, r.kind, r.transport, str(r.routes), str(r.workers),
+            f"{r.perf.qps:.0f}" + spread(r.perf, "qps" if r.kind == "throughput" else "avg_ms"),
+            fmt(r.perf.avg_ms), fmt(r.perf.p99_ms),
+            "-" if n is None or r.kind != "throughput" else ratio(r.perf.qps, n.perf.qps),
+            "-" if n is None else ratio(r.perf.avg_ms, n.perf.avg_ms),
+            "-" if n is None else ratio(r.perf.p99_ms, n.perf.p99_ms),
+            str(r.perf.lost), rcode_str(r.perf),
+        ]))
+    return "\n".join(out) + "\n"
+
+
+def _main_tables(rows: list[Row], header: str) -> str:
     thr = [r for r in rows if r.kind == "throughput"]
     fix = [r for r in rows if r.kind == "fixed-rate"]
     backend = {r.transport: r for r in thr if r.scenario == "backend"}
     dnsdist = {(r.transport, r.routes): r for r in thr if r.scenario == "dnsdist"}
     cols = ["scenario", "transport", "routes", "workers", "qps", "avg latency ms", "p99 ms",
             "worker RSS MB", "ratio to dnsdist", "ratio to backend", "lost", "rcodes"]
-
-    def line(cells: Iterable[str]) -> str:
-        return "| " + " | ".join(cells) + " |"
 
     def cells(r: Row, d: Row | None, b: Row | None, of: str) -> list[str]:
         """A row's columns; the ratios are of r.perf.<of> (qps or avg_ms)."""

@@ -8,7 +8,10 @@ One invocation starts one Knot backend, then measures with dnsperf:
   non-matching routes before it) for each worker count;
 * dnsdist with the equivalent R RegexRule/PoolAction rules, same order;
 * a fixed-rate run (dnsperf -Q) against backend, router and dnsdist, to
-  compare the latency each hop adds when nobody is saturated.
+  compare the latency each hop adds when nobody is saturated;
+* with --client-address none,proxy,ecs, each dnsrouter measurement once per
+  mode (one router per mode, their runs interleaved), against a backend that
+  takes PROXY v2 headers and ECS, and the ratio of each mode to none.
 
 It prints Markdown tables (and writes them to --out). See bench/README.md.
 
@@ -21,19 +24,24 @@ import argparse
 import math
 import os
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 
+import dns.edns
 import dns.exception
+import dns.message
+import dns.query
 import dns.rcode
 import psutil
 
 from common import Perf, bench_router, dnsperf_argv, handle_signals, ignore_signals, parse_dnsperf, start_router
 from report import Row, fmt, tables
 from support.knot import KnotServer
-from support.net import HOST, answered, free_port, query, wait_until
+from support.net import HOST, answered, free_port, query, raw_udp, wait_until
 from support.processes import spawn, stop, stop_all
 from support.router import Router
 from support.zones import numbered_zone
@@ -43,6 +51,9 @@ ZONE = "zone.example.com."
 # its trailing dot under RE2, dnsdist 1.7's RegexRule matches the name
 # without it under POSIX ERE; "\.?$" accepts both.
 MATCH_RE = r"^h[0-9]+\.zone\.example\.com\.?$"
+CLIENT_ADDRESS_MODES = ("none", "proxy", "ecs")  # [forward] client_address
+# The backend's options when proxy or ecs is measured: it answers all modes.
+KNOT_CLIENT_ADDRESS = {"proxy_allowlist": ["127.0.0.0/8"], "edns_client_subnet": True}
 
 
 def nomatch_re(i: int) -> str:
@@ -79,6 +90,26 @@ def run_dnsperf(port: int, qfile: str, transport: str, args: argparse.Namespace,
     lost queries, rcodes and kernel drops of every run added up."""
     runs = [_dnsperf_once(port, qfile, transport, args, workdir, f"{tag}-{i}", qps_limit)
             for i in range(args.repeat)]
+    return median_run(runs, qps_limit)
+
+
+def run_dnsperf_modes(ports: dict[str, int], qfile: str, transport: str, args: argparse.Namespace,
+                      workdir: str, tag: str, qps_limit: int | None = None) -> dict[str, Perf]:
+    """run_dnsperf against each client-address mode's router (mode -> port),
+    the repeats interleaved and the order turned each round (none, proxy,
+    ecs, then proxy, ecs, none, ...): a busy spell of the shared machine, or
+    being first after a pause, then hits every mode alike, not just one."""
+    runs: dict[str, list[Perf]] = {mode: [] for mode in ports}
+    modes = list(ports)
+    for i in range(args.repeat):
+        for mode in modes[i % len(modes):] + modes[:i % len(modes)]:
+            runs[mode].append(_dnsperf_once(ports[mode], qfile, transport, args, workdir,
+                                            f"{mode_tag(tag, mode)}-{i}", qps_limit))
+    return {mode: median_run(mode_runs, qps_limit) for mode, mode_runs in runs.items()}
+
+
+def median_run(runs: list[Perf], qps_limit: int | None) -> Perf:
+    """The median of repeated runs, with the others' losses, rcodes and kernel drops added to it."""
     runs.sort(key=(lambda p: p.avg_s) if qps_limit else (lambda p: p.qps))
     median = runs[len(runs) // 2]
     for other in runs:
@@ -173,10 +204,69 @@ def write_dnsdist_conf(path: str, port: int, backend: str, routes: int) -> None:
         f.write("\n".join(lines) + "\n")
 
 
-def router(routes_dir: str, workers: int, workdir: str, tag: str) -> Router:
+def router(routes_dir: str, workers: int, workdir: str, tag: str, mode: str = "none") -> Router:
     """The dnsrouter of this interpreter's environment, at --log-level warning
-    (not whichever comes first on PATH: that may be another build)."""
-    return bench_router(os.path.join(workdir, f"router-{tag}"), workers=workers, routes_dir=routes_dir)
+    (not whichever comes first on PATH: that may be another build), with
+    ``--client-address mode`` unless mode is none (the default)."""
+    args = [] if mode == "none" else ["--client-address", mode]
+    return bench_router(os.path.join(workdir, f"router-{tag}"), workers=workers, routes_dir=routes_dir, args=args)
+
+
+def mode_tag(tag: str, mode: str) -> str:
+    """A router's or run's tag with its client-address mode (none: the tag as it was)."""
+    return tag if mode == "none" else f"{tag}-{mode}"
+
+
+# -- client address ------------------------------------------------------------
+
+def proxy_v2_header(source: tuple[str, int], destination: tuple[str, int]) -> bytes:
+    """A PROXY v2 header for an IPv4 datagram (haproxy specification 2.2),
+    built here rather than with dnsrouter.proxy, so that the backend check
+    does not rest on the code being measured."""
+    return struct.pack("!12sBBH4s4sHH", b"\r\n\r\n\x00\r\nQUIT\n", 0x21, 0x12, 12,
+                       socket.inet_aton(source[0]), socket.inet_aton(destination[0]), source[1], destination[1])
+
+
+def has_ecs(reply: dns.message.Message) -> bool:
+    return any(o.otype == dns.edns.OptionType.ECS for o in reply.options)
+
+
+def check_backend_modes(port: int, modes: list[str]) -> None:
+    """RuntimeError unless the backend answers what the modes send it: a
+    datagram behind a PROXY v2 header (Knot drops one from outside its
+    proxy-allowlist: the benchmark would measure timeouts) and a query with
+    ECS (echoed when Knot reads it: edns-client-subnet on)."""
+    name = f"h0001.{ZONE}"
+    if "proxy" in modes:
+        wire = raw_udp(port, proxy_v2_header(("192.0.2.1", 5300), (HOST, port))
+                       + dns.message.make_query(name, "A").to_wire(), timeout=1.0)
+        reply = dns.message.from_wire(wire) if wire else None
+        if reply is None or reply.rcode() != dns.rcode.NOERROR or not reply.answer:
+            raise RuntimeError(f"the backend on port {port} did not answer a query behind a PROXY v2 header "
+                               f"(reply: {reply and dns.rcode.to_text(reply.rcode())}): no proxy-allowlist?")
+    if "ecs" in modes:
+        q = dns.message.make_query(name, "A", use_edns=0, options=[dns.edns.ECSOption("192.0.2.0", 24)])
+        reply = dns.query.udp(q, HOST, port=port, timeout=1.0)
+        if reply.rcode() != dns.rcode.NOERROR or not has_ecs(reply):
+            raise RuntimeError(f"the backend on port {port} did not echo an ECS option "
+                               f"(rcode {dns.rcode.to_text(reply.rcode())}): edns-client-subnet off?")
+
+
+def check_router_mode(port: int, mode: str, who: str) -> None:
+    """RuntimeError unless the router in this mode gets h0002 answered by the
+    backend (proxy: the backend took the router's header), and, with ecs,
+    takes the backend's echoed ECS option out of the reply."""
+    if mode == "none":
+        return
+    try:
+        reply = query(f"h0002.{ZONE}", "A", port=port, timeout=2.0)
+    except (dns.exception.DNSException, OSError) as e:
+        raise RuntimeError(f"{who}: no answer to h0002.{ZONE} with --client-address {mode} ({e!r})") from None
+    if reply.rcode() != dns.rcode.NOERROR or not reply.answer:
+        raise RuntimeError(f"{who}: h0002.{ZONE} with --client-address {mode} answered "
+                           f"{dns.rcode.to_text(reply.rcode())} without the backend's records")
+    if mode == "ecs" and has_ecs(reply):
+        raise RuntimeError(f"{who}: the reply still carries the ECS option the router added")
 
 
 def start(r: Router, startup_timeout: float) -> float:
@@ -261,7 +351,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--startup-timeout", type=float, default=60.0)
     p.add_argument("--keep", action="store_true", help="keep the work directory (dnsperf output, logs)")
     p.add_argument("--out", help="also write the tables to this file")
+    p.add_argument("--client-address", default="none", metavar="MODES",
+                   help="comma separated dnsrouter --client-address modes to measure in turn (none, proxy, ecs; "
+                        "default none); with proxy or ecs the backend takes PROXY v2 headers and ECS")
     a = p.parse_args(argv)
+    a.client_address = list(dict.fromkeys(m.strip() for m in a.client_address.split(",")))
+    for m in a.client_address:
+        if m not in CLIENT_ADDRESS_MODES:
+            p.error(f"unknown client address mode {m!r} (known: {', '.join(CLIENT_ADDRESS_MODES)})")
     a.routes = [int(x) for x in (a.routes or ("1,1000" if a.quick else "1,1000,10000")).split(",")]
     a.workers = [int(x) for x in a.workers.split(",")]
     a.transport = [t.strip() for t in a.transport.split(",")]
@@ -282,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         print("dnsperf not found in PATH", file=sys.stderr)
         return 2
     have_dnsdist = shutil.which("dnsdist") is not None and not args.no_dnsdist
+    client_modes = args.client_address != ["none"]
     workdir = tempfile.mkdtemp(prefix="dnsrouter-bench-")
     rows: list[Row] = []
     problems: list[str] = []
@@ -295,12 +393,13 @@ def main(argv: list[str] | None = None) -> int:
     def note(row: Row) -> None:
         p = row.perf
         bad = {k: v for k, v in p.rcodes.items() if k != "NOERROR"}
-        log(f"  {row.kind} {row.scenario} {row.transport} routes={row.routes} workers={row.workers}: "
+        mode = "" if row.client_address == "none" else f" client-address={row.client_address}"
+        log(f"  {row.kind} {row.scenario} {row.transport} routes={row.routes} workers={row.workers}{mode}: "
             f"qps={p.qps:.0f} avg={fmt(p.avg_ms)}ms p99={fmt(p.p99_ms)}ms lost={p.lost} rcodes={p.rcodes}"
             f" kernel={p.kernel} reconnections={p.reconnections}")
         if p.lost or bad or p.kernel or p.reconnections:
             problems.append(f"{row.kind} {row.scenario} {row.transport} routes={row.routes} "
-                            f"workers={row.workers}: sent {p.sent}, lost {p.lost}, rcodes {p.rcodes}"
+                            f"workers={row.workers}{mode}: sent {p.sent}, lost {p.lost}, rcodes {p.rcodes}"
                             + (f", kernel drop counters {p.kernel}" if p.kernel else "")
                             + (f", TCP reconnections {p.reconnections}" if p.reconnections else ""))
         rows.append(row)
@@ -313,12 +412,33 @@ def main(argv: list[str] | None = None) -> int:
         if rc not in (0, None):
             problems.append(f"router {tag}: exit status {rc} after SIGTERM")
 
+    def start_routers(routers: dict[str, Router], rdir: str, routes: int, w: int, tag: str, check: bool) -> None:
+        """One router per --client-address mode, into routers (so that the
+        caller stops them all, even when one fails); check: the sanity check."""
+        for mode in args.client_address:
+            who = mode_tag(tag, mode)
+            routers[mode] = r = router(rdir, w, workdir, who, mode)
+            ready_s = start(r, args.startup_timeout)
+            mode_note = "" if mode == "none" else f" client-address={mode}"
+            log(f"dnsrouter routes={routes} workers={w}{mode_note} answering after {ready_s:.1f}s")
+            if check:
+                problems.extend(sanity(r.port, routes, f"router {who}"))
+            check_router_mode(r.port, mode, f"router {who}")
+
+    def stop_routers(routers: dict[str, Router], tag: str) -> None:
+        for mode, r in routers.items():
+            router_stderr_check(r, mode_tag(tag, mode), r.stop())
+
     try:
+        # With proxy or ecs measured, one backend answers every mode: it
+        # takes PROXY v2 headers from loopback and reads ECS (none as well).
         knot = KnotServer({ZONE: numbered_zone(ZONE, args.names)}, workers=args.knot_workers,
-                          workdir=os.path.join(workdir, "knot"))
+                          workdir=os.path.join(workdir, "knot"),
+                          **(KNOT_CLIENT_ADDRESS if client_modes else {}))
         knot.start()
         backend = knot.addr
         log(f"knotd on {backend}, workdir {workdir}")
+        check_backend_modes(knot.port, args.client_address)
         qfile = os.path.join(workdir, "queries.txt")
         with open(qfile, "w") as f:
             f.writelines(f"h{i:04d}.{ZONE} A\n" for i in range(1, args.names + 1))
@@ -332,19 +452,20 @@ def main(argv: list[str] | None = None) -> int:
             write_routes(rdir, routes, backend)
             for w in args.workers:
                 tag = f"r{routes}-w{w}"
-                r = router(rdir, w, workdir, tag)
+                routers: dict[str, Router] = {}
                 try:
-                    ready_s = start(r, args.startup_timeout)
-                    log(f"dnsrouter routes={routes} workers={w} answering after {ready_s:.1f}s")
-                    problems.extend(sanity(r.port, routes, f"router {tag}"))
+                    start_routers(routers, rdir, routes, w, tag, check=True)
                     for t in args.transport:
-                        perf = run_dnsperf(r.port, qfile, t, args, workdir, f"router-{tag}-{t}")
-                        note(Row("throughput", "dnsrouter", t, routes, w, perf, worker_rss_mb(r)))
-                        if len(rows[-1].rss_mb) != w:
-                            problems.append(f"router {tag}: found {len(rows[-1].rss_mb)} worker processes, expected {w}")
+                        perfs = run_dnsperf_modes({m: r.port for m, r in routers.items()}, qfile, t, args,
+                                                  workdir, f"router-{tag}-{t}")
+                        for mode, perf in perfs.items():
+                            note(Row("throughput", "dnsrouter", t, routes, w, perf, worker_rss_mb(routers[mode]),
+                                     client_address=mode))
+                            if len(rows[-1].rss_mb) != w:
+                                problems.append(f"router {mode_tag(tag, mode)}: found {len(rows[-1].rss_mb)} "
+                                                f"worker processes, expected {w}")
                 finally:
-                    rc = r.stop()
-                    router_stderr_check(r, tag, rc)
+                    stop_routers(routers, tag)
             if have_dnsdist:
                 d = Dnsdist(backend, routes, workdir, f"r{routes}", args.startup_timeout)
                 try:
@@ -365,15 +486,17 @@ def main(argv: list[str] | None = None) -> int:
             if not os.path.isdir(rdir):
                 write_routes(rdir, 1, backend)
             w = 2 if 2 in args.workers else max(args.workers)
-            r = router(rdir, w, workdir, f"fixed-w{w}")
+            routers = {}
             try:
-                start(r, args.startup_timeout)
+                start_routers(routers, rdir, 1, w, f"fixed-w{w}", check=False)
                 for t in args.transport:
-                    perf = run_dnsperf(r.port, qfile, t, args, workdir, f"fixed-router-{t}", args.fixed_qps)
-                    note(Row("fixed-rate", "dnsrouter", t, 1, w, perf, worker_rss_mb(r)))
+                    perfs = run_dnsperf_modes({m: r.port for m, r in routers.items()}, qfile, t, args, workdir,
+                                              f"fixed-router-{t}", args.fixed_qps)
+                    for mode, perf in perfs.items():
+                        note(Row("fixed-rate", "dnsrouter", t, 1, w, perf, worker_rss_mb(routers[mode]),
+                                 client_address=mode))
             finally:
-                rc = r.stop()
-                router_stderr_check(r, f"fixed-w{w}", rc)
+                stop_routers(routers, f"fixed-w{w}")
             if have_dnsdist:
                 d = Dnsdist(backend, 1, workdir, "fixed", args.startup_timeout)
                 try:
@@ -399,6 +522,9 @@ def main(argv: list[str] | None = None) -> int:
               f"-t {args.timeout} -v; {args.names} names; knotd workers {args.knot_workers}; "
               + (f"median of {args.repeat} runs each (qps range in brackets; lost and rcodes: all runs); "
                  if args.repeat > 1 else "")
+              + (f"client address modes {','.join(args.client_address)} (knotd: proxy-allowlist "
+                 f"{','.join(KNOT_CLIENT_ADDRESS['proxy_allowlist'])}, edns-client-subnet on); "
+                 if client_modes else "")
               + f"dnsdist {'yes' if have_dnsdist else 'not run'}; total {time.monotonic() - t_start:.0f}s")
     text = tables(rows, header)
     if problems:
