@@ -1,14 +1,20 @@
 """Real etcd servers for tests: one member, or a static three-member cluster.
 
 Everything listens on 127.0.0.1 on free ports, in its own temporary data
-directory, with the v2 keys API enabled (the API dnsrouter speaks). Readiness
-is polled with a deadline; nothing here sleeps blindly.
+directory. etcd serves its v3 API (gRPC) always; the v2 keys API is enabled
+too (``--enable-v2``) for the v2 registry's tests. Readiness is polled with a
+deadline; nothing here sleeps blindly.
+
+The v2 helpers (``put``, ``delete``, ``get``, ...) speak HTTP to /v2/keys;
+the v3 helpers (``put3``, ``delete3``, ``read_prefix3``, ``grant_lease``,
+``compact``, ``etcdctl``) use etcdctl or the v3 client library.
 
 A missing ``etcd`` binary raises (so the test fails): etcd is a declared test
 dependency (Debian package ``etcd-server``), not an optional one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,7 +24,7 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, NamedTuple, Optional
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 from support.net import free_port as _free_port, wait_until
 from support.processes import spawn, stop
@@ -151,7 +157,8 @@ class EtcdServer(_Managed):
 
     def __init__(self, name: str = "default", *, client_port: Optional[int] = None,
                  peer_port: Optional[int] = None, initial_cluster: Optional[str] = None,
-                 workdir: Optional[str] = None, tls: Optional[TLSFiles] = None) -> None:
+                 workdir: Optional[str] = None, tls: Optional[TLSFiles] = None,
+                 extra_args: Sequence[str] = ()) -> None:
         self.name = name
         self.client_port = client_port or _free_port("tcp")
         self.peer_port = peer_port or _free_port("tcp")
@@ -159,6 +166,7 @@ class EtcdServer(_Managed):
         self.peer_url = f"http://127.0.0.1:{self.peer_port}"
         self.initial_cluster = initial_cluster or f"{name}={self.peer_url}"
         self.tls = tls
+        self.extra_args = list(extra_args)
         self.tls_url = f"https://127.0.0.1:{_free_port('tcp')}" if tls else None
         self._own_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="etcd-test-")
@@ -190,6 +198,7 @@ class EtcdServer(_Managed):
             "--snapshot-count", "2000",
             "--heartbeat-interval", "25",
             "--election-timeout", "250",
+            *self.extra_args,
         ]
 
     def start(self, wait: bool = True) -> "EtcdServer":
@@ -299,3 +308,85 @@ class EtcdCluster(_Managed):
         for m in self.members:
             m.kill()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+# -- v3 API helpers ----------------------------------------------------------
+
+ETCDCTL = os.environ.get("ETCDCTL_BINARY", "etcdctl")
+
+
+def etcdctl(url: str, *args: str, user: Optional[str] = None) -> str:
+    """``ETCDCTL_API=3 etcdctl --endpoints URL ARGS...``; its stdout (raises on failure)."""
+    if shutil.which(ETCDCTL) is None:
+        raise RuntimeError(f"etcdctl binary {ETCDCTL!r} not found (Debian package etcd-client)")
+    command = [ETCDCTL, "--endpoints", url, "--command-timeout", "5s"]
+    if user is not None:
+        command += ["--user", user]
+    res = subprocess.run([*command, *args], capture_output=True, text=True, timeout=20,
+                         env={**os.environ, "ETCDCTL_API": "3"})
+    if res.returncode != 0:
+        raise RuntimeError(f"etcdctl {' '.join(args)}: {res.stderr.strip()}")
+    return res.stdout
+
+
+@contextlib.contextmanager
+def v3_client(url: str) -> Iterator[Any]:
+    """A plain v3 client (the library dnsrouter uses) for the test's own requests."""
+    import pyetcd  # the test's side: only tests of the v3 registry need it
+
+    u = urllib.parse.urlsplit(url)
+    client = pyetcd.client(host=u.hostname, port=u.port, timeout=10)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def put3(url: str, key: str, value: str, lease: Optional[int] = None) -> int:
+    """Put ``key`` (on ``lease``); returns the revision of the write."""
+    with v3_client(url) as c:
+        return c.put(key, value, lease=lease).header.revision
+
+
+def delete3(url: str, key: str) -> bool:
+    with v3_client(url) as c:
+        return bool(c.delete(key))
+
+
+def grant_lease(url: str, ttl: int) -> int:
+    """A new lease of ``ttl`` seconds, not kept alive; its id."""
+    with v3_client(url) as c:
+        return c.lease(ttl).id
+
+
+def revision(url: str) -> int:
+    """The store's current revision."""
+    with v3_client(url) as c:
+        return c.get_response("/").header.revision
+
+
+def compact(url: str, rev: Optional[int] = None) -> int:
+    """Compact the history up to ``rev`` (default: the current revision); returns it."""
+    rev = rev or revision(url)
+    with v3_client(url) as c:
+        c.compact(rev, physical=True)
+    return rev
+
+
+def read_prefix3(url: str, prefix: str) -> dict[str, tuple[str, int]]:
+    """The keys directly under ``prefix``: {name: (value, create_revision)}."""
+    with v3_client(url) as c:
+        res = c.get_prefix_response(prefix)
+    out = {}
+    for kv in res.kvs:
+        name = kv.key.decode("utf-8", "backslashreplace")[len(prefix):]
+        if name and "/" not in name:
+            out[name] = (kv.value.decode("utf-8", "replace"), kv.create_revision)
+    return out
+
+
+def enable_auth3(url: str, root_password: str) -> None:
+    """Turn on v3 authentication with user ``root`` (role root). Requests
+    without credentials are refused from then on."""
+    etcdctl(url, "user", "add", f"root:{root_password}")
+    etcdctl(url, "auth", "enable")

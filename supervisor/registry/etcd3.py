@@ -1,0 +1,488 @@
+"""The etcd registry: read and watch a prefix through the v3 API (gRPC).
+
+The table is read once (a linearizable range read of the prefix, which also
+gives the store's revision), then kept current by one watch of the prefix
+from that revision + 1. Every put (create or update) and every delete
+(including a lease that expires) applies; the table is published after each
+batch of watch responses. Precedence is by ``create_revision``, which a
+rewrite of a key keeps.
+
+etcd compacts its history. A watch whose start revision has been compacted
+is cancelled by etcd (reported as RevisionCompactedError); the prefix is then
+read again and the table replaced. The revision to resume from advances
+with every event and with every progress notification (the watch asks for
+them), so a quiet prefix on a busy cluster resumes after an outage from a
+recent revision rather than from its last own event.
+
+The client library is etcd-sdk-python (``pyetcd``, gRPC), used with these
+adjustments, all local to this module:
+
+* one client per endpoint, rotated here, never its own failover: its
+  endpoints are marked failed for 300 s after one error, and with a single
+  endpoint a failed one refuses every call. We make the endpoints ourselves
+  with ``time_retry=0`` and a channel of our own options (a local subchannel
+  pool and short reconnect backoff, so a restarted etcd is used at once;
+  keepalive pings, so a member that vanishes without closing the connection
+  is noticed).
+* a client that failed is closed and made again: a new channel, a new auth
+  token (etcd's simple tokens die with a restart or after their TTL), the
+  certificate files read again.
+* requests carry gRPC metadata ``hasleader=true`` (what etcd's Go client
+  calls WithRequireLeader): a member cut off from its cluster ends our watch
+  instead of keeping it silent, and refuses reads, so we fail over.
+* its token goes as call credentials too, which gRPC refuses to send over
+  plain http: there the token travels in the metadata alone.
+* its exceptions drop etcd's message; the reason is taken from the gRPC
+  error they were raised from.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import urllib.parse
+from typing import Any, Callable, Optional, Sequence, TypeVar
+
+import grpc
+import pyetcd
+import pyetcd.events
+import pyetcd.exceptions
+from pyetcd.client import Endpoint, MultiEndpointEtcd3Client
+
+from . import Publish, Record, RegistryError
+
+T = TypeVar("T")
+
+log = logging.getLogger("dnsrouter.registry.etcd3")
+
+# What a failed request or watch raises: gRPC's own error, or pyetcd's
+# translation of it (ConnectionFailedError, ConnectionTimeoutError, ...).
+_ETCD_ERRORS = (grpc.RpcError, pyetcd.exceptions.Etcd3Exception)
+# ... and a certificate file that cannot be read (made again at every new client)
+_FAILURES = (*_ETCD_ERRORS, OSError)
+
+# Codes (and pyetcd exceptions) that say "this member is away or busy": a
+# one-off operation tries the next endpoint. Anything else is etcd saying no.
+_AWAY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+_AWAY_ERRORS = (pyetcd.exceptions.ConnectionFailedError, pyetcd.exceptions.ConnectionTimeoutError,
+                pyetcd.exceptions.WatchTimedOut)
+
+# The system's words for a failed connection, as they appear in gRPC's details.
+_SYSTEM_REASONS = ("Connection refused", "Connection reset by peer", "No route to host",
+                   "Network is unreachable", "Connection timed out", "Broken pipe")
+
+
+class _Compacted(Exception):
+    """The watch's start revision is gone from etcd's history: read again."""
+
+    def __init__(self, revision: int) -> None:
+        super().__init__(revision)
+        self.revision = revision
+
+
+class _WatchEnded(Exception):
+    """The watch stream ended (the member went away, or closed it)."""
+
+    def __init__(self, cause: Optional[BaseException]) -> None:
+        super().__init__(cause)
+        self.cause = cause
+        if cause is not None:
+            self.__cause__ = cause
+
+
+class Etcd3Registry:
+    """Routes from etcd keys under ``prefix`` (v3 API)."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        prefix: str = "/dnsrouter/",
+        *,
+        username: Optional[str] = None,
+        password: Optional[str] = None,
+        ca_cert: Optional[str] = None,
+        cert: Optional[str] = None,
+        key: Optional[str] = None,
+        watch_timeout: float = 1.0,
+        request_timeout: float = 2.0,
+        min_backoff: float = 0.1,
+        max_backoff: float = 5.0,
+        logger: Optional[logging.Logger] = None,
+    ) -> None:
+        """``urls``: etcd client URLs (``http://host:port`` or ``https://``),
+        tried in turn when one fails. ``watch_timeout`` bounds how long
+        ``stop`` may wait; ``request_timeout`` bounds every request.
+        ``cert`` without ``key`` is a PEM file holding both.
+        """
+        if not urls:
+            raise ValueError("at least one etcd URL is needed")
+        if (username is None) != (password is None):
+            raise ValueError("etcd username and password go together")
+        if key is not None and cert is None:
+            raise ValueError("an etcd client key needs its certificate")
+        self.urls = list(urls)
+        self._endpoints = [_parse_url(u) for u in self.urls]
+        # v3 keys are flat: the routes are the keys that start with '/dnsrouter/'
+        self._base = "/" + prefix.strip("/") + "/" if prefix.strip("/") else "/"
+        self._username, self._password = username, password
+        self._ca_cert, self._cert, self._key = ca_cert, cert, key
+        self._watch_timeout = watch_timeout
+        self._request_timeout = request_timeout
+        self._min_backoff, self._max_backoff = min_backoff, max_backoff
+        self._log = logger or log
+        self._clients: dict[int, MultiEndpointEtcd3Client] = {}
+        self._current = 0  # index into self._endpoints
+        self._table: dict[str, Record] = {}
+        self._revision: Optional[int] = None  # next revision to watch from; None: read first
+        self._events: Optional[queue.Queue[Any]] = None  # the live watch's responses
+        self._ignored: set[str] = set()
+        self._leases: dict[str, int] = {}  # name -> lease id, for refresh()
+
+    # -- the loop ---------------------------------------------------------
+
+    def run(self, publish: Publish, stop: threading.Event) -> None:
+        """Publish the records until ``stop`` is set; never raise."""
+        try:
+            self._run(publish, stop)
+        finally:
+            self._close_all()
+
+    def _run(self, publish: Publish, stop: threading.Event) -> None:
+        published: Optional[tuple[Record, ...]] = None
+        failed_in_round = 0  # endpoints that failed since the last success or pause
+        backoff = self._min_backoff
+        outage = False
+        self._revision = None
+        while not stop.is_set():
+            error: Optional[BaseException] = None
+            try:
+                if self._revision is None:
+                    self._read_all()
+                elif self._events is None:
+                    self._start_watch()
+                else:
+                    self._wait_events()
+            except _Compacted as e:
+                self._log.info("etcd revision %s is compacted (history starts at %s); reading %s again",
+                               self._revision, e.revision, self._base)
+                self._revision = None
+                self._end_watch()
+            except _WatchEnded as e:
+                error = e.cause or e
+                self._drop_client()
+            except _FAILURES as e:
+                # unreachable, no leader, credentials refused, TLS refused
+                error = e
+                self._drop_client()
+            except Exception:  # a bug here must not end route updates for good
+                self._log.exception("etcd registry failed; reading %s again", self._base)
+                self._revision = None
+                self._drop_client()
+                stop.wait(self._max_backoff)
+                continue
+
+            if error is None:
+                if outage:
+                    self._log.info("etcd reachable again at %s", self.urls[self._current])
+                outage, failed_in_round, backoff = False, 0, self._min_backoff
+                records = self._records()
+                if records != published and self._revision is not None:
+                    try:
+                        publish(records)
+                        published = records
+                    except Exception:  # tried again after the next change or watch timeout
+                        self._log.exception("publishing %d etcd records failed", len(records))
+                continue
+
+            # Keep the table we have (routes stay up) and the revision (no
+            # change is lost: the watch resumes from it), try the next endpoint;
+            # pause only once every endpoint has failed in a row.
+            self._current = (self._current + 1) % len(self._endpoints)
+            failed_in_round += 1
+            if failed_in_round < len(self._endpoints):
+                continue
+            failed_in_round = 0
+            if not outage:
+                self._log.warning("etcd unusable at %s: %s; keeping the last %d records, retrying",
+                                  ", ".join(self.urls), _reason(error), len(self._table))
+                outage = True
+            # jittered so that many routers do not hammer a recovering etcd in step
+            stop.wait(random.uniform(backoff / 2, backoff))
+            backoff = min(backoff * 2, self._max_backoff)
+
+    def _records(self) -> tuple[Record, ...]:
+        """The current table, in registration order."""
+        return tuple(sorted(self._table.values(), key=lambda r: (r.order, r.key)))
+
+    # -- one-off operations (dnsrouterctl), on the same clients -----------
+
+    def read(self) -> tuple[Record, ...]:
+        """The records under the prefix now, in registration order."""
+        self._call(lambda client: self._read_all())
+        return self._records()
+
+    def put(self, name: str, value: str, ttl: Optional[int] = None) -> None:
+        """Write the key ``name`` under the prefix; with ``ttl``, on a new
+        lease of that many seconds (keep it with ``refresh``)."""
+        def operation(client: MultiEndpointEtcd3Client) -> None:
+            lease = client.lease(ttl).id if ttl is not None else 0
+            client.put(self._base + name, value, lease=lease)
+            if lease:
+                self._leases[name] = lease
+            else:
+                self._leases.pop(name, None)
+        self._call(operation)
+
+    def refresh(self, name: str, ttl: int) -> bool:
+        """Keep the key's lease alive; False when the key or its lease is gone.
+
+        A v3 lease keeps the TTL it was granted with: ``ttl`` is the v2
+        signature's and changes nothing. A key without a lease never
+        expires: True.
+        """
+        def operation(client: MultiEndpointEtcd3Client) -> bool:
+            res = client.get_response(self._base + name)
+            if not res.kvs:
+                return False
+            lease = res.kvs[0].lease
+            if not lease:
+                return True
+            for answer in client.refresh_lease(lease):
+                return bool(answer.TTL > 0)  # 0: expired (its keys are going)
+            return False
+        return self._call(operation)
+
+    def delete(self, name: str) -> bool:
+        """Remove the key; False when there was none."""
+        self._leases.pop(name, None)
+        return self._call(lambda client: bool(client.delete(self._base + name)))
+
+    def _call(self, operation: Callable[[MultiEndpointEtcd3Client], T]) -> T:
+        """``operation`` on each endpoint in turn until one answers.
+
+        Every failure becomes one RegistryError that says where and why.
+        """
+        error: BaseException = RegistryError("no endpoint")
+        for _ in self._endpoints:
+            try:
+                return operation(self._client())
+            except _FAILURES as e:
+                self._drop_client()
+                if not _away(e):  # it answered, and said no
+                    raise RegistryError(f"etcd at {self.urls[self._current]}: {_reason(e)}") from None
+                error = e  # this member is away: the next one
+                self._current = (self._current + 1) % len(self._endpoints)
+        raise RegistryError(f"etcd at {', '.join(self.urls)}: {_reason(error)}")
+
+    # -- talking to etcd --------------------------------------------------
+
+    def _client(self) -> MultiEndpointEtcd3Client:
+        client = self._clients.get(self._current)
+        if client is None:
+            scheme, host, port = self._endpoints[self._current]
+            endpoint = Endpoint(host, port, secure=scheme == "https",
+                                creds=self._credentials() if scheme == "https" else None,
+                                time_retry=0, opts=self._channel_options())
+            try:
+                # authenticates now when a user is given (a token per client)
+                client = MultiEndpointEtcd3Client(endpoints=[endpoint], timeout=self._request_timeout,
+                                                  user=self._username, password=self._password)
+            except BaseException:
+                endpoint.close()
+                raise
+            client.metadata = tuple(client.metadata or ()) + (("hasleader", "true"),)
+            if scheme != "https":
+                # gRPC sends call credentials over TLS only and refuses the
+                # call otherwise; the token also travels in the metadata
+                # (that is how etcd reads it), which plain http allows
+                client.call_credentials = None
+            self._clients[self._current] = client
+        return client
+
+    def _credentials(self) -> grpc.ChannelCredentials:
+        def read(path: Optional[str]) -> Optional[bytes]:
+            if path is None:
+                return None
+            with open(path, "rb") as f:
+                return f.read()
+        chain = read(self._cert)
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self._ca_cert),  # None: the system's CAs
+            private_key=read(self._key) if self._key is not None else chain,
+            certificate_chain=chain)
+
+    def _channel_options(self) -> list[tuple[str, Any]]:
+        return [
+            # our own subchannels: a new client after a failure connects anew
+            # instead of inheriting the old one's reconnect backoff
+            ("grpc.use_local_subchannel_pool", 1),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", int(self._max_backoff * 1000)),
+            # etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time)
+            ("grpc.keepalive_time_ms", 10000),
+            ("grpc.keepalive_timeout_ms", int(max(self._request_timeout, 1.0) * 1000)),
+            ("grpc.keepalive_permit_without_calls", 0),
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ]
+
+    def _drop_client(self) -> None:
+        """Close the current endpoint's client (and its watch); made again on use."""
+        self._end_watch()
+        client = self._clients.pop(self._current, None)
+        if client is not None:
+            _close(client)
+
+    def _close_all(self) -> None:
+        self._end_watch()
+        for client in self._clients.values():
+            _close(client)
+        self._clients.clear()
+
+    def _read_all(self) -> None:
+        """Replace the table with etcd's state; watch from just after it."""
+        self._end_watch()
+        # linearizable (not serializable): a member cut off from the cluster
+        # must not serve us an old table
+        res = self._client().get_prefix_response(self._base)
+        table = {}
+        for kv in res.kvs:
+            name = self._name(kv.key)
+            if name is not None:
+                table[name] = Record(name, _text(kv.value), kv.create_revision)
+        self._table = table
+        self._revision = res.header.revision + 1
+
+    def _start_watch(self) -> None:
+        events: queue.Queue[Any] = queue.Queue()
+        # the watch is created, or its creation failed, before this returns;
+        # a compacted start revision arrives as a RevisionCompactedError
+        # either here or as the watch's first response
+        try:
+            self._client().add_watch_prefix_callback(self._base, events.put, start_revision=self._revision,
+                                                     progress_notify=True)
+        except pyetcd.exceptions.RevisionCompactedError as e:
+            raise _Compacted(e.compacted_revision) from None
+        self._events = events
+
+    def _end_watch(self) -> None:
+        # The watch ends with its client (closing the channel ends the
+        # stream); a cancel request could block on a dead stream's queue. A
+        # new watch gets a new queue, so late responses of this one are not seen.
+        self._events = None
+
+    def _wait_events(self) -> None:
+        """Wait up to ``watch_timeout`` for watch responses; apply all that came."""
+        assert self._events is not None
+        try:
+            responses = [self._events.get(timeout=self._watch_timeout)]
+        except queue.Empty:
+            return
+        while True:  # everything that queued up: one publish for the lot
+            try:
+                responses.append(self._events.get_nowait())
+            except queue.Empty:
+                break
+        for response in responses:
+            if isinstance(response, pyetcd.exceptions.RevisionCompactedError):
+                raise _Compacted(response.compacted_revision)
+            if response is None or isinstance(response, BaseException):
+                raise _WatchEnded(response)
+            self._apply(response)
+
+    def _apply(self, response: Any) -> None:
+        assert self._revision is not None
+        for ev in response.events:
+            name = self._name(ev.key)
+            if name is None:
+                continue
+            if isinstance(ev, pyetcd.events.DeleteEvent):  # deleted, or its lease expired
+                self._table.pop(name, None)
+            else:  # created or updated: create_revision as etcd reports it
+                self._table[name] = Record(name, _text(ev.value), ev.create_revision)
+        # Resume after the last event; a progress notification (no events)
+        # says that everything up to its header revision has been sent. The
+        # header of a response with events may be ahead of them (etcd splits
+        # a long catch-up): it is not a resume point.
+        if response.events:
+            self._revision = max(self._revision, response.events[-1].mod_revision + 1)
+        else:
+            self._revision = max(self._revision, response.header.revision + 1)
+
+    def _name(self, key: bytes) -> Optional[str]:
+        """The record name for an etcd key, or None when it is not a route."""
+        text = key.decode("utf-8", "backslashreplace")
+        if not text.startswith(self._base):
+            return None
+        name = text[len(self._base):]
+        if "/" in name:
+            top = name.split("/", 1)[0]
+            if top not in self._ignored and len(self._ignored) < 10000:
+                self._ignored.add(top)
+                self._log.warning("etcd: keys under %s%s/ are below the prefix; routes are the keys "
+                                  "directly under %s, ignoring them", self._base, top, self._base)
+            return None
+        return name or None
+
+
+def _close(client: MultiEndpointEtcd3Client) -> None:
+    try:
+        client.close()
+    except Exception:  # closing a broken channel: nothing left to do
+        pass
+
+
+def _text(value: bytes) -> str:
+    # an undecodable value is still published, and refused by the value parser
+    return value.decode("utf-8", "replace")
+
+
+def _parse_url(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of an etcd client URL."""
+    u = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError(f"etcd URL must be http(s)://host[:port]: {url!r}")
+    if u.path.strip("/"):
+        raise ValueError(f"etcd URL for the v3 API takes no path: {url!r}")
+    # gRPC targets spell an IPv6 literal with its brackets
+    host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+    return u.scheme, host, u.port or 2379
+
+
+def _rpc_error(e: BaseException) -> Optional[grpc.RpcError]:
+    """The gRPC error behind ``e`` (pyetcd raises its own from it)."""
+    seen: Optional[BaseException] = e
+    while seen is not None:
+        if isinstance(seen, grpc.RpcError) and hasattr(seen, "code"):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _away(e: BaseException) -> bool:
+    """Whether ``e`` says the member is away (try another) rather than no."""
+    if isinstance(e, _AWAY_ERRORS):
+        return True
+    rpc = _rpc_error(e)
+    return rpc is not None and rpc.code() in _AWAY_CODES
+
+
+def _reason(e: BaseException) -> str:
+    """What went wrong, in words, on one line, without the libraries' reprs."""
+    rpc = _rpc_error(e)
+    if rpc is not None:
+        code, details = rpc.code(), (rpc.details() or "")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return "timed out"
+        for words in _SYSTEM_REASONS:
+            if words in details:
+                return words[0].lower() + words[1:]
+        details = details.strip().splitlines()[0] if details.strip() else ""
+        details = details.removeprefix("etcdserver: ")
+        return details or code.name.lower().replace("_", " ")
+    if isinstance(e, OSError) and e.strerror:  # a certificate file that cannot be read
+        return e.strerror[0].lower() + e.strerror[1:] + (f": {e.filename}" if e.filename else "")
+    if isinstance(e, pyetcd.exceptions.ConnectionTimeoutError):
+        return "timed out"
+    return str(e) or type(e).__name__
