@@ -234,7 +234,7 @@ def main() -> int:
 
         mport = free_port("tcp")
         router = bench_router(workdir, workers=args.workers, log_level=args.log_level,
-                              args=["--etcd", etcd_srv.url, "--metrics", f"{HOST}:{mport}"])
+                              args=["--etcd", etcd_srv.url, "--etcd-api", "v2", "--metrics", f"{HOST}:{mport}"])
         port = router.port
         print("router:  " + shlex.join(router.command()))
         start_router(router, lambda: all(answered(port, n, timeout=0.2)

@@ -128,6 +128,13 @@ def _prefix_length(bits: int) -> Callable[[str], int]:
     return parse
 
 
+def _etcd_api(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("v3", "v2"):
+        raise ValueError(f"{text!r} is not v3 or v2")
+    return value
+
+
 def _directory(text: str) -> str:
     """An existing directory: a typo must stop the start, not answer SERVFAIL to everything."""
     path = text.strip()
@@ -225,7 +232,11 @@ class Config:
         "bytes of replies a TCP client may leave unread; past it the client is disconnected")
     registry_etcd: tuple[str, ...] = _setting(
         "registry", "etcd", "http://127.0.0.1:2379", _urls,
-        "etcd endpoints, comma separated (v2 keys API)", flag="--etcd", metavar="URL[,URL...]")
+        "etcd endpoints, comma separated", flag="--etcd", metavar="URL[,URL...]")
+    registry_etcd_api: str = _setting(
+        "registry", "etcd_api", "v3", _etcd_api,
+        "etcd API: v3 (etcd 3.x), or v2 (the keys API, etcd started with --enable-v2)",
+        flag="--etcd-api", metavar="v3|v2")
     registry_prefix: str = _setting(
         "registry", "prefix", "/dnsrouter/", _prefix,
         "etcd key prefix of the routes", flag="--prefix", metavar="PATH")

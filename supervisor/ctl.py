@@ -22,6 +22,8 @@ from dnsrouter.settings import SETTINGS, Config
 
 from .registry import RegistryError, open_registry
 from .registry.etcd import EtcdRegistry
+from .registry.etcd3 import Etcd3Registry
+from .registry.files import FileRegistry
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,9 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _etcd(config: Config) -> EtcdRegistry:
+def _etcd(config: Config) -> EtcdRegistry | Etcd3Registry:
     registry = open_registry(config)
-    if not isinstance(registry, EtcdRegistry):
+    if isinstance(registry, FileRegistry):
         raise _Refused("register and deregister write to etcd; with --routes-dir, "
                        "write or remove a file in the directory instead")
     return registry

@@ -228,7 +228,7 @@ def test_chaos_under_load(router, etcd, split_zone, tmp_path):
             KnotServer({zone: split_zone.zones[zone]}) as steady:
         put(etcd.url, PREFIX + "one", f"{flapper.addr},{pattern}")
         put(etcd.url, PREFIX + "two", f"{steady.addr},{pattern}")
-        r = router(workers=2, args=["--etcd", etcd.url, "--config", str(conf)])
+        r = router(workers=2, args=["--etcd", etcd.url, "--etcd-api", "v2", "--config", str(conf)])
         for knot in (flapper, steady):
             wait_until(lambda: f"backend {knot.addr}: new -> up" in r.log(), 5,
                        message=f"{knot.addr} never up")

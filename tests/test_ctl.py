@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from support.net import HOST, free_port
 from support.processes import program
 
@@ -11,20 +13,22 @@ def ctl(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(program("dnsrouterctl")), *args], capture_output=True, text=True, timeout=60)
 
 
-def test_etcd_on_a_closed_port_is_one_line_and_exit_1():
+@pytest.mark.parametrize("api", ["v3", "v2"])
+def test_etcd_on_a_closed_port_is_one_line_and_exit_1(api):
     port = free_port("tcp")  # nothing listens there
     for command in (["list"], ["which", "www.example.com"], ["register", f"{HOST}:53", r"\.test\.$"],
                     ["deregister", "some-key"]):
-        out = ctl("--etcd", f"http://{HOST}:{port}", *command)
+        out = ctl("--etcd", f"http://{HOST}:{port}", "--etcd-api", api, *command)
         assert out.returncode == 1, (command, out)
         assert out.stderr == f"dnsrouterctl: etcd at http://{HOST}:{port}: connection refused\n", command
         assert out.stdout == ""
 
 
-def test_every_endpoint_is_tried_and_named():
+@pytest.mark.parametrize("api", ["v3", "v2"])
+def test_every_endpoint_is_tried_and_named(api):
     ports = free_port("tcp"), free_port("tcp")
     urls = ",".join(f"http://{HOST}:{p}" for p in ports)
-    out = ctl("--etcd", urls, "list")
+    out = ctl("--etcd", urls, "--etcd-api", api, "list")
     assert out.returncode == 1
     assert out.stderr == f"dnsrouterctl: etcd at {urls.replace(',', ', ')}: connection refused\n"
 

@@ -30,7 +30,7 @@ def etcd():
 def etcd_router(router, urls, *extra, start=True, workers=1):
     mport = free_port("tcp")
     r = router(workers=workers, start=start,
-               args=["--etcd", ",".join(urls), "--metrics", f"{HOST}:{mport}", *extra])
+               args=["--etcd", ",".join(urls), "--etcd-api", "v2", "--metrics", f"{HOST}:{mport}", *extra])
     r.metrics = f"http://{HOST}:{mport}"
     r.mport = mport
     return r
@@ -154,7 +154,8 @@ def test_cluster_member_killed_still_delivers_changes(router, knots, split_zone)
 
 
 def ctl(etcd, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dnsrouter.supervisor.ctl", "--etcd", etcd.url, *args],
+    return subprocess.run([sys.executable, "-m", "dnsrouter.supervisor.ctl", "--etcd", etcd.url, "--etcd-api", "v2",
+                           *args],
                           capture_output=True, text=True, timeout=30, cwd="/")
 
 
@@ -192,7 +193,7 @@ def test_dnsrouterctl_register_list_which_deregister(router, etcd, knots, split_
 
 
 def test_dnsrouterctl_keepalive_refreshes_until_stopped(etcd):
-    proc = spawn([sys.executable, "-m", "dnsrouter.supervisor.ctl", "--etcd", etcd.url, "register",
+    proc = spawn([sys.executable, "-m", "dnsrouter.supervisor.ctl", "--etcd", etcd.url, "--etcd-api", "v2", "register",
                   "127.0.0.1:5300", r"\.ka\.$", "--ttl", "1", "--keepalive"],
                  stdout=subprocess.PIPE, text=True, cwd="/")
     try:

@@ -16,6 +16,7 @@ from dnsrouter.settings import Config
 
 if TYPE_CHECKING:
     from .etcd import EtcdRegistry
+    from .etcd3 import Etcd3Registry
     from .files import FileRegistry
 
 
@@ -44,16 +45,20 @@ class Registry(Protocol):
         """Publish the records until ``stop`` is set; never raise."""
 
 
-def open_registry(config: Config) -> "FileRegistry | EtcdRegistry":
-    """The registry the configuration names: a routes directory, or etcd."""
+def open_registry(config: Config) -> "FileRegistry | EtcdRegistry | Etcd3Registry":
+    """The registry the configuration names: a routes directory, or etcd (v3 or v2)."""
     if config.registry_routes_dir:
         from .files import FileRegistry
         return FileRegistry(config.registry_routes_dir)
-    from .etcd import EtcdRegistry  # imports python-etcd: only when etcd is used
+    # Each imports its client library (gRPC, python-etcd): only the one in use.
+    registry: type[EtcdRegistry] | type[Etcd3Registry]
+    if config.registry_etcd_api == "v2":
+        from .etcd import EtcdRegistry as registry
+    else:
+        from .etcd3 import Etcd3Registry as registry
     try:
-        return EtcdRegistry(list(config.registry_etcd), config.registry_prefix,
-                            username=config.registry_username, password=config.registry_password,
-                            ca_cert=config.registry_ca_cert, cert=config.registry_cert,
-                            key=config.registry_key)
+        return registry(list(config.registry_etcd), config.registry_prefix,
+                        username=config.registry_username, password=config.registry_password,
+                        ca_cert=config.registry_ca_cert, cert=config.registry_cert, key=config.registry_key)
     except ValueError as e:  # credentials or certificates that do not go together
         raise ConfigError(f"[registry]: {e}") from None
