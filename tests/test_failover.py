@@ -157,12 +157,15 @@ def test_a_lossy_pool_of_one_fails_no_query_thanks_to_the_retry(router):
         assert dropped >= 45, f"the backend dropped only {dropped} queries"
         assert not load.failures, (f"{len(load.failures)} of {load.sent} queries failed with {dropped} "
                                    f"dropped by the backend: {load.failures[:20]}\n{router_lines(r, 'backend')}")
-        # Each dropped query was asked again, of the same member (a pool of one).
+        # Each dropped query was asked again, of the same member (a pool of one)
+        # -- unless the dropped datagram was itself the retry of a first try
+        # the router had not read in time (a busy machine), which then answered.
         lossy = [q for q in fake.received if q.transport == "udp"][lost_from:]
         for k in range(fake.loss_every - 1, len(lossy), fake.loss_every):
             lost = lossy[k]
             if lost.qname:
-                assert any(q.qname == lost.qname and q.wire[:2] != lost.wire[:2] for q in lossy[k + 1:]), \
+                others = [q for q in lossy[:k] + lossy[k + 1:] if q.qname == lost.qname]
+                assert any(q.wire[:2] != lost.wire[:2] for q in others), \
                     f"dropped query for {lost.qname} never asked again"
         # And counted (the reports come once a second).
         wait_until(lambda: counter(mport, "dnsrouter_backend_retries_total", backend=fake.addr)
