@@ -15,10 +15,11 @@ import pytest
 
 from support import metrics
 from support.etcd import EtcdCluster, EtcdServer, delete, put, read_dir
-from support.net import HOST, free_port, rcode_of, routed, wait_until
+from support.etcd_routing import PREFIX, ctl as _ctl, ctl_command, etcd_router as _etcd_router
+from support.net import rcode_of, routed, wait_until
 from support.processes import spawn, stop
 
-PREFIX = "/dnsrouter/"
+API = "v2"  # these tests are about the v2 keys API; test_etcd3_routing.py has the v3 ones
 
 
 @pytest.fixture
@@ -27,13 +28,8 @@ def etcd():
         yield server
 
 
-def etcd_router(router, urls, *extra, start=True, workers=1):
-    mport = free_port("tcp")
-    r = router(workers=workers, start=start,
-               args=["--etcd", ",".join(urls), "--etcd-api", "v2", "--metrics", f"{HOST}:{mport}", *extra])
-    r.metrics = f"http://{HOST}:{mport}"
-    r.mport = mport
-    return r
+def etcd_router(router, urls, *extra, **kw):
+    return _etcd_router(router, urls, *extra, api=API, **kw)
 
 
 def test_the_curl_form_routes_within_a_second(router, etcd, knots, split_zone):
@@ -154,9 +150,7 @@ def test_cluster_member_killed_still_delivers_changes(router, knots, split_zone)
 
 
 def ctl(etcd, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dnsrouter.supervisor.ctl", "--etcd", etcd.url, "--etcd-api", "v2",
-                           *args],
-                          capture_output=True, text=True, timeout=30, cwd="/")
+    return _ctl(etcd, *args, api=API)
 
 
 def test_dnsrouterctl_register_list_which_deregister(router, etcd, knots, split_zone):
@@ -193,8 +187,7 @@ def test_dnsrouterctl_register_list_which_deregister(router, etcd, knots, split_
 
 
 def test_dnsrouterctl_keepalive_refreshes_until_stopped(etcd):
-    proc = spawn([sys.executable, "-m", "dnsrouter.supervisor.ctl", "--etcd", etcd.url, "--etcd-api", "v2", "register",
-                  "127.0.0.1:5300", r"\.ka\.$", "--ttl", "1", "--keepalive"],
+    proc = spawn(ctl_command(etcd, "register", "127.0.0.1:5300", r"\.ka\.$", "--ttl", "1", "--keepalive", api=API),
                  stdout=subprocess.PIPE, text=True, cwd="/")
     try:
         key = proc.stdout.readline().strip()

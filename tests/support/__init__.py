@@ -6,7 +6,8 @@
 * metrics      the router's HTTP endpoints: /metrics parsed, /routes, /healthz
 * fake_backend a scriptable fake DNS server, IPv4 or IPv6
 * knot         a real Knot DNS server
-* etcd         a real etcd member or cluster, and its v2 keys API
+* etcd         a real etcd member or cluster, its v2 keys API and v3 helpers (etcdctl, leases, compaction)
+* etcd_routing the router and dnsrouterctl pointed at etcd (v2 or v3)
 * router       the real router as a subprocess
 * load         queries at a steady rate from a few threads
 
