@@ -25,7 +25,6 @@ python-etcd 0.4.5 is used with three adjustments, all local to this module:
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import urllib.parse
 from typing import Any, Callable, Optional, Sequence, TypeVar
@@ -34,6 +33,7 @@ import etcd
 import urllib3
 
 from . import Publish, Record, RegistryError
+from .outage import Outage
 
 T = TypeVar("T")
 
@@ -140,9 +140,7 @@ class EtcdRegistry:
     def run(self, publish: Publish, stop: threading.Event) -> None:
         """Publish the records until ``stop`` is set; never raise."""
         published: Optional[tuple[Record, ...]] = None
-        failed_in_round = 0  # endpoints that failed since the last success or pause
-        backoff = self._min_backoff
-        outage = False
+        outage = Outage(self.urls, self._min_backoff, self._max_backoff, self._log)
         self._index = None
         while not stop.is_set():
             error: Optional[Exception] = None
@@ -175,9 +173,7 @@ class EtcdRegistry:
                 continue
 
             if error is None:
-                if outage:
-                    self._log.info("etcd reachable again at %s", self.urls[self._current])
-                outage, failed_in_round, backoff = False, 0, self._min_backoff
+                outage.over(self._current)
                 records = self._records()
                 if records != published and self._index is not None:
                     try:
@@ -189,18 +185,7 @@ class EtcdRegistry:
 
             # Keep the table we have (routes stay up) and try the next endpoint;
             # pause only once every endpoint has failed in a row.
-            self._current = (self._current + 1) % len(self._endpoints)
-            failed_in_round += 1
-            if failed_in_round < len(self._endpoints):
-                continue
-            failed_in_round = 0
-            if not outage:
-                self._log.warning("etcd unusable at %s: %s; keeping the last %d records, retrying",
-                                  ", ".join(self.urls), _reason(error), len(self._table))
-                outage = True
-            # jittered so that many routers do not hammer a recovering etcd in step
-            stop.wait(random.uniform(backoff / 2, backoff))
-            backoff = min(backoff * 2, self._max_backoff)
+            self._current = outage.failed(self._current, _reason(error), len(self._table), stop)
 
     def _records(self) -> tuple[Record, ...]:
         """The current table, in registration order."""

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import random
 import threading
 import urllib.parse
 from typing import Any, Callable, Optional, Sequence, TypeVar
@@ -51,6 +50,7 @@ import pyetcd.exceptions
 from pyetcd.client import Endpoint, MultiEndpointEtcd3Client
 
 from . import Publish, Record, RegistryError
+from .outage import Outage
 
 T = TypeVar("T")
 
@@ -150,9 +150,7 @@ class Etcd3Registry:
 
     def _run(self, publish: Publish, stop: threading.Event) -> None:
         published: Optional[tuple[Record, ...]] = None
-        failed_in_round = 0  # endpoints that failed since the last success or pause
-        backoff = self._min_backoff
-        outage = False
+        outage = Outage(self.urls, self._min_backoff, self._max_backoff, self._log)
         self._revision = None
         while not stop.is_set():
             error: Optional[BaseException] = None
@@ -183,9 +181,7 @@ class Etcd3Registry:
                 continue
 
             if error is None:
-                if outage:
-                    self._log.info("etcd reachable again at %s", self.urls[self._current])
-                outage, failed_in_round, backoff = False, 0, self._min_backoff
+                outage.over(self._current)
                 records = self._records()
                 if records != published and self._revision is not None:
                     try:
@@ -198,18 +194,7 @@ class Etcd3Registry:
             # Keep the table we have (routes stay up) and the revision (no
             # change is lost: the watch resumes from it), try the next endpoint;
             # pause only once every endpoint has failed in a row.
-            self._current = (self._current + 1) % len(self._endpoints)
-            failed_in_round += 1
-            if failed_in_round < len(self._endpoints):
-                continue
-            failed_in_round = 0
-            if not outage:
-                self._log.warning("etcd unusable at %s: %s; keeping the last %d records, retrying",
-                                  ", ".join(self.urls), _reason(error), len(self._table))
-                outage = True
-            # jittered so that many routers do not hammer a recovering etcd in step
-            stop.wait(random.uniform(backoff / 2, backoff))
-            backoff = min(backoff * 2, self._max_backoff)
+            self._current = outage.failed(self._current, _reason(error), len(self._table), stop)
 
     def _records(self) -> tuple[Record, ...]:
         """The current table, in registration order."""
