@@ -4,14 +4,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Optional
 
 import pytest
 
-from dnsrouter.supervisor.registry import Record, RegistryError
+from dnsrouter.supervisor.registry import RegistryError
 from dnsrouter.supervisor.registry.etcd3 import Etcd3Registry
 from support.etcd import (EtcdCluster, EtcdServer, compact, delete3, enable_auth3, etcdctl,
                           grant_lease, make_tls_files, put3, read_prefix3, revision)
+from support.registry import Running as RunningRegistry
 from support.net import wait_until
 
 PREFIX = "/dnsrouter/"
@@ -19,55 +19,10 @@ LOGGER = "dnsrouter.registry.etcd3"
 VALUE = r"127.0.0.1:5300,^[ab]*\.example\.com\.$"
 
 
-class Running:
-    """An Etcd3Registry running in a thread, recording what it publishes.
-
-    ``hook`` is called with every published set (in the registry's thread):
-    a hook that blocks pauses the registry.
-    """
-
-    def __init__(self, urls: list[str], prefix: str = PREFIX,
-                 hook: Optional[Callable[[tuple[Record, ...]], None]] = None, **kw) -> None:
-        kw.setdefault("watch_timeout", 0.25)  # quicker teardown; the stop test uses the default
-        self.registry = Etcd3Registry(urls, prefix, **kw)
-        self.stop = threading.Event()
-        self.published: list[tuple[float, tuple[Record, ...]]] = []
-        self.hook = hook
-        self.thread = threading.Thread(target=self.registry.run, args=(self._publish, self.stop),
-                                       daemon=True)
-        self.thread.start()
-
-    def _publish(self, records) -> None:
-        records = tuple(records)
-        self.published.append((time.monotonic(), records))
-        if self.hook is not None:
-            self.hook(records)
-
-    def table(self) -> Optional[dict[str, tuple[str, int]]]:
-        """The last published set as {key: (value, order)}, None before any."""
-        if not self.published:
-            return None
-        return {r.key: (r.value, r.order) for r in self.published[-1][1]}
-
-    def wait_for(self, predicate, timeout: float = 10.0, message: str = "published table"):
-        def check():
-            table = self.table()
-            return table is not None and predicate(table)
-        try:
-            return wait_until(check, timeout=timeout, interval=0.005, message=message)
-        except AssertionError:
-            raise AssertionError(f"{message}; last published: {self.table()}") from None
-
-    def wait_equal(self, url: str, timeout: float = 10.0) -> None:
-        """Wait until the published table is exactly etcd's."""
-        self.wait_for(lambda t: t == read_prefix3(url, PREFIX), timeout, "table equal to etcd's")
-
-    def close(self, timeout: float = 5.0) -> float:
-        t = time.monotonic()
-        self.stop.set()
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "registry did not stop"
-        return time.monotonic() - t
+def Running(urls: list[str], prefix: str = PREFIX, hook=None, **kw) -> RunningRegistry:
+    """An Etcd3Registry running in a thread, recording what it publishes."""
+    kw.setdefault("watch_timeout", 0.25)  # quicker teardown; the stop tests use the default
+    return RunningRegistry(Etcd3Registry(urls, prefix, **kw), lambda url: read_prefix3(url, PREFIX), hook)
 
 
 class Hold:
@@ -90,9 +45,9 @@ def etcd_server():
 
 @pytest.fixture
 def running():
-    started: list[Running] = []
+    started: list[RunningRegistry] = []
 
-    def start(urls, **kw) -> Running:
+    def start(urls, **kw) -> RunningRegistry:
         r = Running(urls, **kw)
         started.append(r)
         return r

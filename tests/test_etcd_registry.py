@@ -4,14 +4,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Optional
 
 import pytest
 
-from dnsrouter.supervisor.registry import Record
 from dnsrouter.supervisor.registry.etcd import EtcdRegistry
 from support.etcd import (EtcdCluster, EtcdServer, delete, enable_auth, make_tls_files, put,
                           read_dir)
+from support.registry import Running as RunningRegistry
 from support.net import wait_until
 
 PREFIX = "/dnsrouter/"
@@ -19,50 +18,10 @@ LOGGER = "dnsrouter.registry.etcd"
 VALUE = r"127.0.0.1:5300,^[ab]*\.example\.com\.$"
 
 
-class Running:
+def Running(urls: list[str], prefix: str = PREFIX, hook=None, **kw) -> RunningRegistry:
     """An EtcdRegistry running in a thread, recording what it publishes."""
-
-    def __init__(self, urls: list[str], prefix: str = PREFIX, **kw) -> None:
-        kw.setdefault("watch_timeout", 0.25)  # quicker teardown; stop tests use the default
-        self.registry = EtcdRegistry(urls, prefix, **kw)
-        self.stop = threading.Event()
-        self.published: list[tuple[float, tuple[Record, ...]]] = []
-        self.hook: Optional[Callable[[tuple[Record, ...]], None]] = None
-        self.thread = threading.Thread(target=self.registry.run, args=(self._publish, self.stop),
-                                       daemon=True)
-        self.thread.start()
-
-    def _publish(self, records) -> None:
-        records = tuple(records)
-        self.published.append((time.monotonic(), records))
-        if self.hook is not None:
-            self.hook(records)
-
-    def table(self) -> Optional[dict[str, tuple[str, int]]]:
-        """The last published set as {key: (value, order)}, None before any."""
-        if not self.published:
-            return None
-        return {r.key: (r.value, r.order) for r in self.published[-1][1]}
-
-    def wait_for(self, predicate, timeout: float = 10.0, message: str = "published table"):
-        def check():
-            table = self.table()
-            return table is not None and predicate(table)
-        try:
-            return wait_until(check, timeout=timeout, interval=0.005, message=message)
-        except AssertionError:
-            raise AssertionError(f"{message}; last published: {self.table()}") from None
-
-    def wait_equal(self, url: str, timeout: float = 10.0) -> None:
-        """Wait until the published table is exactly etcd's."""
-        self.wait_for(lambda t: t == read_dir(url, PREFIX), timeout, "table equal to etcd's")
-
-    def close(self, timeout: float = 5.0) -> float:
-        t = time.monotonic()
-        self.stop.set()
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "registry did not stop"
-        return time.monotonic() - t
+    kw.setdefault("watch_timeout", 0.25)  # quicker teardown; the stop tests use the default
+    return RunningRegistry(EtcdRegistry(urls, prefix, **kw), lambda url: read_dir(url, PREFIX), hook)
 
 
 @pytest.fixture
@@ -73,9 +32,9 @@ def etcd_server():
 
 @pytest.fixture
 def running():
-    started: list[Running] = []
+    started: list[RunningRegistry] = []
 
-    def start(urls, **kw) -> Running:
+    def start(urls, **kw) -> RunningRegistry:
         r = Running(urls, **kw)
         started.append(r)
         return r
