@@ -7,9 +7,10 @@ and the supervisor parses only the values it has not seen before.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence
 
 from dnsrouter.errors import ConfigError, DNSRouterError
 from dnsrouter.settings import Config
@@ -34,6 +35,30 @@ class Record:
 
 
 Publish = Callable[[Sequence[Record]], None]
+
+
+def in_order(table: Mapping[str, Record]) -> tuple[Record, ...]:
+    """A registry's records in registration order (ties broken by key)."""
+    return tuple(sorted(table.values(), key=lambda r: (r.order, r.key)))
+
+
+class Changes:
+    """Hands ``publish`` a registry's table only when it differs from the
+    last one it took; a publish that raises is logged and offered again."""
+
+    def __init__(self, publish: Publish, log: logging.Logger) -> None:
+        self._publish = publish
+        self._log = log
+        self._last: tuple[Record, ...] | None = None
+
+    def offer(self, records: tuple[Record, ...]) -> None:
+        if records == self._last:
+            return
+        try:
+            self._publish(records)
+            self._last = records
+        except Exception:  # offered again after the next change or watch timeout
+            self._log.exception("publishing %d records failed", len(records))
 
 
 class RegistryError(DNSRouterError):

@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 import etcd
 import urllib3
 
-from . import Publish, Record, RegistryError
+from . import Changes, Publish, Record, RegistryError, in_order
 from .outage import Outage
 
 T = TypeVar("T")
@@ -139,7 +139,7 @@ class EtcdRegistry:
 
     def run(self, publish: Publish, stop: threading.Event) -> None:
         """Publish the records until ``stop`` is set; never raise."""
-        published: Optional[tuple[Record, ...]] = None
+        changes = Changes(publish, self._log)
         outage = Outage(self.urls, self._min_backoff, self._max_backoff, self._log)
         self._index = None
         while not stop.is_set():
@@ -174,13 +174,8 @@ class EtcdRegistry:
 
             if error is None:
                 outage.over(self._current)
-                records = self._records()
-                if records != published and self._index is not None:
-                    try:
-                        publish(records)
-                        published = records
-                    except Exception:  # tried again after the next event or watch timeout
-                        self._log.exception("publishing %d etcd records failed", len(records))
+                if self._index is not None:
+                    changes.offer(self._records())
                 continue
 
             # Keep the table we have (routes stay up) and try the next endpoint;
@@ -188,8 +183,7 @@ class EtcdRegistry:
             self._current = outage.failed(self._current, _reason(error), len(self._table), stop)
 
     def _records(self) -> tuple[Record, ...]:
-        """The current table, in registration order."""
-        return tuple(sorted(self._table.values(), key=lambda r: (r.order, r.key)))
+        return in_order(self._table)
 
     # -- one-off operations (dnsrouterctl), on the same clients -----------
 

@@ -49,7 +49,7 @@ import pyetcd.events
 import pyetcd.exceptions
 from pyetcd.client import Endpoint, MultiEndpointEtcd3Client
 
-from . import Publish, Record, RegistryError
+from . import Changes, Publish, Record, RegistryError, in_order
 from .outage import Outage
 
 T = TypeVar("T")
@@ -149,7 +149,7 @@ class Etcd3Registry:
             self._close_all()
 
     def _run(self, publish: Publish, stop: threading.Event) -> None:
-        published: Optional[tuple[Record, ...]] = None
+        changes = Changes(publish, self._log)
         outage = Outage(self.urls, self._min_backoff, self._max_backoff, self._log)
         self._revision = None
         while not stop.is_set():
@@ -182,13 +182,8 @@ class Etcd3Registry:
 
             if error is None:
                 outage.over(self._current)
-                records = self._records()
-                if records != published and self._revision is not None:
-                    try:
-                        publish(records)
-                        published = records
-                    except Exception:  # tried again after the next change or watch timeout
-                        self._log.exception("publishing %d etcd records failed", len(records))
+                if self._revision is not None:
+                    changes.offer(self._records())
                 continue
 
             # Keep the table we have (routes stay up) and the revision (no
@@ -197,8 +192,7 @@ class Etcd3Registry:
             self._current = outage.failed(self._current, _reason(error), len(self._table), stop)
 
     def _records(self) -> tuple[Record, ...]:
-        """The current table, in registration order."""
-        return tuple(sorted(self._table.values(), key=lambda r: (r.order, r.key)))
+        return in_order(self._table)
 
     # -- one-off operations (dnsrouterctl), on the same clients -----------
 
