@@ -1,8 +1,11 @@
-"""Shared fixtures: real Knot DNS backends and the router as a subprocess."""
+"""Shared fixtures: real Knot DNS backends, the router as a subprocess, etcd and registries in threads."""
 from __future__ import annotations
+
+import logging
 
 import pytest
 
+from support.etcd import EtcdServer
 from support.knot import KnotServer
 from support.router import Router
 from support.zones import make_split_zone
@@ -35,3 +38,37 @@ def router():
     yield make
     for r in instances:
         r.stop()
+
+
+# -- registry tests (test_etcd_registry, test_etcd3_registry): each module
+# names its own ``Running`` factory and ``LOGGER``; the fixtures are one.
+
+@pytest.fixture
+def etcd_server():
+    with EtcdServer() as server:
+        yield server
+
+
+@pytest.fixture
+def running(request):
+    """Start the module's registry in a thread; every one is stopped after the test."""
+    started = []
+
+    def start(urls, **kw):
+        r = request.module.Running(urls, **kw)
+        started.append(r)
+        return r
+
+    yield start
+    for r in started:
+        r.hook = None  # a hook that still holds a publish would keep the thread from stopping
+        r.close()
+
+
+@pytest.fixture
+def logs(request, caplog):
+    """``logs(level, text)``: the module's registry log records at that level containing text."""
+    logger = request.module.LOGGER
+    caplog.set_level(logging.INFO, logger=logger)
+    return lambda level, text: [r for r in caplog.records
+                                if r.name == logger and r.levelno == level and text in r.getMessage()]

@@ -37,34 +37,6 @@ class Hold:
             self.released.wait(60)
 
 
-@pytest.fixture
-def etcd_server():
-    with EtcdServer() as server:
-        yield server
-
-
-@pytest.fixture
-def running():
-    started: list[RunningRegistry] = []
-
-    def start(urls, **kw) -> RunningRegistry:
-        r = Running(urls, **kw)
-        started.append(r)
-        return r
-
-    yield start
-    for r in started:
-        r.hook = None
-        r.close()
-
-
-@pytest.fixture
-def logs(caplog):
-    caplog.set_level(logging.INFO, logger=LOGGER)
-    return lambda level, text: [r for r in caplog.records
-                                if r.name == LOGGER and r.levelno == level and text in r.getMessage()]
-
-
 def test_etcdctl_put_is_published_within_a_second(etcd_server, running):
     url = etcd_server.url
     a = put3(url, PREFIX + "a", "10.0.0.1:53,^a\\.$")

@@ -24,33 +24,6 @@ def Running(urls: list[str], prefix: str = PREFIX, hook=None, **kw) -> RunningRe
     return RunningRegistry(EtcdRegistry(urls, prefix, **kw), lambda url: read_dir(url, PREFIX), hook)
 
 
-@pytest.fixture
-def etcd_server():
-    with EtcdServer() as server:
-        yield server
-
-
-@pytest.fixture
-def running():
-    started: list[RunningRegistry] = []
-
-    def start(urls, **kw) -> RunningRegistry:
-        r = Running(urls, **kw)
-        started.append(r)
-        return r
-
-    yield start
-    for r in started:
-        r.close()
-
-
-@pytest.fixture
-def logs(caplog):
-    caplog.set_level(logging.INFO, logger=LOGGER)
-    return lambda level, text: [r for r in caplog.records
-                                if r.name == LOGGER and r.levelno == level and text in r.getMessage()]
-
-
 def test_initial_load_and_curl_style_put(etcd_server, running):
     a = put(etcd_server.url, PREFIX + "a", "10.0.0.1:53,^a\\.$")["node"]["createdIndex"]
     put(etcd_server.url, PREFIX + "b", "10.0.0.2:53,^b\\.$")
