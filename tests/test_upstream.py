@@ -1,6 +1,7 @@
 """One upstream socket and its pending queries: first answer wins, early retry, ICMP, timeout."""
 from __future__ import annotations
 
+import select
 import socket
 import threading
 import time
@@ -8,6 +9,7 @@ import time
 import dns.message
 import pytest
 
+from dnsrouter import proxy
 from dnsrouter.address import Address
 from dnsrouter.routes import Pool, Route
 from dnsrouter.workers.stats import Stats
@@ -248,3 +250,53 @@ class _NoOutbox:
 
     def flush(self) -> None:
         pass
+
+
+def test_a_send_that_takes_an_earlier_icmp_error_still_goes_and_the_error_is_still_read():
+    """With IP_RECVERR, an ICMP error is also the socket's pending error, and
+    the next send from ANY thread takes it and fails: a query on its way to a
+    live member was lost, and the owner thread, never woken, left the dead
+    member's query to wait for its retry time."""
+    gone = Address(HOST, free_port("udp"))
+    alive = Backend()
+    policy = Policy(rto=10.0)  # no retry by the clock within this test
+    upstream = Upstream(socket.AF_INET, policy, Stats().for_thread())
+    thread = threading.Thread(target=upstream.serve, daemon=True)
+    try:
+        upstream.send(entry_for(gone, alive.address))
+        poller = select.poll()
+        poller.register(upstream.fd, select.POLLERR)
+        wait_until(lambda: poller.poll(0), 2, message="no ICMP error came back")
+        start = time.monotonic()
+        upstream.send(entry_for(alive.address, gone))  # takes the pending error: must still be sent
+        thread.start()  # only now: the owner had no chance to take the error first
+        wait_until(lambda: len(policy.replies) == 2, 2, message=f"answered: {policy.replies}")
+        assert sorted(when - start < 1.0 for _, when in policy.replies) == [True, True]
+        assert [who for who, _ in policy.replies] == [alive.address, alive.address]
+        assert policy.unreachable_tries == [gone]
+        assert alive.received == 2
+    finally:
+        upstream.close()
+        if thread.is_alive():
+            thread.join(2)
+        else:
+            upstream.sock.close()
+        alive.close()
+
+
+def test_an_icmp_error_for_a_query_behind_a_proxy_header_names_its_query(upstream_for):
+    gone = Address(HOST, free_port("udp"))
+    alive = Backend()
+    try:
+        policy = Policy(rto=10.0)
+        upstream = upstream_for(policy)
+        entry = entry_for(gone, alive.address)
+        entry.variants = {gone: (proxy.header(("127.0.0.9", 5353), (HOST, 53)), entry.query)}
+        start = time.monotonic()
+        upstream.send(entry)
+        wait_until(lambda: policy.replies, 2, message="the ICMP error did not send the query on")
+        (who, when), = policy.replies
+        assert who == alive.address and when - start < 1.0
+        assert policy.unreachable_tries == [gone]
+    finally:
+        alive.close()

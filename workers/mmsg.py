@@ -13,6 +13,7 @@ one call and go back into the next without a Python tuple in between.
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import mmap
 import os
@@ -33,6 +34,11 @@ _sendmmsg = _libc.sendmmsg
 _sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
 _sendto = _libc.sendto
 _sendto.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+# With IP_RECVERR an ICMP error also sets the socket's pending error, and the
+# next send on the socket, from any thread, takes it and fails, whatever its
+# own destination: the datagram was never sent. It goes again once (the
+# error is gone by then; the ICMP message itself stays on the error queue).
+STALE_ERRORS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN})
 
 
 class _Iovec(ctypes.Structure):
@@ -163,17 +169,23 @@ class Outbox:
             pack(iov, i * _IOV + _IOV_LEN, length)
             names[i * size:i * size + size] = name
             at += length
-        done = 0
+        done, again = 0, -1
         while done < len(items):
             sent = _sendmmsg(fd, v.address + done * _HDR, len(items) - done, 0)
-            # A datagram the kernel refuses (buffer full, unreachable) is
-            # lost, as a datagram may be; the others still go.
-            done += sent if sent > 0 else 1
+            if sent > 0:
+                done += sent
+            elif again != done and ctypes.get_errno() in STALE_ERRORS:
+                again = done  # an earlier datagram's error: this one once more
+            else:
+                # A datagram the kernel refuses (buffer full) is lost, as a
+                # datagram may be; the others still go.
+                done += 1
 
 
 def send(fd: int, payload: bytes, name: bytes) -> None:
     """One datagram now, to a raw peer address; a refused one is lost."""
-    _sendto(fd, payload, len(payload), 0, name, len(name))
+    if _sendto(fd, payload, len(payload), 0, name, len(name)) < 0 and ctypes.get_errno() in STALE_ERRORS:
+        _sendto(fd, payload, len(payload), 0, name, len(name))
 
 
 # Cached: raw_address runs for every query sent and peer_key for every reply,

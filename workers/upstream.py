@@ -24,7 +24,6 @@ of queries a second.
 from __future__ import annotations
 
 import array
-import errno
 import os
 import socket
 import struct
@@ -32,7 +31,7 @@ import time
 from collections import deque
 from typing import Iterator, Protocol
 
-from dnsrouter import ecs
+from dnsrouter import ecs, proxy
 from dnsrouter.address import Address
 from dnsrouter.routes import Pool
 
@@ -41,8 +40,10 @@ from .types import Client, Counts, Outbox
 
 MAX_IN_FLIGHT = 60_000  # per upstream socket at most; of 65,536 IDs, keep some free
 TICK = 0.005  # seconds between two looks at due retries when no reply wakes the thread
+# Of a datagram an ICMP error returns, enough for a PROXY v2 header (16 bytes
+# and at most 216 of addresses) and the DNS ID after it.
+_ERROR_HEAD = 16 + 216 + 2
 _IP_RECVERR, _IPV6_RECVERR = 11, 25  # linux/in.h, linux/in6.h; the socket module lacks them
-_UNREACHABLE = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN})
 
 
 class Pending:
@@ -203,7 +204,7 @@ class Upstream:
             try:
                 batch = receive()
             except OSError as e:
-                if e.errno in _UNREACHABLE:
+                if e.errno in mmsg.STALE_ERRORS:
                     self._errors(counts, outbox)
             now = monotonic()
             for data, addr in batch:
@@ -238,6 +239,10 @@ class Upstream:
                     entry.sent, entry.retry_sent = entry.retry_sent, entry.sent
                 policy.reply(entry, data, counts, outbox)
             if now >= due:
+                # A send from another thread may have taken the error that
+                # would have woken us (mmsg.STALE_ERRORS): the ICMP message
+                # waits on the error queue, so look there every tick too.
+                self._errors(counts, outbox)
                 # Retries only once the replies that have arrived are read (a
                 # batch that did not fill up): a query whose answer waits in
                 # our own queue is not lost, and a busy worker must not
@@ -300,12 +305,15 @@ class Upstream:
         pending = self.pending
         while True:
             try:
-                data, _, _, peer = self.sock.recvmsg(16, 512, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+                data, _, _, peer = self.sock.recvmsg(_ERROR_HEAD, 512, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
             except OSError:
                 return  # the queue is empty
-            if len(data) < 2:
+            at = 0
+            if data.startswith(proxy.SIGNATURE):  # our ID follows the PROXY header
+                at = 16 + int.from_bytes(data[14:16], "big")
+            if len(data) < at + 2:
                 continue
-            uid = data[0] << 8 | data[1]
+            uid = data[at] << 8 | data[at + 1]
             entry = pending.get(uid)
             if entry is None:
                 continue
