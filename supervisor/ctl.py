@@ -20,6 +20,7 @@ from dnsrouter.errors import ConfigError, ValueParseError
 from dnsrouter.routes import CLIENT_ADDRESS_MODES, Matcher, RouteValue, build_routes, parse_value
 from dnsrouter.settings import SETTINGS, Config
 
+from . import shard
 from .registry import RegistryError, open_registry
 from .registry.etcd import EtcdRegistry
 from .registry.etcd3 import Etcd3Registry
@@ -49,6 +50,15 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("name")
     commands.add_parser("routes", help="the running router's live table with backend health (needs --metrics)")
     commands.add_parser("status", help="whether the running router serves (needs --metrics)")
+    sharding = commands.add_parser("shard", help="split a zone file (signed or not) into N zone files, "
+                                                 "one regexp each; optionally register them")
+    sharding.add_argument("zonefile", metavar="ZONEFILE")
+    sharding.add_argument("--origin", metavar="ZONE", required=True, help="the zone's name")
+    sharding.add_argument("--shards", metavar="N", type=int, required=True, help="how many shards")
+    sharding.add_argument("--out", metavar="DIR", required=True, help="a new or empty directory for 0.zone ...")
+    sharding.add_argument("--register", metavar="ADDR:PORT", action="append", default=[],
+                       help="the backend serving shard k, given N times in shard order: registers "
+                            "ADDR:PORT,<regexp of shard k> in the registry (etcd or --routes-dir)")
     return parser
 
 
@@ -170,6 +180,34 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     status, body = _http(config, "/healthz")
     print(body.decode().strip())
     return 0 if status == 200 else 1
+
+
+def cmd_shard(config: Config, args: argparse.Namespace) -> int:
+    if args.register and len(args.register) != args.shards:
+        raise _Refused(f"--register given {len(args.register)} times for {args.shards} shards: "
+                       f"give one ADDR:PORT per shard, in shard order")
+    try:
+        zone = shard.load(args.zonefile, args.origin)
+        result = shard.split(zone, args.shards)
+        values = [parse_value(f"{address},{s.pattern}").to_text()
+                  for address, s in zip(args.register, result.shards)]  # refused before anything is written
+        written = shard.write(result, args.out)
+    except (shard.ShardError, ValueParseError) as e:
+        raise _Refused(str(e)) from None
+    for (path, size, names), s in zip(written, result.shards):
+        print(f"{path} {size} bytes {names} names {s.pattern}")
+    if result.signed == "NSEC3":
+        print(f"NSEC3: the whole chain in every shard, {result.nsec3_bytes} bytes each")
+    if values:
+        store = open_registry(config)
+        for value in values:
+            key = str(uuid.uuid4())
+            try:
+                store.put(key, value)
+            except OSError as e:  # the file registry's directory
+                raise RegistryError(f"routes directory {config.registry_routes_dir}: {e.strerror or e}") from None
+            print(f"registered {key} {value}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,6 +83,15 @@ class FileRegistry:
         self._seen = current
         return None
 
+    def put(self, name: str, value: str) -> None:
+        """Write the key ``name``: a temporary dotfile renamed into place, so
+        a scan never reads half a value."""
+        path = os.path.join(self.directory, name)
+        temporary = os.path.join(self.directory, f".{name}.tmp")
+        with open(temporary, "w", encoding="utf-8") as f:
+            f.write(value + "\n")
+        os.replace(temporary, path)
+
     def _directory(self) -> tuple | None:
         try:
             st = os.stat(self.directory)
