@@ -38,6 +38,23 @@ _APEX_FIRST = (dns.rdatatype.SOA, dns.rdatatype.NS)
 _ADDRESSES = (dns.rdatatype.A, dns.rdatatype.AAAA)
 
 
+class _Portable(dns.name.IDNACodec):
+    """Names written so that every server's zone parser takes them: letters,
+    digits, "-", "_" and "*" as they are, every other octet as a decimal
+    escape (Knot DNS refuses a bare ":" that dnspython writes as it is).
+    A name style's codec is where dnspython lets us choose a label's text."""
+
+    def decode(self, label: bytes) -> str:
+        return "".join(chr(c) if c in _AS_IS else f"\\{c:03d}" for c in label)
+
+    def encode(self, label: str) -> bytes:
+        raise NotImplementedError("only for writing")
+
+
+_AS_IS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_*")
+_STYLE = dns.rdataset.RdatasetStyle(idna_codec=_Portable())
+
+
 class ShardError(Exception):
     """The zone or the request cannot be sharded (a message for the operator)."""
 
@@ -62,7 +79,7 @@ class Shard:
         for name in sorted(self.records):
             rdatasets = sorted(self.records[name], key=lambda r: _APEX_FIRST.index(r.rdtype)
                                if r.rdtype in _APEX_FIRST else len(_APEX_FIRST))
-            lines.extend(r.to_text(name) for r in rdatasets)
+            lines.extend(r.to_text(name, style=_STYLE) for r in rdatasets)
         return "\n".join(lines) + "\n"
 
 
