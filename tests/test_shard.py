@@ -35,7 +35,7 @@ import pytest
 from dnsrouter import wire
 from dnsrouter.routes import compile_set
 from support import delv
-from support.dnssec import SignedZone, check_zone, sign
+from support.dnssec import SignedZone, check_zone, nsd_check_zone, sign
 from support.knot import KnotServer
 from support.net import HOST, free_port, wait_until
 from support.processes import program
@@ -532,6 +532,7 @@ def test_the_shards_behind_the_router_answer_as_the_whole_zone(variant, router, 
         for knot, p in zip(knots, printed):
             load_shard(knot, p.path)
             report = check_zone(ORIGIN, p.path, *checker)
+            nsd_check_zone(ORIGIN, p.path)  # and NSD's
             # No name server without an address (or glue) the whole zone did not lack already.
             new = [w for w in report.splitlines() if re.search(r"\bNS '.*' has no", w) and w not in warnings_whole]
             assert not new, f"{p.path}: BIND's checker warns:\n" + "\n".join(new)

@@ -36,13 +36,13 @@ PACKAGE = "bind9-utils"
 ALGORITHM = "ECDSAP256SHA256"
 
 
-def bind_tool(name: str) -> str:
-    """The absolute path of one of BIND's programs; RuntimeError if it is not installed."""
+def bind_tool(name: str, package: str = PACKAGE) -> str:
+    """The absolute path of one of BIND's programs (or ``package``'s); RuntimeError if it is not installed."""
     for directory in ("/usr/bin", "/usr/sbin"):
         path = os.path.join(directory, name)
         if os.access(path, os.X_OK):
             return path
-    raise RuntimeError(f"{name} not found in /usr/bin or /usr/sbin: install the Debian package '{PACKAGE}'")
+    raise RuntimeError(f"{name} not found in /usr/bin or /usr/sbin: install the Debian package '{package}'")
 
 
 def _run(argv: list[str], cwd: str, timeout: float = 60.0) -> str:
@@ -125,3 +125,11 @@ def check_zone(origin: str, path: str, *extra: str) -> str:
         raise RuntimeError(f"named-checkzone {fqdn(origin)} {path} failed ({out.returncode}):\n"
                            f"{out.stdout}{out.stderr}")
     return out.stdout + out.stderr
+
+
+def nsd_check_zone(origin: str, path: str) -> None:
+    """``nsd-checkzone`` of a zone file: RuntimeError with NSD's words when it does not load."""
+    out = subprocess.run([bind_tool("nsd-checkzone", "nsd"), fqdn(origin), path],
+                         capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise RuntimeError(f"nsd-checkzone {fqdn(origin)} {path} failed ({out.returncode}):\n{out.stdout}{out.stderr}")
