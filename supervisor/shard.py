@@ -133,6 +133,8 @@ def split(zone: dns.zone.Zone, shards: int) -> Split:
     """Split ``zone`` (with absolute names) into ``shards`` shards."""
     origin = zone.origin
     assert origin is not None
+    if shards < 1:
+        raise ShardError("--shards must be at least 1")
     common: dict[dns.name.Name, list[dns.rdataset.Rdataset]] = {}
     subtrees: dict[bytes, dict[dns.name.Name, list[dns.rdataset.Rdataset]]] = {}
     nsec_owners: list[dns.name.Name] = []
@@ -154,8 +156,6 @@ def split(zone: dns.zone.Zone, shards: int) -> Split:
             continue
         label = name.relativize(origin).labels[-1].lower()
         subtrees.setdefault(label, {})[name] = rdatasets
-    if shards < 1:
-        raise ShardError("--shards must be at least 1")
     labels = sorted(subtrees)  # lower-cased single labels: bytes order is canonical order
     if shards > max(len(labels), 1):
         raise ShardError(f"{origin}: {len(labels)} names directly below the apex (with what is below them): "
