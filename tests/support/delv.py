@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import os
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,11 +138,20 @@ def parse(name: str, rdtype: str, stdout: str, stderr: str) -> Result:
 
 
 def lookup(port: int, anchor: str, zone: str, name: str, rdtype: str, *, host: str = HOST,
-           timeout: float = 30.0) -> Result:
+           timeout: float = 20.0) -> Result:
     """One delv lookup of name/rdtype at host:port, validated from zone's anchor."""
     argv = [delv_path(), f"@{host}", "-p", str(port), "-a", anchor, f"+root={fqdn(zone)}",
             "-q", name, "-t", rdtype]  # -q: a name may start with "-"
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        # Seen once in a fresh-clone run of the whole suite (an NSEC3 shard
+        # behind the router; the same name answered plain queries at once,
+        # and the other runs, before and after, did not hang): one delv ran 30 s with no
+        # verdict. Once more, said on stderr so the test's output keeps it;
+        # a second hang fails the test.
+        print(f"delv hung {timeout:g} s: {' '.join(argv)}; once more", file=sys.stderr)
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if out.returncode != 0 and not out.stdout and "resolution failed" not in out.stderr:
         # delv itself could not run (a bad anchor file, a bad name): no answer to compare.
         raise RuntimeError(f"{' '.join(argv)} exited {out.returncode}:\n{out.stderr}")
