@@ -1,9 +1,11 @@
 """``dnsrouter``: the one place that wires the supervisor to the workers."""
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 
+from . import __version__
 from . import config as configuration
 from . import logs
 from .errors import ConfigError
@@ -12,6 +14,8 @@ from .errors import ConfigError
 def main(argv: list[str] | None = None) -> int:
     parser = configuration.build_parser()
     args = parser.parse_args(argv)
+    if args.version:
+        return _version(args)
     try:
         config = configuration.load(args)
     except ConfigError as e:
@@ -45,6 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         logging.getLogger("dnsrouter").error("%s", e)
         return 2
+
+
+def _version(args: argparse.Namespace) -> int:
+    from .workers import fastpath
+
+    setting = args.server_fast_path or "auto"
+    try:  # with --config, the file's fast_path too; a broken file is --check-config's business
+        setting = configuration.load(args).server_fast_path
+    except ConfigError:
+        pass
+    print(f"dnsrouter {__version__}\nfast path: {fastpath.load(setting)[1]}")
+    return 0
 
 
 if __name__ == "__main__":

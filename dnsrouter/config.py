@@ -5,7 +5,6 @@ import argparse
 import configparser
 from typing import Any
 
-from . import __version__
 from .address import Address
 from .errors import ConfigError
 from .settings import SETTINGS, Config, Setting
@@ -32,7 +31,8 @@ def build_parser(prog: str = "dnsrouter") -> argparse.ArgumentParser:
         parser.add_argument(setting.flag, **kwargs)
     parser.add_argument("--check-config", action="store_true",
                         help="validate the configuration, print it, exit 0 (or 2 with the reason)")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action="store_true",
+                        help="print the version and whether the compiled UDP path is in use (if not, why), exit 0")
     return parser
 
 

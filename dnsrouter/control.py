@@ -16,7 +16,9 @@ STOP = "stop"  # payload: None; finish in-flight queries and exit 0
 
 # worker -> supervisor
 READY = "ready"  # payload: snapshot version applied; the worker serves
-REPORT = "report"  # payload: {"delta": counter deltas, "version": snapshot served, "srtt": {"ip:port": s}}; the heartbeat
+# payload: {"delta": counter deltas, "version": snapshot served, "srtt": {"ip:port": s},
+# "fast_path": 1 if the compiled UDP path serves, else 0}; the heartbeat
+REPORT = "report"
 # payload: {"ip:port": failures in a row} of the backends whose unanswered
 # tries or ICMP errors grew since the last one; at most every EVIDENCE_INTERVAL
 EVIDENCE = "evidence"
@@ -60,3 +62,4 @@ class WorkerSpec:
     log_level: str
     log_target: str
     log_queries: bool
+    fast_path: str  # [server] fast_path: auto or off

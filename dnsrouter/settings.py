@@ -104,18 +104,15 @@ def _networks(text: str) -> tuple[IPNetwork, ...]:
     return tuple(networks)
 
 
-def _deny_action(text: str) -> str:
-    value = text.strip().lower()
-    if value not in ("refuse", "drop"):
-        raise ValueError(f"{text!r} is not refuse or drop")
-    return value
+def _choice(*values: str) -> Callable[[str], str]:
+    """One of ``values``, in any case."""
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in values:
+            raise ValueError(f"{text!r} is not one of {', '.join(values)}")
+        return value
 
-
-def _client_address(text: str) -> str:
-    value = text.strip().lower()
-    if value not in CLIENT_ADDRESS_MODES:
-        raise ValueError(f"{text!r} is not one of {', '.join(CLIENT_ADDRESS_MODES)}")
-    return value
+    return parse
 
 
 def _prefix_length(bits: int) -> Callable[[str], int]:
@@ -126,13 +123,6 @@ def _prefix_length(bits: int) -> Callable[[str], int]:
         return value
 
     return parse
-
-
-def _etcd_api(text: str) -> str:
-    value = text.strip().lower()
-    if value not in ("v3", "v2"):
-        raise ValueError(f"{text!r} is not v3 or v2")
-    return value
 
 
 def _directory(text: str) -> str:
@@ -215,8 +205,12 @@ class Config:
         "server", "allow", "", _networks,
         "clients allowed, as addresses or CIDR networks; empty: everyone (an authoritative "
         "front serves the Internet)")
+    server_fast_path: str = _setting(
+        "server", "fast_path", "auto", _choice("auto", "off"),
+        "the compiled UDP packet path: auto (when the install could build it) or off (pure Python)",
+        flag="--fast-path", metavar="auto|off")
     server_deny_action: str = _setting(
-        "server", "deny_action", "refuse", _deny_action,
+        "server", "deny_action", "refuse", _choice("refuse", "drop"),
         "what other clients get over UDP: refuse (REFUSED) or drop; over TCP they are closed")
     server_max_in_flight: int = _setting(
         "server", "max_in_flight", "20000", _positive_int,
@@ -234,7 +228,7 @@ class Config:
         "registry", "etcd", "http://127.0.0.1:2379", _urls,
         "etcd endpoints, comma separated", flag="--etcd", metavar="URL[,URL...]")
     registry_etcd_api: str = _setting(
-        "registry", "etcd_api", "v3", _etcd_api,
+        "registry", "etcd_api", "v3", _choice("v3", "v2"),
         "etcd API: v3 (etcd 3.x), or v2 (the keys API, etcd started with --enable-v2)",
         flag="--etcd-api", metavar="v3|v2")
     registry_prefix: str = _setting(
@@ -271,7 +265,7 @@ class Config:
         "forward", "tcp_fetches", "32", _positive_int,
         "truncated replies a worker fetches again over TCP at once; more wait their turn")
     forward_client_address: str = _setting(
-        "forward", "client_address", "none", _client_address,
+        "forward", "client_address", "none", _choice(*CLIENT_ADDRESS_MODES),
         "how backends learn the client's address: none, proxy (a PROXY v2 header before each "
         "datagram) or ecs (an EDNS Client Subnet option); a JSON registry value may set its own",
         flag="--client-address", metavar="none|proxy|ecs")

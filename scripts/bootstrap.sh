@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 # Debian's own Python, not whatever python3 comes first on PATH: it is
 # readable by every user, so the router can drop root to any --user.
 PYTHON=/usr/bin/python3
-packages=(knot knot-dnsutils knot-module-geoip etcd-server etcd-client dnsperf unbound bind9-dnsutils bind9-utils nsd curl openssl python3 python3-venv)
+packages=(knot knot-dnsutils knot-module-geoip etcd-server etcd-client dnsperf unbound bind9-dnsutils bind9-utils nsd curl openssl python3 python3-venv python3-dev gcc)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

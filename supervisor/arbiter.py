@@ -148,7 +148,7 @@ class Supervisor:
             ecs_ipv4_prefix=self.config.forward_ecs_ipv4_prefix, ecs_ipv6_prefix=self.config.forward_ecs_ipv6_prefix,
             ecs_override=self.config.forward_ecs_override,
             log_level=self.config.log_level, log_target=self.config.log_target,
-            log_queries=self.config.log_queries)
+            log_queries=self.config.log_queries, fast_path=self.config.server_fast_path)
         handle = workerset.spawn(spec, self.worker_main)
         self.workers[index] = handle
         self._send_routes([handle])
@@ -305,6 +305,7 @@ class Supervisor:
                 "version": self.table.version, "updated": self.table.updated,
                 "routes": len(self.table.routes), "restarts": self.restarts,
                 "workers": {i: h.pid for i, h in list(self.workers.items())},
+                "fast_path": {i: h.fast_path for i, h in list(self.workers.items()) if h.fast_path is not None},
                 "srtt": [h.srtt for h in list(self.workers.values())]}
 
     def routes(self) -> dict:
@@ -357,6 +358,7 @@ class Supervisor:
         elif tag == control.REPORT:
             handle.version = payload["version"]
             handle.srtt = payload.get("srtt", {})
+            handle.fast_path = payload.get("fast_path")
             self.metrics.add(payload["delta"])
         elif tag == control.EVIDENCE:
             for backend, streak in payload.items():

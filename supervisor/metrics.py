@@ -134,6 +134,11 @@ class Metrics:
                 continue
         yield rss
         yield cpu
+        fast = GaugeMetricFamily("dnsrouter_fast_path", "1 when the worker's UDP path runs compiled "
+                                 "(dnsrouter --version says why not)", labels=["worker"])
+        for index, on in sorted(state["fast_path"].items()):
+            fast.add_metric([str(index)], on)
+        yield fast
 
     # -- HTTP -------------------------------------------------------------------------
     def serve(self, address: Address, routes: Callable[[], dict], healthy: Callable[[], tuple[bool, str]]) -> None:

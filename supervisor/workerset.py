@@ -36,6 +36,7 @@ class WorkerHandle:
         self.ready_at = 0.0
         self.version = -1  # of the snapshot it serves, as its READY and REPORTs say
         self.srtt: dict[str, float] = {}  # its backends' smoothed round trips, from its last REPORT
+        self.fast_path: int | None = None  # 1 if its UDP path runs compiled, as its last REPORT says
         self._outbox: list[tuple[str, object]] = []
         self._cond = threading.Condition()
         self._closed = False

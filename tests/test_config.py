@@ -361,7 +361,14 @@ def test_check_config_subprocess(tmp_path):
 def test_version_subprocess(tmp_path):
     result = _run(tmp_path, "--version")
     assert result.returncode == 0
-    assert result.stdout.strip() == f"dnsrouter {dnsrouter.__version__}"
+    first, second = result.stdout.splitlines()
+    assert first == f"dnsrouter {dnsrouter.__version__}"
+    assert second == "fast path: on"  # the test install builds it (scripts/bootstrap.sh installs gcc)
+    off = _run(tmp_path, "--version", "--fast-path", "off")
+    assert off.stdout.splitlines()[1] == "fast path: off: [server] fast_path = off"
+    (tmp_path / "off.ini").write_text("[server]\nfast_path = off\n")
+    assert _run(tmp_path, "--version", "--config", "off.ini").stdout.splitlines()[1] == \
+        "fast path: off: [server] fast_path = off"
 
 
 def test_a_routes_dir_that_does_not_exist_stops_the_start(tmp_path):

@@ -6,6 +6,7 @@ import socket
 import struct
 import threading
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Callable
 
 from dnsrouter import ecs, wire
@@ -51,8 +52,9 @@ class Forwarder:
     def __init__(self, timeout: float, stats: Stats, max_in_flight: int = 20000,
                  allow: Callable[[str], bool] | None = None, deny_action: str = "refuse",
                  retry_min: float = 0.02, tcp_fetches: int = 32,
-                 client_address: ClientAddress = ClientAddress()) -> None:
+                 client_address: ClientAddress = ClientAddress(), fast: ModuleType | None = None) -> None:
         self.timeout = timeout
+        self.fast = fast  # the compiled UDP path (workers/fastpath.py), or None: all in Python
         self.client_address = client_address
         self.retry_min = retry_min
         self.stats = stats
@@ -103,7 +105,7 @@ class Forwarder:
     def _family(self, family: int) -> list[Upstream]:
         with self._upstreams_lock:
             if family not in self.upstreams:
-                pool = [Upstream(family, self, self.stats.for_thread(), self._per_socket)
+                pool = [Upstream(family, self, self.stats.for_thread(), self._per_socket, self.fast)
                         for _ in range(self.SOCKETS)]
                 for upstream in pool:
                     threading.Thread(target=upstream.serve, name="upstream", daemon=True).start()

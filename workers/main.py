@@ -23,7 +23,7 @@ import setproctitle
 from dnsrouter import control, logs
 from dnsrouter.snapshot import Snapshot
 
-from . import acl, tcp, udp
+from . import acl, fastpath, tcp, udp
 from .forwarder import ClientAddress, Forwarder
 from .stats import Stats
 
@@ -67,12 +67,15 @@ class Worker:
         self.send_lock = threading.Lock()
         self.stats = Stats()
         self.stopping = threading.Event()
+        self.fast, why = fastpath.load(spec.fast_path)
+        log.debug("worker %d: fast path %s", spec.index, why)
         self.forwarder = Forwarder(spec.forward_timeout, self.stats, spec.max_in_flight,
                                    acl.make(spec.allow), spec.deny_action, spec.retry_min,
                                    tcp_fetches=spec.tcp_fetches,
                                    client_address=ClientAddress(spec.client_address, spec.proxy_tcp,
                                                                 spec.ecs_ipv4_prefix, spec.ecs_ipv6_prefix,
-                                                                spec.ecs_override))
+                                                                spec.ecs_override),
+                                   fast=self.fast)
         self.forwarder.query_log = spec.log_queries
         self.snapshot: Snapshot | None = None
         self.udp_threads: list[threading.Thread] = []
@@ -86,7 +89,7 @@ class Worker:
 
     def _report(self) -> None:
         self.send(control.REPORT, {"delta": self.stats.delta(), "version": self.forwarder.version,
-                                   "srtt": self.forwarder.srtts()})
+                                   "srtt": self.forwarder.srtts(), "fast_path": int(self.fast is not None)})
 
     def _send_evidence(self) -> None:
         """Unanswered tries and ICMP errors since the last call, one message

@@ -2,15 +2,24 @@
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 import threading
+from collections import deque
 from typing import Callable
 
-from dnsrouter import proxy
+from dnsrouter import proxy, wire
 
 from . import mmsg
 from .forwarder import Forwarder
 from .types import Counts, Outbox
+from .upstream import Pending
+
+log = logging.getLogger("dnsrouter.worker")
+
+
+def _failed() -> None:
+    log.exception("query handling failed")
 
 
 class UdpClient:
@@ -44,6 +53,10 @@ class UdpClient:
 
 def serve(sock: socket.socket, forwarder: Forwarder, counts: Counts, stopping: threading.Event) -> None:
     """Forward every datagram of ``sock`` until the socket is shut down."""
+    if forwarder.fast is not None:  # the same, compiled (workers/_fastpath.pyx)
+        forwarder.fast.serve(sock, forwarder, counts, stopping, UdpClient(sock), Pending, deque,
+                             mmsg.raw_address, wire.name_to_text, _failed)
+        return
     receive = mmsg.Receiver(sock).receive
     handle = forwarder.handle
     client = UdpClient(sock)

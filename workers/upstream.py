@@ -29,6 +29,7 @@ import socket
 import struct
 import time
 from collections import deque
+from types import ModuleType
 from typing import Iterator, Protocol
 
 from dnsrouter import ecs, proxy
@@ -121,7 +122,8 @@ class Policy(Protocol):
 class Upstream:
     """One UDP socket towards the backends of one address family."""
 
-    def __init__(self, family: int, policy: Policy, counts: Counts, limit: int = MAX_IN_FLIGHT) -> None:
+    def __init__(self, family: int, policy: Policy, counts: Counts, limit: int = MAX_IN_FLIGHT,
+                 fast: ModuleType | None = None) -> None:
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         # ICMP errors for unconnected UDP sockets reach us only when asked for.
@@ -145,6 +147,7 @@ class Upstream:
         self.limit = min(limit, MAX_IN_FLIGHT)
         self._scan_at = 0.0
         self._closing = False
+        self.fast = fast  # the compiled reply loop (workers/fastpath.py), or None
 
     def send(self, entry: Pending, outbox: Outbox | None = None) -> bool:
         """The first try: ``entry.query`` to ``entry.backend``, with the batch
@@ -191,6 +194,9 @@ class Upstream:
     # -- the owner thread --------------------------------------------------
     def serve(self) -> None:
         """Receive replies and run the clocks, forever (the socket's own thread)."""
+        if self.fast is not None:  # the same batch loop, compiled (workers/_fastpath.pyx)
+            self.fast.serve_upstream(self, mmsg.STALE_ERRORS, mmsg.peer_key, TICK)
+            return
         receive = mmsg.Receiver(self.sock).receive
         pending = self.pending
         policy = self.policy

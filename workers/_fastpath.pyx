@@ -1,0 +1,498 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The UDP packet path's common case, compiled: what ``udp.serve`` and
+``Upstream.serve`` do for an ordinary query and its reply, without the
+interpreter in the loop.
+
+The pure-Python modules stay the reference: this one does the same thing
+for the packets it takes and hands every other packet, unchanged, to the
+Python code (``Forwarder.handle`` on the client side, ``Forwarder.reply`` on
+the reply side). Timeouts, retries, ICMP errors, SERVFAIL, the router's own
+answers and TCP never come here.
+
+What it takes: a query of at least 12 bytes that is not a response, opcode
+QUERY, QDCOUNT 1, an uncompressed question name of at most 255 bytes whose
+type and class are there, not AXFR or IXFR, while the worker has no ACL and
+no query log, whose route is a pool of members that all get the query as it
+is (``client_address = none``). A reply: from the member asked, with our ID
+and the question asked, to a UDP client whose query was not changed.
+
+Safety: every length read from a packet is checked against the datagram's
+length before the byte it counts is read; the datagrams live in slots of
+64 KiB (the largest UDP payload fits), and the parse of a question never
+writes more than ``KEY`` bytes.
+"""
+from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy, memcmp, memset, strerror
+from libc.errno cimport errno, EINTR
+from posix.uio cimport iovec
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_GetItem, PyDict_DelItem
+from cpython.ref cimport PyObject
+
+cdef extern from "Python.h":
+    PyObject *PyDict_SetDefault(object d, object key, object default) except NULL
+
+cdef extern from "<sys/random.h>" nogil:
+    ssize_t getrandom(void *buf, size_t n, unsigned int flags)
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    cdef struct msghdr:
+        void *msg_name
+        socklen_t msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    cdef struct mmsghdr:
+        msghdr msg_hdr
+        unsigned int msg_len
+    int recvmmsg(int fd, mmsghdr *vec, unsigned int n, int flags, void *timeout)
+    int sendmmsg(int fd, mmsghdr *vec, unsigned int n, int flags)
+    ssize_t sendto(int fd, const void *buf, size_t n, int flags, const void *addr, socklen_t len)
+    enum: MSG_WAITFORONE
+    enum: AF_INET6
+
+cdef extern from "<errno.h>":
+    enum: ECONNREFUSED
+    enum: EHOSTUNREACH
+    enum: ENETUNREACH
+    enum: EHOSTDOWN
+
+cdef enum:
+    BATCH = 32  # datagrams per call, either way (mmsg.BATCH)
+    SLOT = 65536  # room per received datagram
+    NAME = 28  # room for a peer address: sizeof(struct sockaddr_in6)
+    KEY = 260  # a question, lower-cased: a name of at most 255 bytes, its type and class
+    OUT = 256  # datagrams an Outbox holds before it sends on its own
+    IDS = 4096  # random IDs drawn from the kernel at a time
+
+BUILT = True  # what the loader checks
+
+
+cdef inline bint _stale(int e) noexcept nogil:
+    # mmsg.STALE_ERRORS: an ICMP error taken by this send, meant for an earlier one
+    return e == ECONNREFUSED or e == EHOSTUNREACH or e == ENETUNREACH or e == EHOSTDOWN
+
+
+cdef inline double _monotonic() noexcept nogil:
+    cdef timespec t
+    clock_gettime(CLOCK_MONOTONIC, &t)  # what time.monotonic reads on Linux
+    return t.tv_sec + t.tv_nsec * 1e-9
+
+
+cdef int _classify(const unsigned char *p, Py_ssize_t n, unsigned char *key) noexcept nogil:
+    """For a query the compiled path takes: the end of its question, with the
+    question (name, type, class) lower-cased into ``key``; else -1, and the
+    Python path decides (and counts) what the packet gets."""
+    cdef Py_ssize_t pos = 12, label
+    cdef int qtype
+    if n < 12 or p[2] & 0xF8 or p[4] or p[5] != 1:  # a response, an opcode, QDCOUNT
+        return -1
+    while True:
+        if pos >= n:
+            return -1
+        label = p[pos]
+        if label == 0:
+            pos += 1
+            break
+        if label > 63:
+            return -1
+        pos += label + 1
+        if pos - 12 > 255:  # wire.parse_question: at most 255 bytes of name
+            return -1
+    if pos + 4 > n:
+        return -1
+    qtype = p[pos] << 8 | p[pos + 1]
+    if qtype == 251 or qtype == 252:  # IXFR, AXFR: refused by the Python path
+        return -1
+    pos += 4
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    for i in range(pos - 12):  # bytes.lower(): ASCII letters only
+        c = p[12 + i]
+        key[i] = c + 32 if 65 <= c <= 90 else c
+    return <int>pos
+
+
+cdef inline bint _same_question(const unsigned char *p, const unsigned char *q, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    for i in range(n):
+        c = p[i]
+        if (c + 32 if 65 <= c <= 90 else c) != q[i]:
+            return False
+    return True
+
+
+def classify(bytes packet):
+    """The compiled check of one query, for the tests: (end, lower-cased
+    question) or None when the Python path takes the packet."""
+    cdef unsigned char key[KEY]
+    cdef int end = _classify(<const unsigned char *>PyBytes_AS_STRING(packet), PyBytes_GET_SIZE(packet), key)
+    if end < 0:
+        return None
+    return end, PyBytes_FromStringAndSize(<char *>key, end - 12)
+
+
+cdef class Receiver:
+    """Blocking reads of up to ``BATCH`` datagrams from one socket
+    (``mmsg.Receiver``, with the GIL released while the thread waits)."""
+
+    cdef object _sock
+    cdef int fd
+    cdef int name_size
+    cdef unsigned int n
+    cdef unsigned char *buffer
+    cdef unsigned char *names
+    cdef iovec iov[BATCH]
+    cdef mmsghdr hdrs[BATCH]
+
+    def __cinit__(self, sock, unsigned int n=BATCH):
+        self._sock = sock  # keeps the descriptor open while we use its number
+        self.fd = sock.fileno()
+        self.name_size = NAME if sock.family == AF_INET6 else 16
+        self.n = min(max(n, 1), BATCH)
+        # malloc of 2 MiB maps anonymous memory: a slot's pages are backed only once touched
+        self.buffer = <unsigned char *>malloc(<size_t>self.n * SLOT)
+        self.names = <unsigned char *>malloc(<size_t>self.n * NAME)
+        if self.buffer == NULL or self.names == NULL:
+            raise MemoryError()
+        memset(self.hdrs, 0, sizeof(self.hdrs))
+        cdef unsigned int i
+        for i in range(self.n):
+            self.iov[i].iov_base = self.buffer + <size_t>i * SLOT
+            self.iov[i].iov_len = SLOT
+            self.hdrs[i].msg_hdr.msg_name = self.names + i * NAME
+            self.hdrs[i].msg_hdr.msg_iov = &self.iov[i]
+            self.hdrs[i].msg_hdr.msg_iovlen = 1
+
+    def __dealloc__(self):
+        free(self.buffer)
+        free(self.names)
+
+    cdef int wait(self) except -1:
+        """The number of datagrams read; OSError (EINTR included) on failure."""
+        cdef int got, error = 0
+        cdef unsigned int i
+        with nogil:
+            for i in range(self.n):
+                self.hdrs[i].msg_hdr.msg_namelen = self.name_size
+            got = recvmmsg(self.fd, self.hdrs, self.n, MSG_WAITFORONE, NULL)
+            if got < 0:
+                error = errno
+        if got < 0:
+            raise OSError(error, strerror(error).decode())
+        return got
+
+    cdef inline const unsigned char *data(self, int i) noexcept nogil:
+        return self.buffer + <size_t>i * SLOT
+
+    cdef inline Py_ssize_t length(self, int i) noexcept nogil:
+        return self.hdrs[i].msg_len
+
+    cdef inline bytes payload(self, int i):
+        return PyBytes_FromStringAndSize(<char *>self.data(i), self.hdrs[i].msg_len)
+
+    cdef inline bytes peer(self, int i):
+        return PyBytes_FromStringAndSize(<char *>self.names + i * NAME, self.name_size)
+
+    def receive(self):
+        """As ``mmsg.Receiver.receive``: [(payload, raw peer address)]."""
+        cdef int got = self.wait(), i
+        return [(self.payload(i), self.peer(i)) for i in range(got)]
+
+
+cdef class Outbox:
+    """What one thread sends during one batch (``mmsg.Outbox``): the
+    payloads are not copied, the iovecs point into the bytes objects, which
+    the outbox holds until they are sent."""
+
+    cdef public int pick  # which upstream socket this batch's queries leave from
+    cdef int count
+    cdef list _held
+    cdef int fds[OUT]
+    cdef unsigned char names[OUT][NAME]
+    cdef iovec iov[OUT]
+    cdef mmsghdr hdrs[OUT]
+    cdef unsigned short ids[IDS]
+    cdef int next_id
+
+    def __cinit__(self):
+        self._held = []
+        self.count = 0
+        self.next_id = IDS
+        memset(self.hdrs, 0, sizeof(self.hdrs))
+        self.pick = self.random_id()
+
+    cdef int random_id(self) except -1:
+        """An unpredictable 16-bit number from the kernel, drawn in batches."""
+        if self.next_id >= IDS:
+            if getrandom(self.ids, sizeof(self.ids), 0) != sizeof(self.ids):
+                raise OSError(errno, "getrandom failed")
+            self.next_id = 0
+        self.next_id += 1
+        return self.ids[self.next_id - 1]
+
+    cpdef add(self, int fd, bytes payload, bytes name):
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(name)
+        if size > NAME:
+            raise ValueError("not a socket address")
+        if self.count == OUT:
+            self.flush()
+        cdef int i = self.count
+        self.fds[i] = fd
+        memcpy(self.names[i], PyBytes_AS_STRING(name), size)
+        self.iov[i].iov_base = PyBytes_AS_STRING(payload)
+        self.iov[i].iov_len = PyBytes_GET_SIZE(payload)
+        self.hdrs[i].msg_hdr.msg_name = self.names[i]
+        self.hdrs[i].msg_hdr.msg_namelen = <socklen_t>size
+        self.hdrs[i].msg_hdr.msg_iov = &self.iov[i]
+        self.hdrs[i].msg_hdr.msg_iovlen = 1
+        self._held.append(payload)
+        self.count = i + 1
+
+    cpdef flush(self):
+        cdef int count = self.count
+        if count == 0:
+            return
+        with nogil:
+            _send_grouped(self.fds, self.hdrs, count)
+        self.count = 0
+        del self._held[:]
+        self.pick = self.random_id()
+
+
+cdef void _send_grouped(int *fds, mmsghdr *hdrs, int count) noexcept nogil:
+    """Each socket's datagrams in sendmmsg calls of up to BATCH, in order;
+    a datagram the kernel refuses is lost, as a datagram may be."""
+    cdef mmsghdr run[BATCH]
+    cdef bint sent[OUT]
+    cdef int start, i, n, fd
+    memset(sent, 0, sizeof(sent))
+    for start in range(count):
+        if sent[start]:
+            continue
+        fd = fds[start]
+        n = 0
+        for i in range(start, count):
+            if not sent[i] and fds[i] == fd:
+                run[n] = hdrs[i]
+                sent[i] = True
+                n += 1
+                if n == BATCH:
+                    _send_run(fd, run, n)
+                    n = 0
+        if n:
+            _send_run(fd, run, n)
+
+
+cdef void _send_run(int fd, mmsghdr *run, int n) noexcept nogil:
+    cdef int done = 0, again = -1, got
+    cdef msghdr *h
+    if n == 1:  # light traffic: one datagram, one sendto
+        h = &run[0].msg_hdr
+        if sendto(fd, h.msg_iov.iov_base, h.msg_iov.iov_len, 0, h.msg_name, h.msg_namelen) < 0 and _stale(errno):
+            sendto(fd, h.msg_iov.iov_base, h.msg_iov.iov_len, 0, h.msg_name, h.msg_namelen)
+        return
+    while done < n:
+        got = sendmmsg(fd, run + done, n - done, 0)
+        if got > 0:
+            done += got
+        elif again != done and _stale(errno):
+            again = done  # an earlier datagram's error: this one once more
+        else:
+            done += 1
+
+
+cdef inline void _count(object counts, object key, long n=1):
+    """``counts[key] += n`` for a defaultdict(int) (Counts)."""
+    cdef PyObject *old = PyDict_GetItem(counts, key)
+    counts[key] = (<object>old if old != NULL else 0) + n
+
+
+cdef inline bytes _with_id(const unsigned char *head, bytes message):
+    """``message`` with its first two bytes replaced by ``head``'s."""
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(message)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, size)
+    cdef char *o = PyBytes_AS_STRING(out)
+    memcpy(o + 2, PyBytes_AS_STRING(message) + 2, size - 2)
+    o[0] = head[0]
+    o[1] = head[1]
+    return out
+
+
+# -- the client side -----------------------------------------------------------
+
+def serve(sock, forwarder, counts, stopping, client, Pending, deque, raw_address, name_to_text, failed):
+    """``udp.serve`` for one listening socket: forward every datagram until
+    the socket is shut down. ``client`` is the socket's ``udp.UdpClient``;
+    the rest is what the Python modules use for the same work (passed in:
+    this module imports nothing of ours): ``Pending``, the class of the
+    pending table's entries; ``deque``, of the retry queues;
+    ``raw_address`` and ``name_to_text`` as in mmsg and wire; ``failed()``,
+    which logs the exception being handled."""
+    cdef Receiver receiver = Receiver(sock)
+    cdef Outbox outbox = Outbox()
+    cdef int got, i, end, uid, taken
+    cdef int ends[BATCH]
+    cdef unsigned char keys[BATCH][KEY]
+    cdef unsigned char head[2]
+    cdef Py_ssize_t length
+    cdef PyObject *found
+    cdef double now
+    handle = forwarder.handle
+    queries = ("queries", "udp")
+    sockets = forwarder.SOCKETS
+    names = {}  # backend -> raw address, the worker's few backends
+    while True:
+        try:
+            got = receiver.wait()
+        except OSError as e:
+            if e.errno != EINTR and stopping.is_set():
+                return
+            continue
+        with nogil:
+            for i in range(got):
+                ends[i] = _classify(receiver.data(i), receiver.length(i), keys[i])
+        taken = 0
+        for i in range(got):
+            length = receiver.length(i)
+            if length == 0 and stopping.is_set():
+                outbox.flush()
+                return  # shutdown(SHUT_RD) reads empty once the queue is drained
+            data = receiver.payload(i)
+            addr = receiver.peer(i)
+            end = ends[i]
+            if end < 0 or forwarder.allowed is not None or forwarder.query_log:
+                handle(data, addr, client, counts, outbox=outbox)
+                continue
+            try:
+                lower = PyBytes_FromStringAndSize(<char *>keys[i], end - 12)
+                matcher = forwarder.matcher
+                name = PyBytes_FromStringAndSize(<char *>keys[i], end - 16)  # without type and class
+                found = PyDict_GetItem(matcher._cache, name)
+                pool = <object>found if found != NULL else matcher.lookup_wire(name, name_to_text)
+                if pool is None or pool.modes:  # SERVFAIL, or a member that learns the client's address
+                    handle(data, addr, client, counts, outbox=outbox)
+                    continue
+                taken += 1
+                backend = pool.next()
+                entry = Pending(client, addr, data, lower, pool, backend, False, False)
+                upstreams = forwarder.upstreams.get(backend.family) or forwarder._family(backend.family)
+                upstream = upstreams[outbox.pick % sockets]
+                pending = upstream.pending
+                if len(pending) >= upstream.limit:
+                    _count(counts, ("dropped", "in_flight_limit"))
+                    continue
+                # Upstream.send: times first, the owner thread may look at the entry as soon as it is in
+                entry.sent = now = _monotonic()
+                found = PyDict_GetItem(forwarder.rtos, backend)
+                entry.retry_at = now + (<object>found if found != NULL else forwarder.timeout / 2)
+                while True:
+                    uid = outbox.random_id()
+                    entry.uid = uid
+                    if PyDict_SetDefault(pending, uid, entry) == <PyObject *>entry:
+                        break
+                found = PyDict_GetItem(upstream.waiting, backend)
+                waiting = <object>found if found != NULL else upstream.waiting.setdefault(backend, deque())
+                waiting.append(entry)
+                found = PyDict_GetItem(names, backend)
+                name = <object>found if found != NULL else names.setdefault(backend, raw_address(backend))
+                head[0] = uid >> 8
+                head[1] = uid & 0xFF
+                outbox.add(upstream.fd, _with_id(head, data), name)
+                _count(counts, ("backend_queries", backend))
+            except Exception:  # a bug must cost one query, never the worker
+                _count(counts, ("dropped", "error"))
+                failed()
+        if taken:
+            _count(counts, queries, taken)
+        outbox.flush()
+
+
+# -- the reply side ------------------------------------------------------------
+
+def serve_upstream(upstream, stale_errors, peer_key, double tick):
+    """``Upstream.serve``: receive replies and run the clocks until closed.
+    The batch loop is here; the clocks (retries, timeouts, ICMP errors) are
+    the upstream's own Python methods. ``stale_errors`` and ``peer_key`` as
+    in mmsg; ``tick``, upstream.TICK."""
+    cdef Receiver receiver = Receiver(upstream.sock)
+    cdef Outbox outbox = Outbox()
+    cdef int got, i, uid
+    cdef const unsigned char *p
+    cdef Py_ssize_t length, size
+    cdef PyObject *found
+    cdef double now, due = 0.0, sent
+    cdef bint retry
+    pending = upstream.pending
+    policy = upstream.policy
+    counts = upstream.counts
+    keys = {}  # backend -> the part of a raw address that names it
+    short, unknown = ("ignored_replies", "short"), ("ignored_replies", "unknown_id")
+    wrong_source, wrong_question = ("ignored_replies", "wrong_source"), ("ignored_replies", "wrong_question")
+    while not upstream._closing:
+        got = 0
+        try:
+            got = receiver.wait()
+        except OSError as e:
+            if e.errno in stale_errors:
+                upstream._errors(counts, outbox)
+        now = _monotonic()
+        for i in range(got):
+            p = receiver.data(i)
+            length = receiver.length(i)
+            if length < 12:
+                _count(counts, short)
+                continue
+            uid = p[0] << 8 | p[1]
+            found = PyDict_GetItem(pending, uid)
+            if found == NULL:
+                _count(counts, unknown)
+                continue
+            entry = <object>found
+            retry = uid == entry.retry_uid
+            backend = entry.retry_backend if retry else entry.backend
+            found = PyDict_GetItem(keys, backend)
+            key = <object>found if found != NULL else keys.setdefault(backend, peer_key(backend))
+            size = PyBytes_GET_SIZE(key)
+            if size > receiver.name_size or memcmp(receiver.names + i * NAME, PyBytes_AS_STRING(key), size):
+                _count(counts, wrong_source)
+                continue
+            question = entry.question
+            size = PyBytes_GET_SIZE(question)
+            if not p[2] & 0x80 or length < 12 + size or \
+                    not _same_question(p + 12, <const unsigned char *>PyBytes_AS_STRING(question), size):
+                _count(counts, wrong_question)
+                continue
+            PyDict_DelItem(pending, uid)
+            sent = entry.retry_sent if retry else entry.sent
+            policy.answered(backend, sent, now - sent, counts)
+            if entry.done:
+                _count(counts, ("late_replies", backend))  # the other try won, or the timeout
+                continue
+            entry.done = True
+            if retry:  # the try that answered becomes the first: entry.backend answered
+                entry.backend, entry.retry_backend = entry.retry_backend, entry.backend
+                entry.uid, entry.retry_uid = entry.retry_uid, entry.uid
+                entry.sent, entry.retry_sent = entry.retry_sent, entry.sent
+            data = receiver.payload(i)
+            if entry.tcp or entry.variants is not None:
+                policy.reply(entry, data, counts, outbox)
+                continue
+            # Forwarder._relay for a query forwarded as it came: the client's ID back
+            _count(counts, ("responses", p[3] & 0xF))
+            outbox.add(entry.client.fd, _with_id(<const unsigned char *>PyBytes_AS_STRING(entry.query), data),
+                       entry.addr)
+        if now >= due:
+            upstream._errors(counts, outbox)  # see Upstream.serve: a send may have taken the error
+            if got < BATCH:
+                upstream._retries(now, counts, outbox)
+            if now >= upstream._scan_at:
+                upstream._timeouts(now, counts)
+            due = now + tick
+        outbox.flush()
+    upstream.sock.close()
