@@ -9,11 +9,16 @@ interleaved, and prints the median worker CPU µs per query (user + system,
 from /proc) and the median average latency of each, with the ratio.
 
     python3 bench/cpu.py --baseline /path/to/other/venv/bin/dnsrouter
+    python3 bench/cpu.py --baseline "$PWD/.venv/bin/dnsrouter --fast-path off"
+
+Each build is a command line (split as a shell would), so one build with
+different flags compares too.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -62,7 +67,7 @@ def measure(executable: list[str], routes_dir: str, workdir: str, qfile: str, ar
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--baseline", required=True, help="the other build's dnsrouter executable")
+    p.add_argument("--baseline", required=True, help="the other build's dnsrouter command line")
     p.add_argument("--candidate", default=str(program("dnsrouter")),
                    help="this build's dnsrouter (default: the one next to this interpreter)")
     p.add_argument("--rate", type=int, default=10000, help="dnsperf -Q")
@@ -84,8 +89,7 @@ def main() -> int:
                 f.writelines(f"h{i:04d}.{ZONE} A\n" for i in range(1, 5001))
             for n in range(args.rounds):
                 for name in results:
-                    exe = getattr(args, name)
-                    cpu, avg = measure([exe], routes, os.path.join(work, f"{name}-{n}"), qfile, args)
+                    cpu, avg = measure(shlex.split(getattr(args, name)), routes, os.path.join(work, f"{name}-{n}"), qfile, args)
                     print(f"round {n + 1} {name}: {cpu:.1f} µs CPU per query, avg latency {avg:.3f} ms",
                           file=sys.stderr)
                     results[name].append((cpu, avg))

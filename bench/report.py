@@ -60,7 +60,8 @@ def client_address_table(rows: list[Row]) -> str:
     none = {(r.kind, r.transport, r.routes, r.workers): r for r in rows if r.client_address == "none"}
     cols = ["client address", "kind", "transport", "routes", "workers", "qps", "avg latency ms", "p99 ms",
             "qps / none", "avg latency / none", "p99 / none", "lost", "rcodes"]
-    out = ["### Client address (dnsrouter --client-address; each mode its own router, runs interleaved; "
+    out = ["### Client address and packet path (dnsrouter --client-address, python: --fast-path off; "
+           "each mode its own router, runs interleaved; "
            "qps / none: higher is better, latency / none: lower is better)", "",
            line(cols), line(["---"] * len(cols))]
     for r in sorted(rows, key=lambda r: (r.kind != "throughput", r.transport, r.routes, r.workers)):

@@ -11,7 +11,9 @@ One invocation starts one Knot backend, then measures with dnsperf:
   compare the latency each hop adds when nobody is saturated;
 * with --client-address none,proxy,ecs, each dnsrouter measurement once per
   mode (one router per mode, their runs interleaved), against a backend that
-  takes PROXY v2 headers and ECS, and the ratio of each mode to none.
+  takes PROXY v2 headers and ECS, and the ratio of each mode to none;
+* with --python-path, the same for the pure-Python packet path (mode
+  python: --fast-path off) beside the compiled one (none).
 
 It prints Markdown tables (and writes them to --out). See bench/README.md.
 
@@ -207,8 +209,9 @@ def write_dnsdist_conf(path: str, port: int, backend: str, routes: int) -> None:
 def router(routes_dir: str, workers: int, workdir: str, tag: str, mode: str = "none") -> Router:
     """The dnsrouter of this interpreter's environment, at --log-level warning
     (not whichever comes first on PATH: that may be another build), with
-    ``--client-address mode`` unless mode is none (the default)."""
-    args = [] if mode == "none" else ["--client-address", mode]
+    ``--client-address mode`` unless mode is none (the default); mode python:
+    the pure-Python packet path (--fast-path off), client address none."""
+    args = {"none": [], "python": ["--fast-path", "off"]}.get(mode, ["--client-address", mode])
     return bench_router(os.path.join(workdir, f"router-{tag}"), workers=workers, routes_dir=routes_dir, args=args)
 
 
@@ -354,11 +357,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--client-address", default="none", metavar="MODES",
                    help="comma separated dnsrouter --client-address modes to measure in turn (none, proxy, ecs; "
                         "default none); with proxy or ecs the backend takes PROXY v2 headers and ECS")
+    p.add_argument("--python-path", action="store_true",
+                   help="also measure every dnsrouter with --fast-path off (the pure-Python packet path), "
+                        "shown as mode python beside none")
     a = p.parse_args(argv)
     a.client_address = list(dict.fromkeys(m.strip() for m in a.client_address.split(",")))
     for m in a.client_address:
         if m not in CLIENT_ADDRESS_MODES:
             p.error(f"unknown client address mode {m!r} (known: {', '.join(CLIENT_ADDRESS_MODES)})")
+    if a.python_path:  # measured like one more mode: its own router, runs interleaved
+        a.client_address.append("python")
     a.routes = [int(x) for x in (a.routes or ("1,1000" if a.quick else "1,1000,10000")).split(",")]
     a.workers = [int(x) for x in a.workers.split(",")]
     a.transport = [t.strip() for t in a.transport.split(",")]
@@ -379,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         print("dnsperf not found in PATH", file=sys.stderr)
         return 2
     have_dnsdist = shutil.which("dnsdist") is not None and not args.no_dnsdist
-    client_modes = args.client_address != ["none"]
+    client_modes = bool({"proxy", "ecs"} & set(args.client_address))
     workdir = tempfile.mkdtemp(prefix="dnsrouter-bench-")
     rows: list[Row] = []
     problems: list[str] = []

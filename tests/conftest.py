@@ -7,6 +7,7 @@ import pytest
 
 from support.etcd import EtcdServer
 from support.knot import KnotServer
+from support.net import wait_until
 from support.router import Router
 from support.zones import make_split_zone
 
@@ -25,15 +26,36 @@ def knots(split_zone):
         yield a, b
 
 
+# The UDP packet path both ways: compiled (workers/_fastpath.pyx) and the
+# pure-Python reference. A test module (or test) that uses ``packet_path``
+# runs once per way, its routers started with ``--fast-path`` set so.
+PACKET_PATHS = {"compiled": "auto", "python": "off"}
+
+
+@pytest.fixture(params=list(PACKET_PATHS))
+def packet_path(request) -> str:
+    return request.param
+
+
 @pytest.fixture
-def router():
+def router(request):
     """A started router with an empty routes directory; add routes with .route()."""
     instances = []
+    path = request.getfixturevalue("packet_path") if "packet_path" in request.fixturenames else None
 
     def make(workers: int = 1, args=(), start: bool = True, **kw) -> Router:
+        if path is not None:
+            args = [*args, "--fast-path", PACKET_PATHS[path]]
         r = Router(workers=workers, args=args, **kw)
         instances.append(r)
-        return r.start() if start else r
+        if not start:
+            return r
+        r.start()
+        if path is not None and r.log_level == "debug":  # the way asked for is the way that runs
+            want = "fast path on" if path == "compiled" else "fast path off: [server] fast_path = off"
+            wait_until(lambda: r.log().count(want) >= r.workers, 5,
+                       message=f"workers did not say {want!r}:\n{r.log()[-2000:]}")
+        return r
 
     yield make
     for r in instances:

@@ -16,6 +16,8 @@ import subprocess
 import time
 
 import dns.rcode
+import pytest
+
 from support import metrics
 from support.fake_backend import FakeBackend
 from support.knot import KnotServer
@@ -25,6 +27,9 @@ from support.processes import spawn, stop
 from support.router import Router
 from support.unbound import UnboundServer
 from support.zones import zone_text
+
+# Every test here runs against both UDP packet paths (conftest.PACKET_PATHS).
+pytestmark = pytest.mark.usefixtures("packet_path")
 
 WORKERS = 2
 ZONE_RE = r"(^|\.)a\.example\.com\.$"  # the apex too: Unbound's probe asks it

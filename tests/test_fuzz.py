@@ -436,6 +436,7 @@ def check_batch(r, prober, pids, batch: list[bytes]) -> None:
     assert not problems, "\n".join(problems[:20]) + f"\n({len(problems)} problems)"
 
 
+@pytest.mark.usefixtures("packet_path")  # both UDP paths, compiled and Python (conftest.PACKET_PATHS)
 def test_hostile_datagrams(fuzz_router):
     r, prober, pids = fuzz_router
 
@@ -508,6 +509,7 @@ def every_opcode_flag_and_qtype() -> list[bytes]:
     return out
 
 
+@pytest.mark.usefixtures("packet_path")
 def test_every_opcode_flag_bit_and_special_type(fuzz_router):
     r, prober, pids = fuzz_router
     systematic = every_opcode_flag_and_qtype()

@@ -9,6 +9,9 @@ import pytest
 from support.fake_backend import FakeBackend
 from support.net import wait_until
 
+# Every test here runs against both UDP packet paths (conftest.PACKET_PATHS).
+pytestmark = pytest.mark.usefixtures("packet_path")
+
 
 @pytest.fixture
 def v6_backend():

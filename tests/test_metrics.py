@@ -7,10 +7,14 @@ import time
 import dns.message
 import dns.query
 import dns.rcode
+import pytest
 
 from support.fake_backend import FakeBackend
 from support.metrics import http_get, samples, value
 from support.net import HOST, free_port, wait_until
+
+# Every test here runs against both UDP packet paths (conftest.PACKET_PATHS).
+pytestmark = pytest.mark.usefixtures("packet_path")
 
 
 def test_counters_match_the_traffic_sent(router):

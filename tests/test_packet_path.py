@@ -20,6 +20,9 @@ from support.fake_backend import FakeBackend
 from support.net import HOST, raw_udp, routed, wait_until
 from support.processes import gone
 
+# Every test here runs against both UDP packet paths (conftest.PACKET_PATHS).
+pytestmark = pytest.mark.usefixtures("packet_path")
+
 
 def route_halves(r, knots):
     a, b = knots

@@ -21,6 +21,8 @@ length before the byte it counts is read; the datagrams live in slots of
 64 KiB (the largest UDP payload fits), and the parse of a question never
 writes more than ``KEY`` bytes.
 """
+from cpython cimport array
+import array
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memcmp, memset, strerror
 from libc.errno cimport errno, EINTR
@@ -326,6 +328,30 @@ cdef inline bytes _with_id(const unsigned char *head, bytes message):
 
 # -- the client side -----------------------------------------------------------
 
+cdef object _pending(Pending, client, addr, bytes query, bytes question, pool, backend):
+    """``Pending(client, addr, query, question, pool, backend, False, False)``
+    without running its __init__ in the interpreter: the same slots, set here."""
+    entry = Pending.__new__(Pending)
+    entry.client = client
+    entry.addr = addr
+    entry.query = query
+    entry.question = question
+    entry.pool = pool
+    entry.strip_opt = False
+    entry.tcp = False
+    entry.backend = backend
+    entry.sent = 0.0
+    entry.uid = -1
+    entry.retry_at = 0.0
+    entry.retry_backend = backend
+    entry.retry_sent = 0.0
+    entry.retry_uid = -1
+    entry.done = False
+    entry.variants = None
+    entry.ecs_added = None
+    return entry
+
+
 def serve(sock, forwarder, counts, stopping, client, Pending, deque, raw_address, name_to_text, failed):
     """``udp.serve`` for one listening socket: forward every datagram until
     the socket is shut down. ``client`` is the socket's ``udp.UdpClient``;
@@ -379,8 +405,8 @@ def serve(sock, forwarder, counts, stopping, client, Pending, deque, raw_address
                     handle(data, addr, client, counts, outbox=outbox)
                     continue
                 taken += 1
-                backend = pool.next()
-                entry = Pending(client, addr, data, lower, pool, backend, False, False)
+                backend = next(pool._cycle)  # Pool.next
+                entry = _pending(Pending, client, addr, data, lower, pool, backend)
                 upstreams = forwarder.upstreams.get(backend.family) or forwarder._family(backend.family)
                 upstream = upstreams[outbox.pick % sockets]
                 pending = upstream.pending
@@ -415,11 +441,41 @@ def serve(sock, forwarder, counts, stopping, client, Pending, deque, raw_address
 
 # -- the reply side ------------------------------------------------------------
 
-def serve_upstream(upstream, stale_errors, peer_key, double tick):
+cdef void _answered(policy, backend, double sent, double rtt, counts, double[::1] buckets,
+                    tuple bucket_keys) except *:
+    """``Forwarder.answered`` (with stats.observe_latency and Rtt.sample)."""
+    cdef PyObject *found = PyDict_GetItem(policy.rtts, backend)
+    if found == NULL:  # the first sample: Forwarder.answered makes the estimate
+        policy.answered(backend, sent, rtt, counts)
+        return
+    estimate = <object>found
+    found = PyDict_GetItem(policy.last_answered, backend)
+    if found == NULL or sent > <double>(<object>found):
+        policy.last_answered[backend] = sent
+    cdef Py_ssize_t i = 0, n = buckets.shape[0]
+    while i < n and buckets[i] < rtt:  # bisect_left over a dozen bounds
+        i += 1
+    _count(counts, bucket_keys[i])
+    found = PyDict_GetItem(counts, _LATENCY_SUM)
+    counts[_LATENCY_SUM] = (<object>found if found != NULL else 0) + rtt
+    cdef double srtt = estimate.srtt, rttvar = estimate.rttvar
+    rttvar = 0.75 * rttvar + 0.25 * abs(srtt - rtt)  # RFC 6298: beta 1/4, alpha 1/8
+    srtt = 0.875 * srtt + 0.125 * rtt
+    estimate.rttvar = rttvar
+    estimate.srtt = srtt
+    policy.rtos[backend] = min(max(srtt + 4 * rttvar, <double>policy.retry_min), <double>policy.timeout / 2)
+
+
+_LATENCY_SUM = ("latency_sum", "")
+
+
+def serve_upstream(upstream, stale_errors, peer_key, double tick, latency_buckets):
     """``Upstream.serve``: receive replies and run the clocks until closed.
     The batch loop is here; the clocks (retries, timeouts, ICMP errors) are
     the upstream's own Python methods. ``stale_errors`` and ``peer_key`` as
-    in mmsg; ``tick``, upstream.TICK."""
+    in mmsg; ``tick``, upstream.TICK; ``latency_buckets``, control.LATENCY_BUCKETS."""
+    cdef double[::1] buckets = array.array("d", latency_buckets)
+    bucket_keys = tuple(("latency_bucket", i) for i in range(len(latency_buckets) + 1))
     cdef Receiver receiver = Receiver(upstream.sock)
     cdef Outbox outbox = Outbox()
     cdef int got, i, uid
@@ -470,7 +526,7 @@ def serve_upstream(upstream, stale_errors, peer_key, double tick):
                 continue
             PyDict_DelItem(pending, uid)
             sent = entry.retry_sent if retry else entry.sent
-            policy.answered(backend, sent, now - sent, counts)
+            _answered(policy, backend, sent, now - sent, counts, buckets, bucket_keys)
             if entry.done:
                 _count(counts, ("late_replies", backend))  # the other try won, or the timeout
                 continue

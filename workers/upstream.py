@@ -34,6 +34,7 @@ from typing import Iterator, Protocol
 
 from dnsrouter import ecs, proxy
 from dnsrouter.address import Address
+from dnsrouter.control import LATENCY_BUCKETS
 from dnsrouter.routes import Pool
 
 from . import mmsg
@@ -48,7 +49,10 @@ _IP_RECVERR, _IPV6_RECVERR = 11, 25  # linux/in.h, linux/in6.h; the socket modul
 
 
 class Pending:
-    """One query waiting for a backend's reply: its first try and its retry."""
+    """One query waiting for a backend's reply: its first try and its retry.
+
+    The compiled path (_fastpath.pyx, ``_pending``) makes these too, setting
+    every slot itself: a new slot goes there as well."""
 
     __slots__ = ("client", "addr", "query", "question", "pool", "strip_opt", "tcp",
                  "backend", "sent", "uid", "retry_at", "retry_backend", "retry_sent", "retry_uid", "done",
@@ -195,7 +199,7 @@ class Upstream:
     def serve(self) -> None:
         """Receive replies and run the clocks, forever (the socket's own thread)."""
         if self.fast is not None:  # the same batch loop, compiled (workers/_fastpath.pyx)
-            self.fast.serve_upstream(self, mmsg.STALE_ERRORS, mmsg.peer_key, TICK)
+            self.fast.serve_upstream(self, mmsg.STALE_ERRORS, mmsg.peer_key, TICK, LATENCY_BUCKETS)
             return
         receive = mmsg.Receiver(self.sock).receive
         pending = self.pending
