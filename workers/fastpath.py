@@ -2,6 +2,7 @@
 ``_fastpath.pyx`` when the install had a C compiler) or in Python."""
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
 
 
@@ -10,7 +11,9 @@ def load(setting: str = "auto") -> tuple[ModuleType | None, str]:
     if setting == "off":
         return None, "off: [server] fast_path = off"
     try:
-        from . import _fastpath
+        # By name, not `from . import`: the module is a build output that
+        # static checks cannot see, and may rightly be absent.
+        module = importlib.import_module(f"{__package__}._fastpath")
     except ImportError as e:  # built without a compiler, or for another Python
         return None, f"off: not built ({e})"
-    return _fastpath, "on"
+    return module, "on"
