@@ -52,7 +52,7 @@ def test_spoofed_replies_are_ignored_and_counted(router, tmp_path):
         wait_until(lambda: "new -> up" in r.log(), 3, message="backend never up")
         fake.mode = "drop"  # the test answers in its place (health checks are seconds apart)
         fake.clear()
-        query = dns.message.make_query("victim.test.", "A")
+        query = dns.message.make_query("victim.test.", "HTTPS")  # type 65: 0x41, an upper-case letter's byte
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
             client.settimeout(3)
             client.sendto(query.to_wire(), (HOST, r.port))
@@ -67,18 +67,21 @@ def test_spoofed_replies_are_ignored_and_counted(router, tmp_path):
             wrong_id = struct.pack("!H", (forwarded.message.id + 1) % 65536) + wrong_id[2:]
             other_question = dns.message.make_response(dns.message.make_query("other.test.", "A"))
             other_question.id = forwarded.message.id
+            other_type = bytearray(good.to_wire())  # the question's type 65 as 97: ASCII lower-casing confuses them
+            other_type[12 + len(query.question[0].name.to_wire()) + 1] |= 0x20
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
                 attacker.sendto(forged.to_wire(), upstream)  # right ID, wrong source port
             fake._udp.sendto(wrong_id, upstream)  # right source, wrong ID
             fake._udp.sendto(other_question.to_wire(), upstream)  # right source and ID, other question
+            fake._udp.sendto(bytes(other_type), upstream)  # right source and ID, other type
             fake._udp.sendto(good.to_wire(), upstream)  # the real answer, last
             reply = dns.message.from_wire(client.recv(65535))
         assert reply.id == query.id
         assert reply.answer[0][0].address == "192.0.2.7"
 
         def counted():
-            return all(counter(r, "dnsrouter_ignored_replies_total", reason=why) == 1
-                       for why in ("wrong_source", "unknown_id", "wrong_question"))
+            return [counter(r, "dnsrouter_ignored_replies_total", reason=why)
+                    for why in ("wrong_source", "unknown_id", "wrong_question")] == [1, 1, 2]
 
         wait_until(counted, 5, interval=0.2, message="spoofs not counted")
 

@@ -17,7 +17,7 @@ from support.net import HOST, free_port, wait_until
 pytestmark = pytest.mark.usefixtures("packet_path")
 
 
-def test_counters_match_the_traffic_sent(router):
+def test_counters_match_the_traffic_sent(router, packet_path):
     mport = free_port("tcp")
     with FakeBackend("ok") as fake:
         r = router(workers=2, args=["--metrics", f"{HOST}:{mport}"])
@@ -70,6 +70,8 @@ def test_counters_match_the_traffic_sent(router):
         assert value(now, "dnsrouter_registry_invalid_values") == 1
         assert value(now, "dnsrouter_snapshot_version") >= 2
         assert value(now, "dnsrouter_worker_rss_bytes", worker="0") > 1e6
+        compiled = 1 if packet_path == "compiled" else 0  # the same counts either way, and the gauge says which
+        assert [value(now, "dnsrouter_fast_path", worker=w) for w in ("0", "1")] == [compiled, compiled]
 
 
 def test_routes_and_healthz(router):

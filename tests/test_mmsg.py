@@ -1,4 +1,5 @@
-"""Batched datagram I/O through ctypes: what goes in comes out, byte for byte."""
+"""Batched datagram I/O, through ctypes (mmsg) and compiled (_fastpath):
+what goes in comes out, byte for byte, either way."""
 from __future__ import annotations
 
 import socket
@@ -6,9 +7,19 @@ import socket
 import pytest
 
 from dnsrouter.address import parse_address
-from dnsrouter.workers import mmsg
+from dnsrouter.workers import fastpath, mmsg
 
 FAMILIES = [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]
+
+
+@pytest.fixture(params=["python", "compiled"])
+def io(request):
+    """The module whose Receiver and Outbox a test drives."""
+    if request.param == "python":
+        return mmsg
+    module, why = fastpath.load()
+    assert module is not None, f"the compiled path is not built: {why}"  # CI builds it: a failure, never a skip
+    return module
 
 
 def pair(family: int, host: str) -> tuple[socket.socket, socket.socket]:
@@ -25,14 +36,14 @@ def address_of(sock: socket.socket) -> str:
 
 
 @pytest.mark.parametrize("family,host", FAMILIES)
-def test_a_batch_holds_every_queued_datagram_with_its_sender(family, host):
+def test_a_batch_holds_every_queued_datagram_with_its_sender(io, family, host):
     receiver, sender = pair(family, host)
     with receiver, sender:
         payloads = [bytes([i]) * (i * 37 % 1400) for i in range(40)] + [b"y" * 65000]
         for p in payloads:
             sender.sendto(p, receiver.getsockname())
         got = []
-        rx = mmsg.Receiver(receiver)
+        rx = io.Receiver(receiver)
         while len(got) < len(payloads):
             batch = rx.receive()
             assert 1 <= len(batch) <= mmsg.BATCH
@@ -44,7 +55,7 @@ def test_a_batch_holds_every_queued_datagram_with_its_sender(family, host):
 
 
 @pytest.mark.parametrize("family,host", FAMILIES)
-def test_an_outbox_sends_each_datagram_once_to_its_peer(family, host):
+def test_an_outbox_sends_each_datagram_once_to_its_peer(io, family, host):
     one, two = pair(family, host)
     out = socket.socket(family, socket.SOCK_DGRAM)
     out.bind((host, 0))
@@ -52,7 +63,7 @@ def test_an_outbox_sends_each_datagram_once_to_its_peer(family, host):
         for s in (one, two):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         names = {s: mmsg.raw_address(parse_address(address_of(s))) for s in (one, two)}
-        outbox = mmsg.Outbox()
+        outbox = io.Outbox()
         sent = {one: [], two: []}
         for i in range(mmsg.BATCH + 5):  # more than one vector's worth
             target = one if i % 3 else two
@@ -79,12 +90,12 @@ def test_the_peer_key_matches_what_the_kernel_reports():
         assert name.startswith(key) and not name.startswith(other)
 
 
-def test_a_refused_datagram_does_not_stop_the_others():
+def test_a_refused_datagram_does_not_stop_the_others(io):
     receiver, sender = pair(socket.AF_INET, "127.0.0.1")
     with receiver, sender:
         good = mmsg.raw_address(parse_address(address_of(receiver)))
         port_zero = good[:2] + b"\0\0" + good[4:]  # the kernel refuses it (EINVAL): nothing is sent
-        outbox = mmsg.Outbox()
+        outbox = io.Outbox()
         for payload, name in [(b"a", good), (b"refused", port_zero), (b"b", good)]:
             outbox.add(sender.fileno(), payload, name)
         outbox.flush()

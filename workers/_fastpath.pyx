@@ -103,7 +103,7 @@ cdef int _classify(const unsigned char *p, Py_ssize_t n, unsigned char *key) noe
         if label > 63:
             return -1
         pos += label + 1
-        if pos - 12 > 255:  # wire.parse_question: at most 255 bytes of name
+        if pos - 12 >= 255:  # wire.parse_question: at most 255 bytes of name, the root label's included
             return -1
     if pos + 4 > n:
         return -1
@@ -113,20 +113,22 @@ cdef int _classify(const unsigned char *p, Py_ssize_t n, unsigned char *key) noe
     pos += 4
     cdef Py_ssize_t i
     cdef unsigned char c
-    for i in range(pos - 12):  # bytes.lower(): ASCII letters only
+    for i in range(pos - 16):  # the name as bytes.lower() has it: ASCII letters only
         c = p[12 + i]
         key[i] = c + 32 if 65 <= c <= 90 else c
+    memcpy(key + pos - 16, p + pos - 4, 4)  # type and class as they are: 65 is no 97
     return <int>pos
 
 
 cdef inline bint _same_question(const unsigned char *p, const unsigned char *q, Py_ssize_t n) noexcept nogil:
+    """Whether the question at ``p`` is ``q`` (a key of ``n`` bytes from _classify)."""
     cdef Py_ssize_t i
     cdef unsigned char c
-    for i in range(n):
+    for i in range(n - 4):
         c = p[i]
         if (c + 32 if 65 <= c <= 90 else c) != q[i]:
             return False
-    return True
+    return memcmp(p + n - 4, q + n - 4, 4) == 0
 
 
 def classify(bytes packet):

@@ -157,8 +157,9 @@ class Forwarder:
                                 end, addr, client, counts, outbox)
         if qtype == wire.TYPE_AXFR or qtype == wire.TYPE_IXFR:
             return self._answer(data, _NOTIMP, question, end, addr, client, counts, outbox)
-        lower = data[12:end].lower()
-        pool = self.matcher.lookup_wire(lower[:-4], wire.name_to_text)
+        name = data[12:end - 4].lower()  # the name's case is the client's, its type is not: 65 is no 97
+        lower = name + data[end - 4:end]
+        pool = self.matcher.lookup_wire(name, wire.name_to_text)
         if self.query_log:
             qlog.info("%s %s %s %d -> %s", "tcp" if tcp else "udp", mmsg.host(addr) if addr else "-",
                       wire.name_to_text(qname), qtype, pool.route.pattern if pool else "SERVFAIL")

@@ -232,8 +232,9 @@ class Upstream:
                 if addr[:len(key)] != key:
                     counts["ignored_replies", "wrong_source"] += 1
                     continue
-                question = entry.question
-                if not data[2] & 0x80 or data[12:12 + len(question)].lower() != question:
+                question = entry.question  # the name lower-cased, then type and class as asked
+                stop = 8 + len(question)
+                if not data[2] & 0x80 or data[12:stop].lower() != question[:-4] or data[stop:stop + 4] != question[-4:]:
                     counts["ignored_replies", "wrong_question"] += 1
                     continue
                 del pending[uid]

@@ -1,0 +1,115 @@
+"""The compiled UDP path (workers/_fastpath.pyx) against the Python reference:
+it takes exactly the queries the Python path would forward as they are, keyed
+as the Python path keys them, and is optional to build."""
+from __future__ import annotations
+
+import socket
+import struct
+import sys
+
+import dns.exception
+import dns.message
+import dns.name
+import dns.rdatatype
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dnsrouter import wire
+from dnsrouter.errors import WireError
+from dnsrouter.address import parse_address
+from dnsrouter.workers import fastpath, mmsg
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    module, why = fastpath.load()
+    assert module is not None, f"the compiled path is not built: {why}"  # CI builds it: a failure, never a skip
+    return module
+
+
+def reference(packet: bytes):
+    """What the Python path decides for the same bytes: (end of the question,
+    lower-cased question) for a query it forwards as it came, else None."""
+    if len(packet) < 12 or packet[2] & 0xF8 or struct.unpack_from("!H", packet, 4)[0] != 1:
+        return None  # a response, an opcode other than QUERY, QDCOUNT other than 1
+    try:
+        qname, qtype, _, end = wire.parse_question(packet)
+    except WireError:
+        return None
+    if qtype in (dns.rdatatype.AXFR, dns.rdatatype.IXFR):
+        return None
+    return end, packet[12:end - 4].lower() + packet[end - 4:end]  # forwarder: the name lower-cased, not the type
+
+
+labels = st.binary(min_size=1, max_size=70)  # past 63: what a label may not be
+names = st.lists(labels, max_size=8).map(lambda ls: b"".join(bytes([len(x) & 0xFF]) + x for x in ls) + b"\0")
+
+
+@st.composite
+def queries(draw) -> bytes:
+    """Header fields and a question near the edges the checks guard."""
+    header = struct.pack("!HBBHHHH", draw(st.integers(0, 0xFFFF)), draw(st.integers(0, 255)),
+                         draw(st.integers(0, 255)), draw(st.sampled_from([0, 1, 1, 1, 2, 0x100, 0x101])),
+                         *draw(st.tuples(st.integers(0, 2), st.integers(0, 2), st.integers(0, 2))))
+    qtype = draw(st.sampled_from([1, 28, 65, 97, 251, 252, 255, 0x4142, 0xFFFF]))
+    tail = struct.pack("!HH", qtype, draw(st.sampled_from([1, 3, 255, 0x4141])))
+    packet = header + draw(names) + tail + draw(st.binary(max_size=20))
+    return packet[:draw(st.integers(0, len(packet)))] if draw(st.booleans()) else packet
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.one_of(queries(), st.binary(max_size=300)))
+def test_classify_takes_what_the_python_path_forwards_as_it_came(compiled, packet):
+    assert compiled.classify(packet) == reference(packet)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text("abcXYZ019-_\\. ", min_size=1, max_size=20), min_size=1, max_size=5),
+       st.sampled_from(["A", "AAAA", "TXT", "ANY", "HTTPS", "DS"]))
+def test_a_name_in_any_case_gets_the_lower_cased_key(compiled, parts, rdtype):
+    try:
+        name = dns.name.from_text(".".join(parts).strip(".") or "x")
+    except dns.exception.DNSException:  # an empty or too long label or name: not a query dnspython makes
+        return
+    packet = dns.message.make_query(name, rdtype, use_edns=0).to_wire()
+    end, key = compiled.classify(packet)
+    assert end == len(packet) - 11  # the EDNS OPT record (11 bytes) follows the question
+    assert key[:-4] == name.to_wire().lower() and key[-4:] == packet[end - 4:end]
+
+
+def test_the_longest_name_is_taken_and_one_byte_more_is_not(compiled):
+    def query(name: bytes) -> bytes:
+        return b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + name + b"\x00\x01\x00\x01"
+    longest = b"\x3f" + b"a" * 63 + b"\x3f" + b"B" * 63 + b"\x3f" + b"c" * 63 + b"\x3d" + b"D" * 61 + b"\x00"
+    assert len(longest) == 255
+    assert compiled.classify(query(longest)) == (12 + 255 + 4, longest.lower() + b"\x00\x01\x00\x01")
+    assert compiled.classify(query(b"\x01X\x00")[:-4] + b"\x00\x41\x00\x43")[1] == b"\x01x\x00\x00\x41\x00\x43"
+    too_long = b"\x3f" + b"a" * 63 + b"\x3f" + b"B" * 63 + b"\x3f" + b"c" * 63 + b"\x3e" + b"D" * 62 + b"\x00"
+    assert len(too_long) == 256 and compiled.classify(query(too_long)) is None
+    assert compiled.classify(query(b"\xc0\x0c")) is None  # a pointer in a question: there is nothing to point to
+
+
+def test_an_outbox_past_its_room_sends_on_its_own(compiled):
+    receiver, sender = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+    with receiver, sender:
+        receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+        receiver.bind(("127.0.0.1", 0))
+        receiver.settimeout(2)
+        sender.bind(("127.0.0.1", 0))
+        raw = mmsg.raw_address(parse_address("127.0.0.1:%d" % receiver.getsockname()[1]))
+        outbox = compiled.Outbox()
+        payloads = [b"%d" % i for i in range(600)]  # more than its 256 slots, twice over
+        for p in payloads:
+            outbox.add(sender.fileno(), p, raw)
+        outbox.flush()
+        assert [receiver.recv(100) for _ in payloads] == payloads
+        with pytest.raises(ValueError):
+            outbox.add(sender.fileno(), b"x", bytes(29))  # longer than any socket address
+
+
+def test_without_the_build_the_python_path_runs_and_says_why(monkeypatch):
+    assert fastpath.load("off") == (None, "off: [server] fast_path = off")
+    monkeypatch.setitem(sys.modules, "dnsrouter.workers._fastpath", None)  # what a failed import looks like
+    module, why = fastpath.load("auto")
+    assert module is None and why.startswith("off: not built (") and "_fastpath" in why
