@@ -5,7 +5,8 @@
 Each input is fed to the wire-format helpers of the packet path
 (``parse_question``, ``find_opt``, ``with_large_buffer``, ``without_opt``,
 and on a parsed question ``name_to_text`` and ``make_answer``, which the
-worker calls next) and to the registry value parser ``parse_value``. They
+worker calls next), to the compiled path's ``classify`` (which must decide
+as the Python path does) and to the registry value parser ``parse_value``. They
 may refuse an input with their own error (``WireError``,
 ``ValueParseError``) and nothing else: any other exception escapes and
 libFuzzer reports it as a crash (exit code non-zero, the input saved as
@@ -28,6 +29,13 @@ with atheris.instrument_imports(include=["dnsrouter"]):
     from dnsrouter import wire
     from dnsrouter.errors import ValueParseError, WireError
     from dnsrouter.routes import parse_value
+    from dnsrouter.workers import fastpath
+
+# The compiled packet path (workers/_fastpath.pyx) sees the same bytes; the
+# harness holds it to the Python path's decisions. It is not instrumented
+# (coverage comes from the Python side); scripts/asan.sh runs this harness
+# against a build with AddressSanitizer.
+COMPILED, WHY = fastpath.load()
 
 import dns.message
 import dns.rcode
@@ -53,6 +61,13 @@ def check_packet(packet: bytes) -> None:
         # What the worker does with every parsed name: match it, maybe log it.
         text = wire.name_to_text(qname.lower())
         assert text.endswith("."), text
+
+    # What the compiled path takes is what the Python path forwards as it came:
+    # a query (QR and opcode 0), QDCOUNT 1, a question that parses, not a transfer.
+    takes = parsed is not None and not packet[2] & 0xF8 and packet[4:6] == b"\x00\x01" \
+        and parsed[1] not in (wire.TYPE_AXFR, wire.TYPE_IXFR)
+    expected = (end, packet[HEADER:end - 4].lower() + packet[end - 4:end]) if takes else None
+    assert COMPILED.classify(packet) == expected, (COMPILED.classify(packet), expected)
 
     if len(packet) < HEADER:
         return
@@ -143,5 +158,7 @@ if __name__ == "__main__":
             with open(os.path.join(directory, hashlib.sha1(seed).hexdigest()), "wb") as f:
                 f.write(seed)
         sys.exit(0)
+    if COMPILED is None:
+        sys.exit(f"the compiled packet path is not built ({WHY}): the harness checks it against the Python path")
     atheris.Setup(sys.argv, TestOneInput)
     atheris.Fuzz()
