@@ -8,10 +8,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build() {
-    .venv/bin/python setup.py -q build_ext --inplace --force 2>&1 | grep -v "^warning: no files found" || true
+    .venv/bin/python setup.py -q build_ext --inplace --force
+}
+restore() {
+    unset CFLAGS LDFLAGS
+    build
     .venv/bin/python -c "from dnsrouter.workers import fastpath; m, why = fastpath.load(); assert m, why"
 }
-trap 'unset CFLAGS LDFLAGS; build' EXIT
+trap restore EXIT
 
 export CFLAGS="-fsanitize=address -fno-omit-frame-pointer -g -O1" LDFLAGS="-fsanitize=address"
 build
@@ -20,7 +24,7 @@ ldd workers/_fastpath.*.so | grep -q libasan || { echo "asan.sh: the module was 
 # Python is not built with ASan: its runtime comes first, for the module to
 # find. Leak checks are off: CPython keeps memory until exit on purpose.
 # abort_on_error: a report ends the process with a signal the tests see.
+# DNSROUTER_PACKET_PATHS: the routers' tests on the compiled path only.
 LD_PRELOAD="$(gcc -print-file-name=libasan.so)" \
-ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:print_summary=1" \
-    .venv/bin/pytest -q -p no:cacheprovider tests/test_fastpath.py tests/test_hostile.py tests/test_fuzz.py \
-        -k "not python" "$@"
+ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:print_summary=1" DNSROUTER_PACKET_PATHS=compiled \
+    .venv/bin/pytest -q -p no:cacheprovider tests/test_fastpath.py tests/test_hostile.py tests/test_fuzz.py "$@"

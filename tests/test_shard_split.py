@@ -61,7 +61,8 @@ def test_every_name_matches_exactly_one_shard_and_that_shard_holds_it(origin_tex
     origin = dns.name.from_text(origin_text)
     names = [n for n in (below(origin, labels) for labels in zone_labels) if n is not None]
     zone = zone_of(origin, names)
-    first_labels = {n.relativize(origin).labels[-1].lower() for n in names}
+    # the wildcard's records go to every shard: "*" is no subtree of its own to split at
+    first_labels = {n.relativize(origin).labels[-1].lower() for n in names} - {b"*"}
     shards = min(shards, len(first_labels) or 1)
     result = shard.split(zone, shards)
     patterns = compile_set(s.pattern for s in result.shards)
@@ -85,7 +86,8 @@ def test_every_name_matches_exactly_one_shard_and_that_shard_holds_it(origin_tex
 def test_a_name_outside_the_zone_matches_no_shard(zone_labels, shards, outside):
     origin = dns.name.from_text("shard.test.")
     names = [dns.name.Name((label,) + origin.labels) for label in zone_labels]
-    result = shard.split(zone_of(origin, names), min(shards, len({n.labels[0].lower() for n in names})))
+    subtrees = {n.labels[0].lower() for n in names} - {b"*"}  # the wildcard goes to every shard
+    result = shard.split(zone_of(origin, names), min(shards, len(subtrees) or 1))
     patterns = compile_set(s.pattern for s in result.shards)
     for suffix in ("test.", "xshard.test.", "shard.test.com.", "shard\\.test.", "."):
         name = dns.name.Name(tuple(outside)).concatenate(dns.name.from_text(suffix)) \
