@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from dnsrouter import wire
 from dnsrouter.errors import WireError
 from dnsrouter.address import parse_address
+from dnsrouter.routes import Matcher, Route
 from dnsrouter.workers import fastpath, mmsg
 
 
@@ -88,6 +89,31 @@ def test_the_longest_name_is_taken_and_one_byte_more_is_not(compiled):
     too_long = b"\x3f" + b"a" * 63 + b"\x3f" + b"B" * 63 + b"\x3f" + b"c" * 63 + b"\x3e" + b"D" * 62 + b"\x00"
     assert len(too_long) == 256 and compiled.classify(query(too_long)) is None
     assert compiled.classify(query(b"\xc0\x0c")) is None  # a pointer in a question: there is nothing to point to
+
+
+# Patterns that overlap, anchored and not, over names of the alphabet below.
+route_patterns = st.sampled_from([r"^a", r"b\.$", r"\.c\.", r"^[ab]+\.", r"x", r"^\\", r".", r"^\.$", r"A"])
+wire_labels = st.binary(min_size=1, max_size=5).map(lambda b: bytes(b"ab.x\\\"(c@$ \x00\xff"[c % 13] for c in b))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.tuples(route_patterns, st.booleans()), max_size=6),
+       st.lists(st.lists(wire_labels, max_size=4), min_size=1, max_size=8))
+def test_a_name_not_cached_gets_the_pool_the_python_matcher_picks(compiled, table, queried):
+    """On a miss (random subdomains) the compiled path makes the text and
+    reads the RE2 set itself: the same pool, in the same order of
+    registration, usable backends only, the same cache."""
+    up, down = parse_address("127.0.0.1:53"), parse_address("127.0.0.1:54")
+    routes = [Route(pattern, (up if usable else down,)) for pattern, usable in dict(table).items()]
+    python, fast = Matcher(routes, down=[down]), Matcher(routes, down=[down])
+    for labels in queried + queried:  # twice: the second time from the cache
+        name = b"".join(bytes([len(x)]) + x for x in labels) + b"\0"
+        want = python.lookup_wire(name, wire.name_to_text)
+        got = compiled.route(fast, name, wire.name_to_text)
+        assert (fast.pools.index(got) if got else None) == (python.pools.index(want) if want else None)
+    assert fast._cache.keys() == python._cache.keys()
+    with pytest.raises(ValueError):
+        compiled.route(fast, b"\x05ab\0", wire.name_to_text)  # a label longer than the name: never read past it
 
 
 def test_an_outbox_past_its_room_sends_on_its_own(compiled):

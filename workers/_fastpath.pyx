@@ -131,6 +131,64 @@ cdef inline bint _same_question(const unsigned char *p, const unsigned char *q, 
     return memcmp(p + n - 4, q + n - 4, 4) == 0
 
 
+# What wire.name_to_text writes as it is (wire._PLAIN); any other byte is escaped there.
+cdef bint _PLAIN[256]
+memset(_PLAIN, 0, sizeof(_PLAIN))
+for _c in range(0x21, 0x7F):
+    _PLAIN[_c] = chr(_c) not in '"().;\\@$'
+
+
+cdef object _route(matcher, const unsigned char *key, bytes name, name_to_text):
+    """``matcher.lookup_wire(name, name_to_text)`` for a name not in its cache
+    (``key``: the name from _classify, lower-cased): the text made here, one
+    pass of the matcher's RE2 set, the first registered pool with a usable
+    backend, the answer cached. A flood of names never seen (random
+    subdomains) costs this, not a round through the interpreter. Names that
+    need escaping, and the root, take the Python matcher."""
+    cdef unsigned char text[256]  # a wire name of at most 255 bytes has as many characters, less one
+    cdef Py_ssize_t pos = 0, out = 0, label, i, best = -1, index
+    if key[0] == 0:
+        return matcher.lookup_wire(name, name_to_text)
+    while key[pos]:
+        label = key[pos]
+        for i in range(pos + 1, pos + 1 + label):
+            if not _PLAIN[key[i]]:
+                return matcher.lookup_wire(name, name_to_text)
+            text[out] = key[i]
+            out += 1
+        text[out] = 46  # '.'
+        out += 1
+        pos += label + 1
+    pool = None
+    if matcher.routes:  # Matcher.lookup: the lowest index whose pool has a backend
+        pools = matcher.pools
+        for found in matcher.set.Match(PyBytes_FromStringAndSize(<char *>text, out)) or ():  # None: no match
+            index = found
+            if (best < 0 or index < best) and pools[index].backends:
+                best = index
+        if best >= 0:
+            pool = pools[best]
+    cache = matcher._cache
+    if len(cache) >= matcher.CACHE_SIZE:
+        cache.clear()  # as Matcher.lookup_wire: bounded
+    cache[name] = pool
+    return pool
+
+
+def route(matcher, bytes name, name_to_text):
+    """The compiled look-up of a lower-cased wire name, cache first (as
+    ``serve`` does it), for the tests."""
+    cdef Py_ssize_t pos = 0, n = PyBytes_GET_SIZE(name)
+    while pos < n and name[pos]:  # _route reads a well-formed name only, as _classify leaves it
+        pos += name[pos] + 1
+    if pos != n - 1 or n > 255:
+        raise ValueError("not a wire name")
+    cdef PyObject *found = PyDict_GetItem(matcher._cache, name)
+    if found != NULL:
+        return <object>found
+    return _route(matcher, <const unsigned char *>PyBytes_AS_STRING(name), name, name_to_text)
+
+
 def classify(bytes packet):
     """The compiled check of one query, for the tests: (end, lower-cased
     question) or None when the Python path takes the packet."""
@@ -402,7 +460,7 @@ def serve(sock, forwarder, counts, stopping, client, Pending, deque, raw_address
                 matcher = forwarder.matcher
                 name = PyBytes_FromStringAndSize(<char *>keys[i], end - 16)  # without type and class
                 found = PyDict_GetItem(matcher._cache, name)
-                pool = <object>found if found != NULL else matcher.lookup_wire(name, name_to_text)
+                pool = <object>found if found != NULL else _route(matcher, keys[i], name, name_to_text)
                 if pool is None or pool.modes:  # SERVFAIL, or a member that learns the client's address
                     handle(data, addr, client, counts, outbox=outbox)
                     continue
