@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 from dnsrouter import wire
 from dnsrouter.errors import WireError
 from dnsrouter.address import parse_address
+from dnsrouter.control import LATENCY_BUCKETS
 from dnsrouter.routes import Matcher, Route
+from dnsrouter.workers.stats import Stats
 from dnsrouter.workers import fastpath, mmsg
 
 
@@ -132,6 +134,25 @@ def test_an_outbox_past_its_room_sends_on_its_own(compiled):
         assert [receiver.recv(100) for _ in payloads] == payloads
         with pytest.raises(ValueError):
             outbox.add(sender.fileno(), b"x", bytes(29))  # longer than any socket address
+
+
+def test_the_reporter_sums_counters_kept_elsewhere_with_the_threads_counts(compiled):
+    class Reader:  # what a compiled Counters gives: totals since the start
+        totals = {("queries", "udp"): 5.0}
+
+        def snapshot(self):
+            return dict(self.totals)
+
+    stats = Stats()
+    stats.for_thread()["queries", "udp"] += 2
+    reader = Reader()
+    assert stats.add(reader) is reader
+    assert stats.add(compiled.Counters(len(LATENCY_BUCKETS))).snapshot() == {}  # nothing counted yet
+    assert stats.delta() == {("queries", "udp"): 7}
+    reader.totals = {("queries", "udp"): 8.0, ("responses", 0): 1.0}
+    assert stats.delta() == {("queries", "udp"): 3, ("responses", 0): 1}
+    with pytest.raises(ValueError):
+        compiled.Counters(40)  # more latency buckets than it has room for
 
 
 def test_without_the_build_the_python_path_runs_and_says_why(monkeypatch):

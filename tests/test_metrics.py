@@ -66,6 +66,8 @@ def test_counters_match_the_traffic_sent(router, packet_path):
         assert d("dnsrouter_responses_total", rcode="SERVFAIL") == 20
         assert d("dnsrouter_backend_queries_total", backend=fake.addr) == 60
         assert d("dnsrouter_backend_latency_seconds_count") == 60
+        assert 0 < d("dnsrouter_backend_latency_seconds_sum") < 60 * 2  # seconds, kept in C on the compiled path
+        assert d("dnsrouter_backend_latency_seconds_bucket", le="+Inf") == 60
         assert value(now, "dnsrouter_backend_up", backend=fake.addr) == 1
         assert value(now, "dnsrouter_registry_invalid_values") == 1
         assert value(now, "dnsrouter_snapshot_version") >= 2

@@ -375,6 +375,80 @@ cdef inline void _count(object counts, object key, long n=1):
     counts[key] = (<object>old if old != NULL else 0) + n
 
 
+cdef enum:
+    RCODES = 16  # the header's 4 bits
+    BUCKETS = 32  # room for len(control.LATENCY_BUCKETS) + 1
+    BACKENDS = 1024  # backends one thread counts in C; past them (months of churn) its dict counts
+
+cdef enum:  # the counters with a fixed key: indexes into Counters.fixed and _FIXED_KEYS
+    SHORT = 0
+    UNKNOWN, WRONG_SOURCE, WRONG_QUESTION, IN_FLIGHT, ERROR, QUERIES, FIXED
+
+_FIXED_KEYS = (("ignored_replies", "short"), ("ignored_replies", "unknown_id"),
+               ("ignored_replies", "wrong_source"), ("ignored_replies", "wrong_question"),
+               ("dropped", "in_flight_limit"), ("dropped", "error"), ("queries", "udp"))
+assert len(_FIXED_KEYS) == FIXED  # snapshot reads the keys unchecked
+
+
+cdef class Counters:
+    """What one thread of the compiled path counts per packet, in C: no
+    tuple, no hash, no dict per count. The stats reporter reads them
+    (``Stats.add``) as totals keyed as the Python path's counts, so
+    ``/metrics`` shows the same numbers either way; it reads them under
+    the GIL, which the counting thread holds whenever it counts."""
+
+    cdef long long fixed[FIXED]
+    cdef long long responses[RCODES]
+    cdef long long buckets[BUCKETS]
+    cdef int nbuckets
+    cdef double latency_sum
+    cdef long long backend_queries[BACKENDS]
+    cdef long long late_replies[BACKENDS]
+    cdef dict slots  # backend -> its index in the two arrays above
+    cdef list backends
+
+    def __cinit__(self, int latency_buckets=0):  # 0: a thread that times no reply
+        if not 0 <= latency_buckets < BUCKETS:
+            raise ValueError("too many latency buckets")
+        self.nbuckets = latency_buckets + 1
+        self.slots = {}
+        self.backends = []
+
+    cdef inline int slot(self, backend):
+        """The backend's index; -1 once BACKENDS are taken."""
+        cdef PyObject *found = PyDict_GetItem(self.slots, backend)
+        if found != NULL:
+            return <int>(<object>found)
+        cdef int i = len(self.backends)
+        if i == BACKENDS:
+            return -1
+        self.backends.append(backend)
+        self.slots[backend] = i
+        return i
+
+    def snapshot(self):
+        """{(kind, label): total since the start}, counts of 0 left out."""
+        cdef int i
+        out = {}
+        for i in range(FIXED):
+            if self.fixed[i]:
+                out[_FIXED_KEYS[i]] = self.fixed[i]
+        for i in range(RCODES):
+            if self.responses[i]:
+                out["responses", i] = self.responses[i]
+        for i in range(self.nbuckets):
+            if self.buckets[i]:
+                out["latency_bucket", i] = self.buckets[i]
+        if self.latency_sum:
+            out["latency_sum", ""] = self.latency_sum
+        for i, backend in enumerate(self.backends):
+            if self.backend_queries[i]:
+                out["backend_queries", backend] = self.backend_queries[i]
+            if self.late_replies[i]:
+                out["late_replies", backend] = self.late_replies[i]
+        return out
+
+
 cdef inline bytes _with_id(const unsigned char *head, bytes message):
     """``message`` with its first two bytes replaced by ``head``'s."""
     cdef Py_ssize_t size = PyBytes_GET_SIZE(message)
@@ -412,9 +486,12 @@ cdef object _pending(Pending, client, addr, bytes query, bytes question, pool, b
     return entry
 
 
-def serve(sock, forwarder, counts, stopping, client, Pending, deque, raw_address, name_to_text, failed):
+def serve(sock, forwarder, counts, Counters counters, stopping, client, Pending, deque, raw_address, name_to_text,
+          failed):
     """``udp.serve`` for one listening socket: forward every datagram until
-    the socket is shut down. ``client`` is the socket's ``udp.UdpClient``;
+    the socket is shut down. ``counts`` are the thread's own (for the
+    Python path's work), ``counters`` what this loop counts itself, both
+    read by the reporter. ``client`` is the socket's ``udp.UdpClient``;
     the rest is what the Python modules use for the same work (passed in:
     this module imports nothing of ours): ``Pending``, the class of the
     pending table's entries; ``deque``, of the retry queues;
@@ -422,7 +499,7 @@ def serve(sock, forwarder, counts, stopping, client, Pending, deque, raw_address
     which logs the exception being handled."""
     cdef Receiver receiver = Receiver(sock)
     cdef Outbox outbox = Outbox()
-    cdef int got, i, end, uid, taken
+    cdef int got, i, end, uid, taken, slot
     cdef int ends[BATCH]
     cdef unsigned char keys[BATCH][KEY]
     cdef unsigned char head[2]
@@ -430,7 +507,6 @@ def serve(sock, forwarder, counts, stopping, client, Pending, deque, raw_address
     cdef PyObject *found
     cdef double now
     handle = forwarder.handle
-    queries = ("queries", "udp")
     sockets = forwarder.SOCKETS
     names = {}  # backend -> raw address, the worker's few backends
     while True:
@@ -471,7 +547,7 @@ def serve(sock, forwarder, counts, stopping, client, Pending, deque, raw_address
                 upstream = upstreams[outbox.pick % sockets]
                 pending = upstream.pending
                 if len(pending) >= upstream.limit:
-                    _count(counts, ("dropped", "in_flight_limit"))
+                    counters.fixed[IN_FLIGHT] += 1
                     continue
                 # Upstream.send: times first, the owner thread may look at the entry as soon as it is in
                 entry.sent = now = _monotonic()
@@ -490,19 +566,22 @@ def serve(sock, forwarder, counts, stopping, client, Pending, deque, raw_address
                 head[0] = uid >> 8
                 head[1] = uid & 0xFF
                 outbox.add(upstream.fd, _with_id(head, data), name)
-                _count(counts, ("backend_queries", backend))
+                slot = counters.slot(backend)
+                if slot >= 0:
+                    counters.backend_queries[slot] += 1
+                else:
+                    _count(counts, ("backend_queries", backend))
             except Exception:  # a bug must cost one query, never the worker
-                _count(counts, ("dropped", "error"))
+                counters.fixed[ERROR] += 1
                 failed()
-        if taken:
-            _count(counts, queries, taken)
+        counters.fixed[QUERIES] += taken
         outbox.flush()
 
 
 # -- the reply side ------------------------------------------------------------
 
-cdef void _answered(policy, backend, double sent, double rtt, counts, double[::1] buckets,
-                    tuple bucket_keys) except *:
+cdef void _answered(policy, backend, double sent, double rtt, counts, Counters counters,
+                    double[::1] buckets) except *:
     """``Forwarder.answered`` (with stats.observe_latency and Rtt.sample)."""
     cdef PyObject *found = PyDict_GetItem(policy.rtts, backend)
     if found == NULL:  # the first sample: Forwarder.answered makes the estimate
@@ -515,9 +594,8 @@ cdef void _answered(policy, backend, double sent, double rtt, counts, double[::1
     cdef Py_ssize_t i = 0, n = buckets.shape[0]
     while i < n and buckets[i] < rtt:  # bisect_left over a dozen bounds
         i += 1
-    _count(counts, bucket_keys[i])
-    found = PyDict_GetItem(counts, _LATENCY_SUM)
-    counts[_LATENCY_SUM] = (<object>found if found != NULL else 0) + rtt
+    counters.buckets[i] += 1
+    counters.latency_sum += rtt
     cdef double srtt = estimate.srtt, rttvar = estimate.rttvar
     rttvar = 0.75 * rttvar + 0.25 * abs(srtt - rtt)  # RFC 6298: beta 1/4, alpha 1/8
     srtt = 0.875 * srtt + 0.125 * rtt
@@ -526,19 +604,18 @@ cdef void _answered(policy, backend, double sent, double rtt, counts, double[::1
     policy.rtos[backend] = min(max(srtt + 4 * rttvar, <double>policy.retry_min), <double>policy.timeout / 2)
 
 
-_LATENCY_SUM = ("latency_sum", "")
-
-
-def serve_upstream(upstream, stale_errors, peer_key, double tick, latency_buckets):
+def serve_upstream(upstream, Counters counters, stale_errors, peer_key, double tick, latency_buckets):
     """``Upstream.serve``: receive replies and run the clocks until closed.
     The batch loop is here; the clocks (retries, timeouts, ICMP errors) are
-    the upstream's own Python methods. ``stale_errors`` and ``peer_key`` as
+    the upstream's own Python methods, counting in ``upstream.counts``;
+    this loop counts in ``counters``. ``stale_errors`` and ``peer_key`` as
     in mmsg; ``tick``, upstream.TICK; ``latency_buckets``, control.LATENCY_BUCKETS."""
     cdef double[::1] buckets = array.array("d", latency_buckets)
-    bucket_keys = tuple(("latency_bucket", i) for i in range(len(latency_buckets) + 1))
+    if counters.nbuckets != buckets.shape[0] + 1:
+        raise ValueError("the counters were made for other latency buckets")
     cdef Receiver receiver = Receiver(upstream.sock)
     cdef Outbox outbox = Outbox()
-    cdef int got, i, uid
+    cdef int got, i, uid, slot
     cdef const unsigned char *p
     cdef Py_ssize_t length, size
     cdef PyObject *found
@@ -548,8 +625,6 @@ def serve_upstream(upstream, stale_errors, peer_key, double tick, latency_bucket
     policy = upstream.policy
     counts = upstream.counts
     keys = {}  # backend -> the part of a raw address that names it
-    short, unknown = ("ignored_replies", "short"), ("ignored_replies", "unknown_id")
-    wrong_source, wrong_question = ("ignored_replies", "wrong_source"), ("ignored_replies", "wrong_question")
     while not upstream._closing:
         got = 0
         try:
@@ -562,12 +637,12 @@ def serve_upstream(upstream, stale_errors, peer_key, double tick, latency_bucket
             p = receiver.data(i)
             length = receiver.length(i)
             if length < 12:
-                _count(counts, short)
+                counters.fixed[SHORT] += 1
                 continue
             uid = p[0] << 8 | p[1]
             found = PyDict_GetItem(pending, uid)
             if found == NULL:
-                _count(counts, unknown)
+                counters.fixed[UNKNOWN] += 1
                 continue
             entry = <object>found
             retry = uid == entry.retry_uid
@@ -576,19 +651,23 @@ def serve_upstream(upstream, stale_errors, peer_key, double tick, latency_bucket
             key = <object>found if found != NULL else keys.setdefault(backend, peer_key(backend))
             size = PyBytes_GET_SIZE(key)
             if size > receiver.name_size or memcmp(receiver.names + i * NAME, PyBytes_AS_STRING(key), size):
-                _count(counts, wrong_source)
+                counters.fixed[WRONG_SOURCE] += 1
                 continue
             question = entry.question
             size = PyBytes_GET_SIZE(question)
             if not p[2] & 0x80 or length < 12 + size or \
                     not _same_question(p + 12, <const unsigned char *>PyBytes_AS_STRING(question), size):
-                _count(counts, wrong_question)
+                counters.fixed[WRONG_QUESTION] += 1
                 continue
             PyDict_DelItem(pending, uid)
             sent = entry.retry_sent if retry else entry.sent
-            _answered(policy, backend, sent, now - sent, counts, buckets, bucket_keys)
+            _answered(policy, backend, sent, now - sent, counts, counters, buckets)
             if entry.done:
-                _count(counts, ("late_replies", backend))  # the other try won, or the timeout
+                slot = counters.slot(backend)  # the other try won, or the timeout
+                if slot >= 0:
+                    counters.late_replies[slot] += 1
+                else:
+                    _count(counts, ("late_replies", backend))
                 continue
             entry.done = True
             if retry:  # the try that answered becomes the first: entry.backend answered
@@ -600,7 +679,7 @@ def serve_upstream(upstream, stale_errors, peer_key, double tick, latency_bucket
                 policy.reply(entry, data, counts, outbox)
                 continue
             # Forwarder._relay for a query forwarded as it came: the client's ID back
-            _count(counts, ("responses", p[3] & 0xF))
+            counters.responses[p[3] & 0xF] += 1
             outbox.add(entry.client.fd, _with_id(<const unsigned char *>PyBytes_AS_STRING(entry.query), data),
                        entry.addr)
         if now >= due:

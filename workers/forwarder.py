@@ -11,6 +11,7 @@ from typing import Callable
 
 from dnsrouter import ecs, wire
 from dnsrouter.address import Address
+from dnsrouter.control import LATENCY_BUCKETS
 from dnsrouter.routes import Matcher
 from dnsrouter.snapshot import Snapshot
 
@@ -105,7 +106,9 @@ class Forwarder:
     def _family(self, family: int) -> list[Upstream]:
         with self._upstreams_lock:
             if family not in self.upstreams:
-                pool = [Upstream(family, self, self.stats.for_thread(), self._per_socket, self.fast)
+                fast = self.fast
+                pool = [Upstream(family, self, self.stats.for_thread(), self._per_socket, fast,
+                                 self.stats.add(fast.Counters(len(LATENCY_BUCKETS))) if fast else None)
                         for _ in range(self.SOCKETS)]
                 for upstream in pool:
                     threading.Thread(target=upstream.serve, name="upstream", daemon=True).start()

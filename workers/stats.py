@@ -2,7 +2,8 @@
 
 Every thread counts into a dict of its own; the reporter sums copies of them
 (a dict copy is atomic under the GIL) and sends the difference since the
-last report.
+last report. The compiled path's threads also keep counters in C: the
+reporter reads their totals the same way (``add``).
 """
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from collections import Counter, defaultdict
 
 from dnsrouter.control import LATENCY_BUCKETS
 
-from .types import CountKey, Counts
+from .types import CountKey, CountReader, Counts
 
 
 class Stats:
     def __init__(self) -> None:
         self._threads: list[Counts] = []
+        self._readers: list[CountReader] = []
         self._lock = threading.Lock()  # taken per thread start, never per packet
         # Counter's values are typed int; the one float count (latency_sum) sums alike.
         self._last: Counter[CountKey] = Counter()
@@ -30,6 +32,13 @@ class Stats:
             self._threads.append(counts)
         return counts
 
+    def add(self, reader: CountReader) -> CountReader:
+        """Counts kept elsewhere (the compiled path's, in C), summed into
+        every report from now on; ``reader`` is returned, for chaining."""
+        with self._lock:
+            self._readers.append(reader)
+        return reader
+
     def release(self, counts: Counts) -> None:
         """A short-lived thread is done counting: keep its counts, drop its dict."""
         with self._lock:
@@ -39,7 +48,7 @@ class Stats:
     def delta(self) -> dict[CountKey, float]:
         """Counts since the previous call, as {(name, label): n}."""
         with self._lock:
-            copies = [dict(c) for c in self._threads]
+            copies = [dict(c) for c in self._threads] + [r.snapshot() for r in self._readers]
             total = Counter(self._retired)
         for copy in copies:
             total.update(copy)

@@ -18,6 +18,13 @@ CountKey: TypeAlias = tuple[str, object]  # (kind, label): ("responses", 2), ("b
 Counts: TypeAlias = defaultdict[CountKey, float]
 
 
+class CountReader(Protocol):
+    """Counts a thread keeps outside its dict (the compiled path's, in C)."""
+
+    def snapshot(self) -> dict[CountKey, float]:
+        """Every count's total since the start, keyed as in Counts."""
+
+
 class Outbox(Protocol):
     """The datagrams one thread sends during one batch, sent together at ``flush``."""
 

@@ -54,7 +54,8 @@ class UdpClient:
 def serve(sock: socket.socket, forwarder: Forwarder, counts: Counts, stopping: threading.Event) -> None:
     """Forward every datagram of ``sock`` until the socket is shut down."""
     if forwarder.fast is not None:  # the same, compiled (workers/_fastpath.pyx)
-        forwarder.fast.serve(sock, forwarder, counts, stopping, UdpClient(sock), Pending, deque,
+        counters = forwarder.stats.add(forwarder.fast.Counters())
+        forwarder.fast.serve(sock, forwarder, counts, counters, stopping, UdpClient(sock), Pending, deque,
                              mmsg.raw_address, wire.name_to_text, _failed)
         return
     receive = mmsg.Receiver(sock).receive

@@ -38,7 +38,7 @@ from dnsrouter.control import LATENCY_BUCKETS
 from dnsrouter.routes import Pool
 
 from . import mmsg
-from .types import Client, Counts, Outbox
+from .types import Client, CountReader, Counts, Outbox
 
 MAX_IN_FLIGHT = 60_000  # per upstream socket at most; of 65,536 IDs, keep some free
 TICK = 0.005  # seconds between two looks at due retries when no reply wakes the thread
@@ -127,7 +127,7 @@ class Upstream:
     """One UDP socket towards the backends of one address family."""
 
     def __init__(self, family: int, policy: Policy, counts: Counts, limit: int = MAX_IN_FLIGHT,
-                 fast: ModuleType | None = None) -> None:
+                 fast: ModuleType | None = None, counters: CountReader | None = None) -> None:
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         # ICMP errors for unconnected UDP sockets reach us only when asked for.
@@ -152,6 +152,7 @@ class Upstream:
         self._scan_at = 0.0
         self._closing = False
         self.fast = fast  # the compiled reply loop (workers/fastpath.py), or None
+        self.counters = counters  # what the compiled loop counts itself (fast.Counters), read by the reporter
 
     def send(self, entry: Pending, outbox: Outbox | None = None) -> bool:
         """The first try: ``entry.query`` to ``entry.backend``, with the batch
@@ -199,7 +200,9 @@ class Upstream:
     def serve(self) -> None:
         """Receive replies and run the clocks, forever (the socket's own thread)."""
         if self.fast is not None:  # the same batch loop, compiled (workers/_fastpath.pyx)
-            self.fast.serve_upstream(self, mmsg.STALE_ERRORS, mmsg.peer_key, TICK, LATENCY_BUCKETS)
+            if self.counters is None:
+                raise ValueError("the compiled reply loop needs its counters")
+            self.fast.serve_upstream(self, self.counters, mmsg.STALE_ERRORS, mmsg.peer_key, TICK, LATENCY_BUCKETS)
             return
         receive = mmsg.Receiver(self.sock).receive
         pending = self.pending
