@@ -3,7 +3,8 @@
 The servers, processes, zones, queries and metrics come from the test
 suite's support package (tests/support/): importing this module, first in
 every script, puts tests/ on sys.path. Here: signal handling, the router
-started, waited for and reported on, and dnsperf's command line and output.
+started, waited for and reported on, the CPU time a server's processes
+spend, and dnsperf's command line and output.
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
+
+import psutil
 
 # The benchmarks measure with the very servers, zones and helpers the tests
 # use, so that a number here and an assertion there mean the same setup:
@@ -108,6 +111,52 @@ def finish_router(router: Router | None, log_level: str, lines: int = 40) -> Non
         print("  | " + line)
 
 
+# -- CPU time ------------------------------------------------------------------
+
+def process_tree(pid: int | None) -> list[psutil.Process]:
+    """The process and all its descendants (the router's supervisor and its
+    workers) as of now; [] if it is gone or None."""
+    if pid is None:
+        return []
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _cpu_seconds(proc: psutil.Process) -> float | None:
+    """User + system seconds of proc, all its threads; None once it is gone."""
+    try:
+        times = proc.cpu_times()
+    except psutil.Error:
+        return None
+    return times.user + times.system
+
+
+class CpuUse(NamedTuple):
+    seconds: float  # user + system; NaN if no process of the set could be read at the start
+    exited: int     # processes of the set gone by the end: their time is missing from seconds
+
+
+class CpuMeter:
+    """The CPU seconds (user + system) a fixed set of processes spends from
+    the meter's making until read(). The set is taken by the caller right
+    before the measured work: a process started later is not counted, and
+    one gone by the end counts for nothing (its last times cannot be read),
+    so a worker that crashed and was replaced mid-run makes the figure low:
+    read() says how many went, for the caller to flag it."""
+
+    def __init__(self, procs: Iterable[psutil.Process]) -> None:
+        self.start = [(p, t) for p in procs if (t := _cpu_seconds(p)) is not None]
+
+    def read(self) -> CpuUse:
+        if not self.start:
+            return CpuUse(math.nan, 0)
+        now = [(_cpu_seconds(p), t) for p, t in self.start]
+        return CpuUse(sum((end - t for end, t in now if end is not None), 0.0), sum(end is None for end, _ in now))
+
+
 # -- dnsperf -----------------------------------------------------------------
 
 def _num(x: float) -> str:
@@ -159,12 +208,19 @@ class Perf:
     rcodes: dict[str, int] = field(default_factory=dict)
     reconnections: int = 0
     kernel: dict[str, int] = field(default_factory=dict)  # counter deltas during the run
+    cpu_s: float = math.nan  # CPU seconds of the server measured during the run (CpuMeter)
+    cpu_exited: int = 0      # its processes that exited during the run: their CPU is missing from cpu_s
     raw_tail: str = ""
     spread: list[float] = field(default_factory=list)  # the figure of each repeated run
 
     @property
     def avg_ms(self) -> float:
         return self.avg_s * 1000.0
+
+    @property
+    def cpu_us(self) -> float:
+        """The server's CPU microseconds per query answered (lost queries cost too, but answer nothing)."""
+        return self.cpu_s / self.completed * 1e6 if self.completed else math.nan
 
 
 _STAT = {

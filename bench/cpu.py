@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 
-from common import bench_router, dnsperf_argv, handle_signals, ignore_signals, parse_dnsperf, start_router
+from common import CpuMeter, bench_router, dnsperf_argv, handle_signals, ignore_signals, parse_dnsperf, start_router
 from run import ZONE, write_routes
 from support.knot import KnotServer
 from support.net import answered
@@ -32,20 +32,12 @@ from support.processes import program, spawn, stop, stop_all
 from support.zones import numbered_zone
 
 
-def worker_cpu(router) -> float:
-    total = 0.0
-    for proc in router.workers_procs():
-        times = proc.cpu_times()
-        total += times.user + times.system
-    return total
-
-
 def measure(executable: list[str], routes_dir: str, workdir: str, qfile: str, args) -> tuple[float, float]:
     """(worker CPU µs per query, average latency ms) of one fixed-rate run."""
     r = bench_router(workdir, workers=args.workers, executable=executable, routes_dir=routes_dir)
     try:
         start_router(r, lambda: answered(r.port, f"h0001.{ZONE}"), 30, "router did not answer")
-        before = worker_cpu(r)
+        cpu = CpuMeter(r.workers_procs())  # the workers only: the figure compared is theirs
         out = os.path.join(workdir, "dnsperf.out")
         with open(out, "w") as f:
             proc = spawn(dnsperf_argv(r.port, qfile, duration=args.duration, timeout=2, clients=20,
@@ -55,12 +47,13 @@ def measure(executable: list[str], routes_dir: str, workdir: str, qfile: str, ar
                 proc.wait(args.duration + 30)
             finally:
                 stop(proc)
-        cpu = worker_cpu(r) - before
+        cpu_s = cpu.read().seconds
         with open(out, errors="replace") as f:
             perf = parse_dnsperf(f)
+        perf.cpu_s = cpu_s
         if perf.lost or set(perf.rcodes) != {"NOERROR"}:
             print(f"  warning: lost {perf.lost}, rcodes {perf.rcodes}", file=sys.stderr)
-        return cpu / max(perf.completed, 1) * 1e6, perf.avg_ms
+        return perf.cpu_us, perf.avg_ms
     finally:
         r.stop()
 

@@ -13,7 +13,12 @@ One invocation starts one Knot backend, then measures with dnsperf:
   mode (one router per mode, their runs interleaved), against a backend that
   takes PROXY v2 headers and ECS, and the ratio of each mode to none;
 * with --python-path, the same for the pure-Python packet path (mode
-  python: --fast-path off) beside the compiled one (none).
+  python: --fast-path off) beside the compiled one (none);
+* with --flood, every saturating run once more with names never seen before
+  in the run (a random-subdomain flood: NXDOMAIN from Knot, no route cache
+  hit in the router).
+
+Every run also reports the CPU time per query of the server measured.
 
 It prints Markdown tables (and writes them to --out). See bench/README.md.
 
@@ -23,8 +28,10 @@ It prints Markdown tables (and writes them to --out). See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
+import random
 import shutil
 import socket
 import struct
@@ -32,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any, NamedTuple
 
 import dns.edns
 import dns.exception
@@ -40,7 +48,8 @@ import dns.query
 import dns.rcode
 import psutil
 
-from common import Perf, bench_router, dnsperf_argv, handle_signals, ignore_signals, parse_dnsperf, start_router
+from common import (CpuMeter, Perf, bench_router, dnsperf_argv, handle_signals, ignore_signals, parse_dnsperf,
+                    process_tree, start_router)
 from report import Row, fmt, tables
 from support.knot import KnotServer
 from support.net import HOST, answered, free_port, query, raw_udp, wait_until
@@ -55,11 +64,34 @@ ZONE = "zone.example.com."
 MATCH_RE = r"^h[0-9]+\.zone\.example\.com\.?$"
 CLIENT_ADDRESS_MODES = ("none", "proxy", "ecs")  # [forward] client_address
 # The backend's options when proxy or ecs is measured: it answers all modes.
-KNOT_CLIENT_ADDRESS = {"proxy_allowlist": ["127.0.0.0/8"], "edns_client_subnet": True}
+KNOT_CLIENT_ADDRESS: dict[str, Any] = {"proxy_allowlist": ["127.0.0.0/8"], "edns_client_subnet": True}
+# Flood names per second of dnsperf -l: above what any server here answers
+# (Knot alone: 105,000-120,000 qps over UDP, 138,000 in a 1 s run), so that
+# no name comes twice in a run. Drawing them costs ~1.7 s per million.
+FLOOD_QPS = 200_000
+# The rcode every query of a kind must get; any other is a problem.
+EXPECTED_RCODE = {"throughput": "NOERROR", "flood": "NXDOMAIN", "fixed-rate": "NOERROR"}
 
 
 def nomatch_re(i: int) -> str:
     return rf"^x\.zone{i}\.example\.com\.?$"
+
+
+def write_flood_queries(path: str, names: int) -> None:
+    """``names`` distinct names the matching route takes and the zone lacks
+    (Knot: NXDOMAIN): h + 12 random digits, never a zone name (h + 4 digits).
+    sample() draws without replacement, so no name comes twice; the fixed
+    seed sends the same names in every invocation."""
+    line = "h{:012d}." + ZONE + " A\n"
+    with open(path, "w") as f:
+        f.write("".join(map(line.format, random.Random(1).sample(range(10**12), names))))
+
+
+class Target(NamedTuple):
+    """What a dnsperf run is pointed at: the port, and the process whose CPU
+    time, with all its descendants' (a router's workers), the run costs."""
+    port: int
+    pid: int | None
 
 
 # -- dnsperf -----------------------------------------------------------------
@@ -85,27 +117,27 @@ def kernel_counters() -> dict[str, int]:
     return out
 
 
-def run_dnsperf(port: int, qfile: str, transport: str, args: argparse.Namespace,
+def run_dnsperf(target: Target, qfile: str, transport: str, args: argparse.Namespace,
                 workdir: str, tag: str, qps_limit: int | None = None) -> Perf:
     """dnsperf against 127.0.0.1:port, ``--repeat`` times: the median run
     (by qps when saturating, by average latency at a fixed rate), with the
     lost queries, rcodes and kernel drops of every run added up."""
-    runs = [_dnsperf_once(port, qfile, transport, args, workdir, f"{tag}-{i}", qps_limit)
+    runs = [_dnsperf_once(target, qfile, transport, args, workdir, f"{tag}-{i}", qps_limit)
             for i in range(args.repeat)]
     return median_run(runs, qps_limit)
 
 
-def run_dnsperf_modes(ports: dict[str, int], qfile: str, transport: str, args: argparse.Namespace,
+def run_dnsperf_modes(targets: dict[str, Target], qfile: str, transport: str, args: argparse.Namespace,
                       workdir: str, tag: str, qps_limit: int | None = None) -> dict[str, Perf]:
-    """run_dnsperf against each client-address mode's router (mode -> port),
+    """run_dnsperf against each client-address mode's router (mode -> target),
     the repeats interleaved and the order turned each round (none, proxy,
     ecs, then proxy, ecs, none, ...): a busy spell of the shared machine, or
     being first after a pause, then hits every mode alike, not just one."""
-    runs: dict[str, list[Perf]] = {mode: [] for mode in ports}
-    modes = list(ports)
+    runs: dict[str, list[Perf]] = {mode: [] for mode in targets}
+    modes = list(targets)
     for i in range(args.repeat):
         for mode in modes[i % len(modes):] + modes[:i % len(modes)]:
-            runs[mode].append(_dnsperf_once(ports[mode], qfile, transport, args, workdir,
+            runs[mode].append(_dnsperf_once(targets[mode], qfile, transport, args, workdir,
                                             f"{mode_tag(tag, mode)}-{i}", qps_limit))
     return {mode: median_run(mode_runs, qps_limit) for mode, mode_runs in runs.items()}
 
@@ -124,26 +156,31 @@ def median_run(runs: list[Perf], qps_limit: int | None) -> Perf:
     return median
 
 
-def _dnsperf_once(port: int, qfile: str, transport: str, args: argparse.Namespace,
+def _dnsperf_once(target: Target, qfile: str, transport: str, args: argparse.Namespace,
                   workdir: str, tag: str, qps_limit: int | None) -> Perf:
     """One dnsperf run. -v gives every query's latency, from which the 99th
-    percentile is computed (dnsperf 2.10 prints none)."""
-    argv = dnsperf_argv(port, qfile, transport=transport, clients=args.clients, outstanding=args.outstanding,
-                        duration=args.duration, timeout=args.timeout, qps=qps_limit)
+    percentile is computed (dnsperf 2.10 prints none). The target's processes
+    are listed right before the run (a worker the supervisor restarted since
+    the last run is in the set), their CPU time read before and after it."""
+    argv = dnsperf_argv(target.port, qfile, transport=transport, clients=args.clients,
+                        outstanding=args.outstanding, duration=args.duration, timeout=args.timeout, qps=qps_limit)
     out_path = os.path.join(workdir, f"dnsperf-{tag}.out")
     before = kernel_counters()
+    cpu = CpuMeter(process_tree(target.pid))
     with open(out_path, "w") as out:
         proc = spawn(argv, stdout=out, stderr=subprocess.STDOUT)
         try:
             proc.wait(args.duration + args.timeout + 30)
         finally:
             stop(proc)
+    cpu_use = cpu.read()
     after = kernel_counters()
     with open(out_path, errors="replace") as f:
         perf = parse_dnsperf(f)
     if perf.sent == 0:
         raise RuntimeError(f"dnsperf produced no statistics, see {out_path}:\n{perf.raw_tail}")
     perf.kernel = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    perf.cpu_s, perf.cpu_exited = cpu_use
     return perf
 
 
@@ -166,8 +203,10 @@ def rcode_of(port: int, name: str) -> str:
 def sanity(port: int, routes: int, who: str) -> list[str]:
     """The routing table does what the benchmark assumes: the query names
     reach the backend, a non-matching route's own name goes to the backend
-    (which REFUSEs it: not its zone), a name no route matches gets SERVFAIL."""
-    want = {f"h0002.{ZONE}": "NOERROR", f"nothing.{ZONE}": "SERVFAIL"}
+    (which REFUSEs it: not its zone), a name no route matches gets SERVFAIL,
+    and a name of the flood's shape reaches the backend, which has no such
+    name (13 digits: never one of the flood's, which must come new in a run)."""
+    want = {f"h0002.{ZONE}": "NOERROR", f"nothing.{ZONE}": "SERVFAIL", f"h{'9' * 13}.{ZONE}": "NXDOMAIN"}
     if routes > 1:
         want[f"x.zone{routes - 2}.example.com."] = "REFUSED"
     got = {name: rcode_of(port, name) for name in want}
@@ -278,6 +317,11 @@ def start(r: Router, startup_timeout: float) -> float:
                         message=f"dnsrouter on port {r.port} did not answer h0001.{ZONE}")
 
 
+def targets(routers: dict[str, Router]) -> dict[str, Target]:
+    """Each mode's router as a dnsperf target: its supervisor's tree."""
+    return {mode: Target(r.port, r.proc.pid if r.proc else None) for mode, r in routers.items()}
+
+
 def worker_rss_mb(r: Router) -> list[float]:
     """RSS of each ``dnsrouter: worker K``, in K order."""
     out = []
@@ -300,12 +344,12 @@ class Dnsdist:
 
     def start(self) -> "Dnsdist":
         with open(self.log_path, "wb") as log:
-            self.proc = spawn(["dnsdist", "--supervised", "--disable-syslog", "-C", self.conf],
-                              stdout=log, stderr=subprocess.STDOUT)
+            self.proc = proc = spawn(["dnsdist", "--supervised", "--disable-syslog", "-C", self.conf],
+                                     stdout=log, stderr=subprocess.STDOUT)
 
         def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"dnsdist exited with {self.proc.returncode}:\n{self.log()}")
+            if proc.poll() is not None:
+                raise RuntimeError(f"dnsdist exited with {proc.returncode}:\n{self.log()}")
             return answers(self.port)
 
         try:
@@ -315,9 +359,13 @@ class Dnsdist:
             raise RuntimeError(f"{e}\n{self.log()[-3000:]}") from None
         return self
 
+    @property
+    def target(self) -> Target:
+        return Target(self.port, self.proc.pid if self.proc else None)
+
     def rss_mb(self) -> float:
         try:
-            return psutil.Process(self.proc.pid).memory_info().rss / 2**20
+            return psutil.Process(self.proc.pid).memory_info().rss / 2**20 if self.proc else math.nan
         except psutil.NoSuchProcess:
             return math.nan
 
@@ -360,6 +408,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--python-path", action="store_true",
                    help="also measure every dnsrouter with --fast-path off (the pure-Python packet path), "
                         "shown as mode python beside none")
+    p.add_argument("--flood", action="store_true",
+                   help="also measure every saturating run with names never seen before in the run "
+                        "(h + 12 random digits: NXDOMAIN from the backend), in a table of their own")
     a = p.parse_args(argv)
     a.client_address = list(dict.fromkeys(m.strip() for m in a.client_address.split(",")))
     for m in a.client_address:
@@ -394,22 +445,29 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     knot = None
     interrupted = False
+    flood_names = args.duration * FLOOD_QPS
 
     def log(msg: str) -> None:
         print(f"[{time.monotonic() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
     def note(row: Row) -> None:
         p = row.perf
-        bad = {k: v for k, v in p.rcodes.items() if k != "NOERROR"}
+        bad = {k: v for k, v in p.rcodes.items() if k != EXPECTED_RCODE[row.kind]}
+        # dnsperf starts the file over at its end: a flood run past it sent names twice.
+        repeated = row.kind == "flood" and max(p.spread, default=p.qps) * args.duration > flood_names
         mode = "" if row.client_address == "none" else f" client-address={row.client_address}"
         log(f"  {row.kind} {row.scenario} {row.transport} routes={row.routes} workers={row.workers}{mode}: "
-            f"qps={p.qps:.0f} avg={fmt(p.avg_ms)}ms p99={fmt(p.p99_ms)}ms lost={p.lost} rcodes={p.rcodes}"
-            f" kernel={p.kernel} reconnections={p.reconnections}")
-        if p.lost or bad or p.kernel or p.reconnections:
+            f"qps={p.qps:.0f} avg={fmt(p.avg_ms)}ms p99={fmt(p.p99_ms)}ms cpu={fmt(p.cpu_us, 1)}us/q "
+            f"lost={p.lost} rcodes={p.rcodes} kernel={p.kernel} reconnections={p.reconnections}")
+        if p.lost or bad or p.kernel or p.reconnections or repeated or p.cpu_exited:
             problems.append(f"{row.kind} {row.scenario} {row.transport} routes={row.routes} "
                             f"workers={row.workers}{mode}: sent {p.sent}, lost {p.lost}, rcodes {p.rcodes}"
                             + (f", kernel drop counters {p.kernel}" if p.kernel else "")
-                            + (f", TCP reconnections {p.reconnections}" if p.reconnections else ""))
+                            + (f", TCP reconnections {p.reconnections}" if p.reconnections else "")
+                            + (f", more queries than the {flood_names} flood names: some came twice "
+                               f"(raise FLOOD_QPS)" if repeated else "")
+                            + (f", {p.cpu_exited} of its processes exited during the run: CPU us/q too low"
+                               if p.cpu_exited else ""))
         rows.append(row)
 
     def router_stderr_check(r: Router, tag: str, rc: int | None) -> None:
@@ -447,13 +505,20 @@ def main(argv: list[str] | None = None) -> int:
         backend = knot.addr
         log(f"knotd on {backend}, workdir {workdir}")
         check_backend_modes(knot.port, args.client_address)
+        knot_target = Target(knot.port, knot.pid)
         qfile = os.path.join(workdir, "queries.txt")
         with open(qfile, "w") as f:
             f.writelines(f"h{i:04d}.{ZONE} A\n" for i in range(1, args.names + 1))
+        # Each saturating run: (kind, query file, prefix of its dnsperf outputs).
+        scenarios = [("throughput", qfile, "")]
+        if args.flood:
+            scenarios.append(("flood", os.path.join(workdir, "flood.txt"), "flood-"))
+            write_flood_queries(scenarios[-1][1], flood_names)
+            log(f"{flood_names} flood names written")
 
-        for t in args.transport:
-            note(Row("throughput", "backend", t, None, None,
-                     run_dnsperf(knot.port, qfile, t, args, workdir, f"backend-{t}")))
+        for t, (kind, qf, prefix) in itertools.product(args.transport, scenarios):
+            note(Row(kind, "backend", t, None, None,
+                     run_dnsperf(knot_target, qf, t, args, workdir, f"{prefix}backend-{t}")))
 
         for routes in args.routes:
             rdir = os.path.join(workdir, f"routes-{routes}")
@@ -463,11 +528,10 @@ def main(argv: list[str] | None = None) -> int:
                 routers: dict[str, Router] = {}
                 try:
                     start_routers(routers, rdir, routes, w, tag, check=True)
-                    for t in args.transport:
-                        perfs = run_dnsperf_modes({m: r.port for m, r in routers.items()}, qfile, t, args,
-                                                  workdir, f"router-{tag}-{t}")
+                    for t, (kind, qf, prefix) in itertools.product(args.transport, scenarios):
+                        perfs = run_dnsperf_modes(targets(routers), qf, t, args, workdir, f"{prefix}router-{tag}-{t}")
                         for mode, perf in perfs.items():
-                            note(Row("throughput", "dnsrouter", t, routes, w, perf, worker_rss_mb(routers[mode]),
+                            note(Row(kind, "dnsrouter", t, routes, w, perf, worker_rss_mb(routers[mode]),
                                      client_address=mode))
                             if len(rows[-1].rss_mb) != w:
                                 problems.append(f"router {mode_tag(tag, mode)}: found {len(rows[-1].rss_mb)} "
@@ -479,9 +543,9 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     d.start()
                     problems.extend(sanity(d.port, routes, f"dnsdist r{routes}"))
-                    for t in args.transport:
-                        perf = run_dnsperf(d.port, qfile, t, args, workdir, f"dnsdist-r{routes}-{t}")
-                        note(Row("throughput", "dnsdist", t, routes, None, perf, [d.rss_mb()]))
+                    for t, (kind, qf, prefix) in itertools.product(args.transport, scenarios):
+                        perf = run_dnsperf(d.target, qf, t, args, workdir, f"{prefix}dnsdist-r{routes}-{t}")
+                        note(Row(kind, "dnsdist", t, routes, None, perf, [d.rss_mb()]))
                 finally:
                     d.stop()
 
@@ -489,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"fixed-rate runs at {args.fixed_qps} qps")
             for t in args.transport:
                 note(Row("fixed-rate", "backend", t, None, None,
-                         run_dnsperf(knot.port, qfile, t, args, workdir, f"fixed-backend-{t}", args.fixed_qps)))
+                         run_dnsperf(knot_target, qfile, t, args, workdir, f"fixed-backend-{t}", args.fixed_qps)))
             rdir = os.path.join(workdir, "routes-1")
             if not os.path.isdir(rdir):
                 write_routes(rdir, 1, backend)
@@ -498,8 +562,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 start_routers(routers, rdir, 1, w, f"fixed-w{w}", check=False)
                 for t in args.transport:
-                    perfs = run_dnsperf_modes({m: r.port for m, r in routers.items()}, qfile, t, args, workdir,
-                                              f"fixed-router-{t}", args.fixed_qps)
+                    perfs = run_dnsperf_modes(targets(routers), qfile, t, args, workdir, f"fixed-router-{t}",
+                                              args.fixed_qps)
                     for mode, perf in perfs.items():
                         note(Row("fixed-rate", "dnsrouter", t, 1, w, perf, worker_rss_mb(routers[mode]),
                                  client_address=mode))
@@ -510,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     d.start()
                     for t in args.transport:
-                        perf = run_dnsperf(d.port, qfile, t, args, workdir, f"fixed-dnsdist-{t}", args.fixed_qps)
+                        perf = run_dnsperf(d.target, qfile, t, args, workdir, f"fixed-dnsdist-{t}", args.fixed_qps)
                         note(Row("fixed-rate", "dnsdist", t, 1, None, perf, [d.rss_mb()]))
                 finally:
                     d.stop()
@@ -533,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
               + (f"client address modes {','.join(args.client_address)} (knotd: proxy-allowlist "
                  f"{','.join(KNOT_CLIENT_ADDRESS['proxy_allowlist'])}, edns-client-subnet on); "
                  if client_modes else "")
+              + (f"flood: {flood_names} names h + 12 random digits, seed 1 (NXDOMAIN expected); "
+                 if args.flood else "")
               + f"dnsdist {'yes' if have_dnsdist else 'not run'}; total {time.monotonic() - t_start:.0f}s")
     text = tables(rows, header)
     if problems:
