@@ -155,6 +155,16 @@ def test_the_reporter_sums_counters_kept_elsewhere_with_the_threads_counts(compi
         compiled.Counters(40)  # more latency buckets than it has room for
 
 
+def test_the_compiled_pending_entry_has_every_field_of_the_python_one(compiled):
+    from dnsrouter.workers.upstream import Pending
+
+    args = (object(), b"peer", b"query", b"question", object(), parse_address("127.0.0.1:53"), True, False)
+    python, fast = Pending(*args), compiled.Pending(*args)
+    assert {f: getattr(fast, f) for f in Pending.__slots__} == {f: getattr(python, f) for f in Pending.__slots__}
+    fast.variants, fast.retry_uid, fast.sent = {}, 7, 1.5  # what the Python path sets on the entries it makes
+    assert (fast.variants, fast.retry_uid, fast.sent) == ({}, 7, 1.5)
+
+
 def test_without_the_build_the_python_path_runs_and_says_why(monkeypatch):
     assert fastpath.load("off") == (None, "off: [server] fast_path = off")
     monkeypatch.setitem(sys.modules, "dnsrouter.workers._fastpath", None)  # what a failed import looks like

@@ -462,39 +462,46 @@ cdef inline bytes _with_id(const unsigned char *head, bytes message):
 
 # -- the client side -----------------------------------------------------------
 
-cdef object _pending(Pending, client, addr, bytes query, bytes question, pool, backend):
-    """``Pending(client, addr, query, question, pool, backend, False, False)``
-    without running its __init__ in the interpreter: the same slots, set here."""
-    entry = Pending.__new__(Pending)
+cdef class Pending:
+    """``upstream.Pending`` as a C struct: one query waiting for a backend's
+    reply. The forwarder makes its entries of this class while the fast path
+    runs (``Forwarder.Pending``), so that the compiled loops read and write
+    the fields without a look-up; Python code uses them as it uses
+    upstream.Pending's slots, which these fields repeat one for one (see
+    there for what each means)."""
+
+    cdef public object client, addr, pool, backend, retry_backend, variants, ecs_added
+    cdef public bytes query, question
+    cdef public bint strip_opt, tcp, done
+    cdef public double sent, retry_at, retry_sent
+    cdef public int uid, retry_uid
+
+    def __init__(self, client, addr, bytes query, bytes question, pool, backend, bint strip_opt, bint tcp):
+        _fill(self, client, addr, query, question, pool, backend)
+        self.strip_opt = strip_opt
+        self.tcp = tcp
+
+
+cdef inline Pending _fill(Pending entry, client, addr, bytes query, bytes question, pool, backend):
     entry.client = client
     entry.addr = addr
     entry.query = query
     entry.question = question
     entry.pool = pool
-    entry.strip_opt = False
-    entry.tcp = False
     entry.backend = backend
-    entry.sent = 0.0
     entry.uid = -1
-    entry.retry_at = 0.0
     entry.retry_backend = backend
-    entry.retry_sent = 0.0
     entry.retry_uid = -1
-    entry.done = False
-    entry.variants = None
-    entry.ecs_added = None
-    return entry
+    return entry  # the rest as __new__ leaves it: 0, False, None
 
 
-def serve(sock, forwarder, counts, Counters counters, stopping, client, Pending, deque, raw_address, name_to_text,
-          failed):
+def serve(sock, forwarder, counts, Counters counters, stopping, client, deque, raw_address, name_to_text, failed):
     """``udp.serve`` for one listening socket: forward every datagram until
     the socket is shut down. ``counts`` are the thread's own (for the
     Python path's work), ``counters`` what this loop counts itself, both
     read by the reporter. ``client`` is the socket's ``udp.UdpClient``;
     the rest is what the Python modules use for the same work (passed in:
-    this module imports nothing of ours): ``Pending``, the class of the
-    pending table's entries; ``deque``, of the retry queues;
+    this module imports nothing of ours): ``deque``, of the retry queues;
     ``raw_address`` and ``name_to_text`` as in mmsg and wire; ``failed()``,
     which logs the exception being handled."""
     cdef Receiver receiver = Receiver(sock)
@@ -508,7 +515,8 @@ def serve(sock, forwarder, counts, Counters counters, stopping, client, Pending,
     cdef double now
     handle = forwarder.handle
     sockets = forwarder.SOCKETS
-    names = {}  # backend -> raw address, the worker's few backends
+    peers = {}  # backend -> (raw address, family), for the worker's few backends
+    cdef Pending entry
     while True:
         try:
             got = receiver.wait()
@@ -520,6 +528,12 @@ def serve(sock, forwarder, counts, Counters counters, stopping, client, Pending,
             for i in range(got):
                 ends[i] = _classify(receiver.data(i), receiver.length(i), keys[i])
         taken = 0
+        # Read once a batch: a new table or setting takes effect from the next batch.
+        matcher = forwarder.matcher
+        cache = matcher._cache
+        python_only = forwarder.allowed is not None or forwarder.query_log
+        by_family = forwarder.upstreams
+        rtos = forwarder.rtos
         for i in range(got):
             length = receiver.length(i)
             if length == 0 and stopping.is_set():
@@ -528,31 +542,38 @@ def serve(sock, forwarder, counts, Counters counters, stopping, client, Pending,
             data = receiver.payload(i)
             addr = receiver.peer(i)
             end = ends[i]
-            if end < 0 or forwarder.allowed is not None or forwarder.query_log:
+            if end < 0 or python_only:
                 handle(data, addr, client, counts, outbox=outbox)
                 continue
             try:
                 lower = PyBytes_FromStringAndSize(<char *>keys[i], end - 12)
-                matcher = forwarder.matcher
                 name = PyBytes_FromStringAndSize(<char *>keys[i], end - 16)  # without type and class
-                found = PyDict_GetItem(matcher._cache, name)
+                found = PyDict_GetItem(cache, name)
                 pool = <object>found if found != NULL else _route(matcher, keys[i], name, name_to_text)
                 if pool is None or pool.modes:  # SERVFAIL, or a member that learns the client's address
                     handle(data, addr, client, counts, outbox=outbox)
                     continue
                 taken += 1
                 backend = next(pool._cycle)  # Pool.next
-                entry = _pending(Pending, client, addr, data, lower, pool, backend)
-                upstreams = forwarder.upstreams.get(backend.family) or forwarder._family(backend.family)
+                found = PyDict_GetItem(peers, backend)
+                if found == NULL:
+                    if len(peers) >= BACKENDS:
+                        peers.clear()  # backends come and go over months: bounded
+                    peers[backend] = peer = (raw_address(backend), backend.family)
+                else:
+                    peer = <tuple>found
+                found = PyDict_GetItem(by_family, peer[1])
+                upstreams = <object>found if found != NULL else forwarder._family(peer[1])
                 upstream = upstreams[outbox.pick % sockets]
                 pending = upstream.pending
                 if len(pending) >= upstream.limit:
                     counters.fixed[IN_FLIGHT] += 1
                     continue
+                entry = _fill(Pending.__new__(Pending), client, addr, data, lower, pool, backend)
                 # Upstream.send: times first, the owner thread may look at the entry as soon as it is in
                 entry.sent = now = _monotonic()
-                found = PyDict_GetItem(forwarder.rtos, backend)
-                entry.retry_at = now + (<object>found if found != NULL else forwarder.timeout / 2)
+                found = PyDict_GetItem(rtos, backend)
+                entry.retry_at = now + (<double>(<object>found) if found != NULL else forwarder.timeout / 2)
                 while True:
                     uid = outbox.random_id()
                     entry.uid = uid
@@ -561,11 +582,9 @@ def serve(sock, forwarder, counts, Counters counters, stopping, client, Pending,
                 found = PyDict_GetItem(upstream.waiting, backend)
                 waiting = <object>found if found != NULL else upstream.waiting.setdefault(backend, deque())
                 waiting.append(entry)
-                found = PyDict_GetItem(names, backend)
-                name = <object>found if found != NULL else names.setdefault(backend, raw_address(backend))
                 head[0] = uid >> 8
                 head[1] = uid & 0xFF
-                outbox.add(upstream.fd, _with_id(head, data), name)
+                outbox.add(upstream.fd, _with_id(head, data), peer[0])
                 slot = counters.slot(backend)
                 if slot >= 0:
                     counters.backend_queries[slot] += 1
@@ -621,6 +640,7 @@ def serve_upstream(upstream, Counters counters, stale_errors, peer_key, double t
     cdef PyObject *found
     cdef double now, due = 0.0, sent
     cdef bint retry
+    cdef Pending entry
     pending = upstream.pending
     policy = upstream.policy
     counts = upstream.counts
@@ -644,7 +664,7 @@ def serve_upstream(upstream, Counters counters, stale_errors, peer_key, double t
             if found == NULL:
                 counters.fixed[UNKNOWN] += 1
                 continue
-            entry = <object>found
+            entry = <Pending?>found  # the forwarder makes them all of this class while the fast path runs
             retry = uid == entry.retry_uid
             backend = entry.retry_backend if retry else entry.backend
             found = PyDict_GetItem(keys, backend)

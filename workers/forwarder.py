@@ -56,6 +56,8 @@ class Forwarder:
                  client_address: ClientAddress = ClientAddress(), fast: ModuleType | None = None) -> None:
         self.timeout = timeout
         self.fast = fast  # the compiled UDP path (workers/fastpath.py), or None: all in Python
+        # The pending entries' class: the compiled loops read the fields of theirs directly.
+        self.Pending: type[Pending] = fast.Pending if fast else Pending
         self.client_address = client_address
         self.retry_min = retry_min
         self.stats = stats
@@ -172,7 +174,7 @@ class Forwarder:
         query = data
         if tcp:
             query, strip_opt = wire.with_large_buffer(data, end)
-        entry = Pending(client, addr, query, lower, pool, pool.next(), strip_opt, tcp)
+        entry = self.Pending(client, addr, query, lower, pool, pool.next(), strip_opt, tcp)
         if pool.modes and not self._variants(entry, end, counts):  # none costs this test only
             return self._answer(data, _FORMERR, question, end, addr, client, counts, outbox)
         self._send(entry, counts, outbox)

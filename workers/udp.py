@@ -13,7 +13,6 @@ from dnsrouter import proxy, wire
 from . import mmsg
 from .forwarder import Forwarder
 from .types import Counts, Outbox
-from .upstream import Pending
 
 log = logging.getLogger("dnsrouter.worker")
 
@@ -55,7 +54,7 @@ def serve(sock: socket.socket, forwarder: Forwarder, counts: Counts, stopping: t
     """Forward every datagram of ``sock`` until the socket is shut down."""
     if forwarder.fast is not None:  # the same, compiled (workers/_fastpath.pyx)
         counters = forwarder.stats.add(forwarder.fast.Counters())
-        forwarder.fast.serve(sock, forwarder, counts, counters, stopping, UdpClient(sock), Pending, deque,
+        forwarder.fast.serve(sock, forwarder, counts, counters, stopping, UdpClient(sock), deque,
                              mmsg.raw_address, wire.name_to_text, _failed)
         return
     receive = mmsg.Receiver(sock).receive

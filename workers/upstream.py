@@ -51,8 +51,8 @@ _IP_RECVERR, _IPV6_RECVERR = 11, 25  # linux/in.h, linux/in6.h; the socket modul
 class Pending:
     """One query waiting for a backend's reply: its first try and its retry.
 
-    The compiled path (_fastpath.pyx, ``_pending``) makes these too, setting
-    every slot itself: a new slot goes there as well."""
+    While the compiled path runs, the entries are ``_fastpath.Pending``, the
+    same fields as a C struct: a new slot goes there as well."""
 
     __slots__ = ("client", "addr", "query", "question", "pool", "strip_opt", "tcp",
                  "backend", "sent", "uid", "retry_at", "retry_backend", "retry_sent", "retry_uid", "done",
