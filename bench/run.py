@@ -32,6 +32,7 @@ import itertools
 import math
 import os
 import random
+import shlex
 import shutil
 import socket
 import struct
@@ -245,11 +246,17 @@ def write_dnsdist_conf(path: str, port: int, backend: str, routes: int) -> None:
         f.write("\n".join(lines) + "\n")
 
 
-def router(routes_dir: str, workers: int, workdir: str, tag: str, mode: str = "none") -> Router:
+def router(routes_dir: str, workers: int, workdir: str, tag: str, mode: str = "none",
+           baseline: str | None = None) -> Router:
     """The dnsrouter of this interpreter's environment, at --log-level warning
     (not whichever comes first on PATH: that may be another build), with
     ``--client-address mode`` unless mode is none (the default); mode python:
-    the pure-Python packet path (--fast-path off), client address none."""
+    the pure-Python packet path (--fast-path off), client address none; mode
+    baseline: the command line ``baseline`` (another build), as it is."""
+    if mode == "baseline":
+        assert baseline is not None
+        return bench_router(os.path.join(workdir, f"router-{tag}"), workers=workers, routes_dir=routes_dir,
+                            executable=shlex.split(baseline))
     args = {"none": [], "python": ["--fast-path", "off"]}.get(mode, ["--client-address", mode])
     return bench_router(os.path.join(workdir, f"router-{tag}"), workers=workers, routes_dir=routes_dir, args=args)
 
@@ -411,6 +418,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--flood", action="store_true",
                    help="also measure every saturating run with names never seen before in the run "
                         "(h + 12 random digits: NXDOMAIN from the backend), in a table of their own")
+    p.add_argument("--baseline", metavar="COMMAND",
+                   help="another dnsrouter build's command line (say, a virtual environment of the previous "
+                        "release, with flags), measured beside the others as mode baseline")
     a = p.parse_args(argv)
     a.client_address = list(dict.fromkeys(m.strip() for m in a.client_address.split(",")))
     for m in a.client_address:
@@ -418,6 +428,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"unknown client address mode {m!r} (known: {', '.join(CLIENT_ADDRESS_MODES)})")
     if a.python_path:  # measured like one more mode: its own router, runs interleaved
         a.client_address.append("python")
+    if a.baseline:
+        a.client_address.append("baseline")
     a.routes = [int(x) for x in (a.routes or ("1,1000" if a.quick else "1,1000,10000")).split(",")]
     a.workers = [int(x) for x in a.workers.split(",")]
     a.transport = [t.strip() for t in a.transport.split(",")]
@@ -483,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         caller stops them all, even when one fails); check: the sanity check."""
         for mode in args.client_address:
             who = mode_tag(tag, mode)
-            routers[mode] = r = router(rdir, w, workdir, who, mode)
+            routers[mode] = r = router(rdir, w, workdir, who, mode, args.baseline)
             ready_s = start(r, args.startup_timeout)
             mode_note = "" if mode == "none" else f" client-address={mode}"
             log(f"dnsrouter routes={routes} workers={w}{mode_note} answering after {ready_s:.1f}s")
