@@ -668,7 +668,12 @@ def serve_upstream(upstream, Counters counters, stale_errors, peer_key, double t
             retry = uid == entry.retry_uid
             backend = entry.retry_backend if retry else entry.backend
             found = PyDict_GetItem(keys, backend)
-            key = <object>found if found != NULL else keys.setdefault(backend, peer_key(backend))
+            if found == NULL:
+                if len(keys) >= BACKENDS:
+                    keys.clear()  # backends come and go over months: bounded
+                keys[backend] = key = peer_key(backend)
+            else:
+                key = <object>found
             size = PyBytes_GET_SIZE(key)
             if size > receiver.name_size or memcmp(receiver.names + i * NAME, PyBytes_AS_STRING(key), size):
                 counters.fixed[WRONG_SOURCE] += 1
