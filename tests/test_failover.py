@@ -160,12 +160,18 @@ def test_a_lossy_pool_of_one_fails_no_query_thanks_to_the_retry(router):
             wait_until(lambda: load.sent >= 500, 15, message="load stalled")
         dropped = (fake.count("udp") - lost_from) // fake.loss_every
         assert dropped >= 45, f"the backend dropped only {dropped} queries"
-        assert not load.failures, (f"{len(load.failures)} of {load.sent} queries failed with {dropped} "
-                                   f"dropped by the backend: {load.failures[:20]}\n{router_lines(r, 'backend')}")
+        lossy = [q for q in fake.received if q.transport == "udp"][lost_from:]
+        # A query fails only when the backend dropped its retry as well: when
+        # a slow spell of the machine put the retry on the next 10th datagram.
+        lost_names = {q.qname for k, q in enumerate(lossy) if (k + 1) % fake.loss_every == 0}
+        kept_names = {q.qname for k, q in enumerate(lossy) if (k + 1) % fake.loss_every}
+        failed = [f for f in load.failures if f.split()[0] not in lost_names - kept_names]
+        assert not failed and len(load.failures) <= 2, (
+            f"{len(load.failures)} of {load.sent} queries failed with {dropped} dropped by the backend: "
+            f"{load.failures[:20]}\n{router_lines(r, 'backend')}")
         # Each dropped query was asked again, of the same member (a pool of one)
         # -- unless the dropped datagram was itself the retry of a first try
         # the router had not read in time (a busy machine), which then answered.
-        lossy = [q for q in fake.received if q.transport == "udp"][lost_from:]
         for k in range(fake.loss_every - 1, len(lossy), fake.loss_every):
             lost = lossy[k]
             if lost.qname:
