@@ -55,9 +55,29 @@ cdef extern from "<sys/socket.h>" nogil:
     int sendmmsg(int fd, mmsghdr *vec, unsigned int n, int flags)
     ssize_t sendto(int fd, const void *buf, size_t n, int flags, const void *addr, socklen_t len)
     enum: MSG_WAITFORONE
+    enum: MSG_DONTWAIT
     enum: AF_INET6
 
+cdef extern from "<sys/epoll.h>" nogil:
+    ctypedef union epoll_data_t:
+        unsigned int u32
+    cdef struct epoll_event:
+        unsigned int events
+        epoll_data_t data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+    enum: EPOLL_CLOEXEC
+    enum: EPOLL_CTL_ADD
+    enum: EPOLL_CTL_DEL
+    enum: EPOLLIN
+    enum: EPOLLERR
+
+cdef extern from "<unistd.h>" nogil:
+    int close(int fd)
+
 cdef extern from "<errno.h>":
+    enum: EAGAIN
     enum: ECONNREFUSED
     enum: EHOSTUNREACH
     enum: ENETUNREACH
@@ -206,15 +226,18 @@ cdef class Receiver:
     cdef object _sock
     cdef int fd
     cdef int name_size
+    cdef int flags
     cdef unsigned int n
     cdef unsigned char *buffer
     cdef unsigned char *names
     cdef iovec iov[BATCH]
     cdef mmsghdr hdrs[BATCH]
 
-    def __cinit__(self, sock, unsigned int n=BATCH):
+    def __cinit__(self, sock, unsigned int n=BATCH, bint wait=True):
         self._sock = sock  # keeps the descriptor open while we use its number
         self.fd = sock.fileno()
+        # wait=False: what is there now, EAGAIN if nothing (a socket epoll said is readable)
+        self.flags = MSG_WAITFORONE if wait else MSG_DONTWAIT
         self.name_size = NAME if sock.family == AF_INET6 else 16
         self.n = min(max(n, 1), BATCH)
         # malloc of 2 MiB maps anonymous memory: a slot's pages are backed only once touched
@@ -242,7 +265,7 @@ cdef class Receiver:
         with nogil:
             for i in range(self.n):
                 self.hdrs[i].msg_hdr.msg_namelen = self.name_size
-            got = recvmmsg(self.fd, self.hdrs, self.n, MSG_WAITFORONE, NULL)
+            got = recvmmsg(self.fd, self.hdrs, self.n, self.flags, NULL)
             if got < 0:
                 error = errno
         if got < 0:
@@ -623,36 +646,49 @@ cdef void _answered(policy, backend, double sent, double rtt, counts, Counters c
     policy.rtos[backend] = min(max(srtt + 4 * rttvar, <double>policy.retry_min), <double>policy.timeout / 2)
 
 
-def serve_upstream(upstream, Counters counters, stale_errors, peer_key, double tick, latency_buckets):
-    """``Upstream.serve``: receive replies and run the clocks until closed.
-    The batch loop is here; the clocks (retries, timeouts, ICMP errors) are
-    the upstream's own Python methods, counting in ``upstream.counts``;
-    this loop counts in ``counters``. ``stale_errors`` and ``peer_key`` as
-    in mmsg; ``tick``, upstream.TICK; ``latency_buckets``, control.LATENCY_BUCKETS."""
-    cdef double[::1] buckets = array.array("d", latency_buckets)
-    if counters.nbuckets != buckets.shape[0] + 1:
-        raise ValueError("the counters were made for other latency buckets")
-    cdef Receiver receiver = Receiver(upstream.sock)
-    cdef Outbox outbox = Outbox()
-    cdef int got, i, uid, slot
-    cdef const unsigned char *p
-    cdef Py_ssize_t length, size
-    cdef PyObject *found
-    cdef double now, due = 0.0, sent
-    cdef bint retry
-    cdef Pending entry
-    pending = upstream.pending
-    policy = upstream.policy
-    counts = upstream.counts
-    keys = {}  # backend -> the part of a raw address that names it
-    while not upstream._closing:
-        got = 0
+cdef class _Replies:
+    """The reply side of one upstream socket (``Upstream.serve``'s batch,
+    compiled): its receiver and what its loop reads of the upstream."""
+
+    cdef object upstream, pending, policy, counts, peer_key
+    cdef Counters counters
+    cdef Receiver receiver
+    cdef dict keys
+    cdef double due
+    cdef int got
+    cdef bint closed
+
+    def __cinit__(self, upstream, Counters counters, peer_key):
+        self.upstream = upstream
+        self.counters = counters
+        self.peer_key = peer_key
+        self.receiver = Receiver(upstream.sock, wait=False)
+        self.pending = upstream.pending
+        self.policy = upstream.policy
+        self.counts = upstream.counts
+        self.keys = {}  # backend -> the part of a raw address that names it
+
+    cdef int take(self, double now, Outbox outbox, double[::1] buckets, stale_errors) except -1:
+        """Read what waits on the socket (a batch at most) and relay the replies."""
+        cdef Receiver receiver = self.receiver
+        cdef Counters counters = self.counters
+        cdef int got, i, uid, slot
+        cdef const unsigned char *p
+        cdef Py_ssize_t length, size
+        cdef PyObject *found
+        cdef double sent
+        cdef bint retry
+        cdef Pending entry
+        pending = self.pending
+        keys = self.keys
+        self.got = 0
         try:
             got = receiver.wait()
         except OSError as e:
             if e.errno in stale_errors:
-                upstream._errors(counts, outbox)
-        now = _monotonic()
+                self.upstream._errors(self.counts, outbox)
+            return 0  # EAGAIN: someone read it first, or an error taken by a send
+        self.got = got
         for i in range(got):
             p = receiver.data(i)
             length = receiver.length(i)
@@ -671,7 +707,7 @@ def serve_upstream(upstream, Counters counters, stale_errors, peer_key, double t
             if found == NULL:
                 if len(keys) >= BACKENDS:
                     keys.clear()  # backends come and go over months: bounded
-                keys[backend] = key = peer_key(backend)
+                keys[backend] = key = self.peer_key(backend)
             else:
                 key = <object>found
             size = PyBytes_GET_SIZE(key)
@@ -686,13 +722,13 @@ def serve_upstream(upstream, Counters counters, stale_errors, peer_key, double t
                 continue
             PyDict_DelItem(pending, uid)
             sent = entry.retry_sent if retry else entry.sent
-            _answered(policy, backend, sent, now - sent, counts, counters, buckets)
+            _answered(self.policy, backend, sent, now - sent, self.counts, counters, buckets)
             if entry.done:
                 slot = counters.slot(backend)  # the other try won, or the timeout
                 if slot >= 0:
                     counters.late_replies[slot] += 1
                 else:
-                    _count(counts, ("late_replies", backend))
+                    _count(self.counts, ("late_replies", backend))
                 continue
             entry.done = True
             if retry:  # the try that answered becomes the first: entry.backend answered
@@ -701,18 +737,86 @@ def serve_upstream(upstream, Counters counters, stale_errors, peer_key, double t
                 entry.sent, entry.retry_sent = entry.retry_sent, entry.sent
             data = receiver.payload(i)
             if entry.tcp or entry.variants is not None:
-                policy.reply(entry, data, counts, outbox)
+                self.policy.reply(entry, data, self.counts, outbox)
                 continue
             # Forwarder._relay for a query forwarded as it came: the client's ID back
             counters.responses[p[3] & 0xF] += 1
             outbox.add(entry.client.fd, _with_id(<const unsigned char *>PyBytes_AS_STRING(entry.query), data),
                        entry.addr)
-        if now >= due:
-            upstream._errors(counts, outbox)  # see Upstream.serve: a send may have taken the error
-            if got < BATCH:
-                upstream._retries(now, counts, outbox)
+        return got
+
+    cdef void clocks(self, double now, double tick, Outbox outbox) except *:
+        """Upstream.serve's clocks, every tick: errors, retries, timeouts."""
+        upstream = self.upstream
+        if now >= self.due:
+            upstream._errors(self.counts, outbox)  # see Upstream.serve: a send may have taken the error
+            if self.got < BATCH:
+                upstream._retries(now, self.counts, outbox)
             if now >= upstream._scan_at:
-                upstream._timeouts(now, counts)
-            due = now + tick
-        outbox.flush()
-    upstream.sock.close()
+                upstream._timeouts(now, self.counts)
+            self.due = now + tick
+
+
+cdef enum:
+    SOCKETS = 64  # upstream sockets one thread serves at most
+
+
+def serve_upstreams(upstreams, counters, stale_errors, peer_key, double tick, latency_buckets):
+    """``Upstream.serve`` for several upstream sockets in one thread, each
+    with its own ``Counters`` (``counters``, in the same order): receive
+    replies and run the clocks until every one is closed. One thread and
+    one epoll set rather than a thread each: a worker's threads take turns
+    at the interpreter, and each reply batch of one socket less would be a
+    wake-up and a hand-over of the GIL. The batch loop is here; the clocks
+    (retries, timeouts, ICMP errors) are the upstream's own Python methods,
+    counting in ``upstream.counts``; this loop counts in the counters.
+    ``stale_errors`` and ``peer_key`` as in mmsg; ``tick``, upstream.TICK;
+    ``latency_buckets``, control.LATENCY_BUCKETS."""
+    cdef double[::1] buckets = array.array("d", latency_buckets)
+    cdef list loops = []
+    cdef _Replies loop
+    cdef Counters each
+    if not 0 < len(upstreams) <= SOCKETS or len(counters) != len(upstreams):
+        raise ValueError("one set of counters for each of 1 to 64 upstream sockets")
+    for upstream, each in zip(upstreams, counters):
+        if each.nbuckets != buckets.shape[0] + 1:
+            raise ValueError("the counters were made for other latency buckets")
+        loops.append(_Replies(upstream, each, peer_key))
+    cdef Outbox outbox = Outbox()
+    cdef epoll_event events[SOCKETS]
+    cdef int epfd = epoll_create1(EPOLL_CLOEXEC), ready, j, open_ = len(loops)
+    cdef int timeout = <int>(tick * 1000 + 0.999)  # ms, rounded up: wakes for due retries when no reply does
+    cdef double now
+    if epfd < 0:
+        raise OSError(errno, "epoll_create1 failed")
+    try:
+        for j, loop in enumerate(loops):
+            events[0].events = EPOLLIN | EPOLLERR
+            events[0].data.u32 = j
+            if epoll_ctl(epfd, EPOLL_CTL_ADD, loop.receiver.fd, &events[0]) < 0:
+                raise OSError(errno, "epoll_ctl failed")
+        while open_:
+            with nogil:
+                ready = epoll_wait(epfd, events, SOCKETS, timeout)
+            now = _monotonic()
+            for j in range(max(ready, 0)):  # < 0: EINTR, a signal for the main thread
+                loop = loops[events[j].data.u32]
+                if loop.closed:
+                    continue
+                if events[j].events & EPOLLERR:  # an ICMP error: its queue drained, or epoll says so again at once
+                    loop.upstream._errors(loop.counts, outbox)
+                loop.take(now, outbox, buckets, stale_errors)
+            for loop in loops:
+                if loop.closed:
+                    continue
+                loop.clocks(now, tick, outbox)
+                loop.got = 0
+                if loop.upstream._closing:  # Upstream.close: the socket closed by its reader, here
+                    epoll_ctl(epfd, EPOLL_CTL_DEL, loop.receiver.fd, NULL)
+                    loop.closed = True
+                    open_ -= 1
+            outbox.flush()
+    finally:
+        close(epfd)
+        for loop in loops:
+            loop.upstream.sock.close()

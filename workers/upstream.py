@@ -200,9 +200,7 @@ class Upstream:
     def serve(self) -> None:
         """Receive replies and run the clocks, forever (the socket's own thread)."""
         if self.fast is not None:  # the same batch loop, compiled (workers/_fastpath.pyx)
-            if self.counters is None:
-                raise ValueError("the compiled reply loop needs its counters")
-            self.fast.serve_upstream(self, self.counters, mmsg.STALE_ERRORS, mmsg.peer_key, TICK, LATENCY_BUCKETS)
+            serve_together([self])
             return
         receive = mmsg.Receiver(self.sock).receive
         pending = self.pending
@@ -345,3 +343,14 @@ class Upstream:
             elif pending.get(entry.uid if retry else entry.retry_uid) is not entry:
                 entry.done = True  # both tries unreachable: nothing to wait for
                 self.policy.fail(entry, counts)
+
+
+def serve_together(upstreams: list[Upstream]) -> None:
+    """Upstream.serve for all of ``upstreams`` (compiled ones, of one
+    forwarder) in the calling thread: one thread for the sockets of an
+    address family, so a reply batch costs no hand-over between threads."""
+    fast = upstreams[0].fast
+    if fast is None or any(u.counters is None for u in upstreams):
+        raise ValueError("serving upstreams together needs the compiled loop and its counters")
+    fast.serve_upstreams(upstreams, [u.counters for u in upstreams], mmsg.STALE_ERRORS, mmsg.peer_key, TICK,
+                         LATENCY_BUCKETS)
