@@ -293,7 +293,9 @@ cdef class Receiver:
 cdef class Outbox:
     """What one thread sends during one batch (``mmsg.Outbox``): the
     payloads are not copied, the iovecs point into the bytes objects, which
-    the outbox holds until they are sent."""
+    the outbox holds until they are sent, or into a Receiver's slots
+    (``add_from``: a forwarded query or reply goes out of the slot it came
+    in, its ID rewritten in place)."""
 
     cdef public int pick  # which upstream socket this batch's queries leave from
     cdef int count
@@ -322,22 +324,30 @@ cdef class Outbox:
         return self.ids[self.next_id - 1]
 
     cpdef add(self, int fd, bytes payload, bytes name):
-        cdef Py_ssize_t size = PyBytes_GET_SIZE(name)
-        if size > NAME:
+        self.add_from(fd, <unsigned char *>PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload),
+                      <const unsigned char *>PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name))
+        self._held.append(payload)
+
+    cdef int add_from(self, int fd, unsigned char *data, Py_ssize_t size, const unsigned char *name,
+                      Py_ssize_t name_size) except -1:
+        """As ``add``, of a datagram in a Receiver's slot, not copied: the
+        slot must stay as it is until the flush, which every loop here does
+        before its receiver reads again."""
+        if name_size > NAME:
             raise ValueError("not a socket address")
         if self.count == OUT:
             self.flush()
         cdef int i = self.count
         self.fds[i] = fd
-        memcpy(self.names[i], PyBytes_AS_STRING(name), size)
-        self.iov[i].iov_base = PyBytes_AS_STRING(payload)
-        self.iov[i].iov_len = PyBytes_GET_SIZE(payload)
+        memcpy(self.names[i], name, name_size)
+        self.iov[i].iov_base = data
+        self.iov[i].iov_len = size
         self.hdrs[i].msg_hdr.msg_name = self.names[i]
-        self.hdrs[i].msg_hdr.msg_namelen = <socklen_t>size
+        self.hdrs[i].msg_hdr.msg_namelen = <socklen_t>name_size
         self.hdrs[i].msg_hdr.msg_iov = &self.iov[i]
         self.hdrs[i].msg_hdr.msg_iovlen = 1
-        self._held.append(payload)
         self.count = i + 1
+        return 0
 
     cpdef flush(self):
         cdef int count = self.count
@@ -472,17 +482,6 @@ cdef class Counters:
         return out
 
 
-cdef inline bytes _with_id(const unsigned char *head, bytes message):
-    """``message`` with its first two bytes replaced by ``head``'s."""
-    cdef Py_ssize_t size = PyBytes_GET_SIZE(message)
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, size)
-    cdef char *o = PyBytes_AS_STRING(out)
-    memcpy(o + 2, PyBytes_AS_STRING(message) + 2, size - 2)
-    o[0] = head[0]
-    o[1] = head[1]
-    return out
-
-
 # -- the client side -----------------------------------------------------------
 
 cdef class Pending:
@@ -532,7 +531,7 @@ def serve(sock, forwarder, counts, Counters counters, stopping, client, deque, r
     cdef int got, i, end, uid, taken, slot
     cdef int ends[BATCH]
     cdef unsigned char keys[BATCH][KEY]
-    cdef unsigned char head[2]
+    cdef unsigned char *slot_data
     cdef Py_ssize_t length
     cdef PyObject *found
     cdef double now
@@ -605,9 +604,12 @@ def serve(sock, forwarder, counts, Counters counters, stopping, client, deque, r
                 found = PyDict_GetItem(upstream.waiting, backend)
                 waiting = <object>found if found != NULL else upstream.waiting.setdefault(backend, deque())
                 waiting.append(entry)
-                head[0] = uid >> 8
-                head[1] = uid & 0xFF
-                outbox.add(upstream.fd, _with_id(head, data), peer[0])
+                raw = peer[0]
+                slot_data = <unsigned char *>receiver.data(i)  # our ID in the slot: entry.query keeps the client's
+                slot_data[0] = uid >> 8
+                slot_data[1] = uid & 0xFF
+                outbox.add_from(upstream.fd, slot_data, length, <const unsigned char *>PyBytes_AS_STRING(raw),
+                                PyBytes_GET_SIZE(raw))
                 slot = counters.slot(backend)
                 if slot >= 0:
                     counters.backend_queries[slot] += 1
@@ -735,14 +737,16 @@ cdef class _Replies:
                 entry.backend, entry.retry_backend = entry.retry_backend, entry.backend
                 entry.uid, entry.retry_uid = entry.retry_uid, entry.uid
                 entry.sent, entry.retry_sent = entry.retry_sent, entry.sent
-            data = receiver.payload(i)
             if entry.tcp or entry.variants is not None:
-                self.policy.reply(entry, data, self.counts, outbox)
+                self.policy.reply(entry, receiver.payload(i), self.counts, outbox)
                 continue
-            # Forwarder._relay for a query forwarded as it came: the client's ID back
+            # Forwarder._relay for a query forwarded as it came: the client's ID back, in the slot
             counters.responses[p[3] & 0xF] += 1
-            outbox.add(entry.client.fd, _with_id(<const unsigned char *>PyBytes_AS_STRING(entry.query), data),
-                       entry.addr)
+            query = entry.query
+            addr = entry.addr
+            memcpy(<unsigned char *>p, PyBytes_AS_STRING(query), 2)
+            outbox.add_from(entry.client.fd, <unsigned char *>p, length, <const unsigned char *>PyBytes_AS_STRING(addr),
+                            PyBytes_GET_SIZE(addr))
         return got
 
     cdef void clocks(self, double now, double tick, Outbox outbox) except *:
