@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import struct
 import sys
+import threading
 
 import dns.exception
 import dns.message
@@ -19,9 +20,13 @@ from dnsrouter import wire
 from dnsrouter.errors import WireError
 from dnsrouter.address import parse_address
 from dnsrouter.control import LATENCY_BUCKETS
-from dnsrouter.routes import Matcher, Route
+from dnsrouter.routes import Matcher, Pool, Route
+from dnsrouter.workers.forwarder import Forwarder
 from dnsrouter.workers.stats import Stats
-from dnsrouter.workers import fastpath, mmsg
+from dnsrouter.workers.upstream import Upstream, serve_together
+from dnsrouter.workers import fastpath, mmsg, udp
+from support.fake_backend import FakeBackend
+from support.net import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +139,85 @@ def test_an_outbox_past_its_room_sends_on_its_own(compiled):
         assert [receiver.recv(100) for _ in payloads] == payloads
         with pytest.raises(ValueError):
             outbox.add(sender.fileno(), b"x", bytes(29))  # longer than any socket address
+
+
+def test_one_thread_relays_the_replies_of_each_upstream_socket_until_each_is_closed(compiled):
+    """upstream.serve_together, the compiled reply loop of a family's sockets:
+    a reply goes back with the client's ID (rewritten in the slot it came in),
+    whichever socket it came on; a closed socket is closed by that thread and
+    the others go on; the thread ends when the last one is closed."""
+    forwarder = Forwarder(2.0, Stats(), fast=compiled)
+    upstreams = [Upstream(socket.AF_INET, forwarder, forwarder.stats.for_thread(), fast=compiled,
+                          counters=forwarder.stats.add(compiled.Counters(len(LATENCY_BUCKETS))))
+                 for _ in range(3)]
+    thread = threading.Thread(target=serve_together, args=(upstreams,), daemon=True)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.bind(("127.0.0.1", 0))
+    client.settimeout(2)
+
+    class Client:  # where the loop sends the relayed reply from
+        fd = client.fileno()
+
+    raw = mmsg.raw_address(parse_address("127.0.0.1:%d" % client.getsockname()[1]))
+    with FakeBackend("ok") as backend, client:
+        address = parse_address(backend.addr)
+        pool = Pool(Route(r"\.test\.$", (address,)), (address,))
+
+        def ask(names: list[str], through: list[Upstream]) -> set:
+            asked = set()
+            for name, upstream in zip(names, through):
+                query = dns.message.make_query(name, "A")
+                data = query.to_wire()
+                assert upstream.send(compiled.Pending(Client(), raw, data, data[12:], pool, address, False, False))
+                asked.add((query.id, query.question[0].name))
+            replies = [dns.message.from_wire(client.recv(512)) for _ in names]
+            return asked ^ {(r.id, r.question[0].name) for r in replies}  # nothing but what was asked
+
+        thread.start()
+        try:
+            assert ask([f"q{i}.test." for i in range(6)], upstreams * 2) == set()
+            upstreams[0].close()
+            wait_until(lambda: upstreams[0].sock.fileno() == -1, 2, message="the closed socket stayed open")
+            assert ask(["after1.test.", "after2.test."], upstreams[1:]) == set()
+        finally:
+            for upstream in upstreams:
+                upstream.close()
+            thread.join(2)
+        assert not thread.is_alive()
+        assert [u.sock.fileno() for u in upstreams] == [-1] * 3
+        assert forwarder.stats.delta()["responses", 0] == 8
+
+
+def test_the_udp_thread_serves_the_upstreams_it_adopted_and_hands_them_on_when_its_socket_shuts(compiled):
+    """On the compiled path the first udp thread serves the IPv4 upstream
+    sockets too (Forwarder.start(adopted=True)). A shut-down listening socket
+    ends the thread at once (the drain waits for it), and the replies to the
+    queries still in flight are relayed all the same."""
+    forwarder = Forwarder(2.0, Stats(), fast=compiled)
+    forwarder.start(adopted=True)
+    listening = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listening.bind(("127.0.0.1", 0))
+    stopping = threading.Event()
+    with FakeBackend("delay", delay=1.0) as backend, listening, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        address = parse_address(backend.addr)
+        forwarder.matcher = Matcher([Route(r"\.test\.$", (address,))])
+        thread = threading.Thread(target=udp.serve, args=(listening, forwarder, forwarder.stats.for_thread(), stopping),
+                                  daemon=True)
+        thread.start()
+        assert forwarder.adopt() == []  # the thread took them
+        query = dns.message.make_query("slow.test.", "A")
+        client.sendto(query.to_wire(), listening.getsockname())
+        wait_until(lambda: backend.count("udp") == 1, 2, message="the query was not forwarded")
+        stopping.set()
+        with pytest.raises(OSError):  # ENOTCONN for a UDP socket, which is shut down all the same
+            listening.shutdown(socket.SHUT_RD)
+        thread.join(0.8)  # before the backend answers
+        assert not thread.is_alive()
+        client.settimeout(2)
+        reply = dns.message.from_wire(client.recv(512))
+        assert (reply.id, reply.question[0].name) == (query.id, query.question[0].name)
+        assert [t for t in threading.enumerate() if t.name == "upstream"]  # they go on in a thread of their own
 
 
 def test_the_reporter_sums_counters_kept_elsewhere_with_the_threads_counts(compiled):

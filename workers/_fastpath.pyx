@@ -517,39 +517,55 @@ cdef inline Pending _fill(Pending entry, client, addr, bytes query, bytes questi
     return entry  # the rest as __new__ leaves it: 0, False, None
 
 
-def serve(sock, forwarder, counts, Counters counters, stopping, client, deque, raw_address, name_to_text, failed):
-    """``udp.serve`` for one listening socket: forward every datagram until
-    the socket is shut down. ``counts`` are the thread's own (for the
-    Python path's work), ``counters`` what this loop counts itself, both
-    read by the reporter. ``client`` is the socket's ``udp.UdpClient``;
-    the rest is what the Python modules use for the same work (passed in:
-    this module imports nothing of ours): ``deque``, of the retry queues;
-    ``raw_address`` and ``name_to_text`` as in mmsg and wire; ``failed()``,
-    which logs the exception being handled."""
-    cdef Receiver receiver = Receiver(sock)
-    cdef Outbox outbox = Outbox()
-    cdef int got, i, end, uid, taken, slot
+cdef class _Queries:
+    """The client side of one listening socket (``udp.serve``'s batch,
+    compiled): its receiver and what its loop reads of the forwarder."""
+
+    cdef Receiver receiver
+    cdef object forwarder, counts, stopping, client, deque, raw_address, name_to_text, failed, handle
+    cdef Counters counters
+    cdef dict peers
     cdef int ends[BATCH]
     cdef unsigned char keys[BATCH][KEY]
-    cdef unsigned char *slot_data
-    cdef Py_ssize_t length
-    cdef PyObject *found
-    cdef double now
-    handle = forwarder.handle
-    sockets = forwarder.SOCKETS
-    peers = {}  # backend -> (raw address, family), for the worker's few backends
-    cdef Pending entry
-    while True:
+
+    def __cinit__(self, sock, forwarder, counts, Counters counters, stopping, client, deque, raw_address,
+                  name_to_text, failed):
+        self.receiver = Receiver(sock, wait=False)
+        self.forwarder = forwarder
+        self.counts = counts
+        self.counters = counters
+        self.stopping = stopping
+        self.client = client
+        self.deque = deque
+        self.raw_address = raw_address
+        self.name_to_text = name_to_text
+        self.failed = failed
+        self.handle = forwarder.handle
+        self.peers = {}  # backend -> (raw address, family), for the worker's few backends
+
+    cdef bint take(self, Outbox outbox) except -1:
+        """Forward what waits on the socket (a batch at most); False once the
+        socket is shut down and drained."""
+        cdef Receiver receiver = self.receiver
+        cdef Counters counters = self.counters
+        cdef int got, i, end, uid, taken = 0, slot
+        cdef unsigned char *slot_data
+        cdef Py_ssize_t length
+        cdef PyObject *found
+        cdef double now
+        cdef Pending entry
         try:
             got = receiver.wait()
-        except OSError as e:
-            if e.errno != EINTR and stopping.is_set():
-                return
-            continue
+        except OSError as e:  # EAGAIN: nothing there (a read of a socket shut down does not say so)
+            return e.errno == EINTR or not self.stopping.is_set()
         with nogil:
             for i in range(got):
-                ends[i] = _classify(receiver.data(i), receiver.length(i), keys[i])
-        taken = 0
+                self.ends[i] = _classify(receiver.data(i), receiver.length(i), self.keys[i])
+        forwarder = self.forwarder
+        handle = self.handle
+        client = self.client
+        counts = self.counts
+        peers = self.peers
         # Read once a batch: a new table or setting takes effect from the next batch.
         matcher = forwarder.matcher
         cache = matcher._cache
@@ -558,20 +574,19 @@ def serve(sock, forwarder, counts, Counters counters, stopping, client, deque, r
         rtos = forwarder.rtos
         for i in range(got):
             length = receiver.length(i)
-            if length == 0 and stopping.is_set():
-                outbox.flush()
-                return  # shutdown(SHUT_RD) reads empty once the queue is drained
+            if length == 0 and self.stopping.is_set():
+                return False  # shutdown(SHUT_RD) reads empty once the queue is drained
             data = receiver.payload(i)
             addr = receiver.peer(i)
-            end = ends[i]
+            end = self.ends[i]
             if end < 0 or python_only:
                 handle(data, addr, client, counts, outbox=outbox)
                 continue
             try:
-                lower = PyBytes_FromStringAndSize(<char *>keys[i], end - 12)
-                name = PyBytes_FromStringAndSize(<char *>keys[i], end - 16)  # without type and class
+                lower = PyBytes_FromStringAndSize(<char *>self.keys[i], end - 12)
+                name = PyBytes_FromStringAndSize(<char *>self.keys[i], end - 16)  # without type and class
                 found = PyDict_GetItem(cache, name)
-                pool = <object>found if found != NULL else _route(matcher, keys[i], name, name_to_text)
+                pool = <object>found if found != NULL else _route(matcher, self.keys[i], name, self.name_to_text)
                 if pool is None or pool.modes:  # SERVFAIL, or a member that learns the client's address
                     handle(data, addr, client, counts, outbox=outbox)
                     continue
@@ -581,12 +596,12 @@ def serve(sock, forwarder, counts, Counters counters, stopping, client, deque, r
                 if found == NULL:
                     if len(peers) >= BACKENDS:
                         peers.clear()  # backends come and go over months: bounded
-                    peers[backend] = peer = (raw_address(backend), backend.family)
+                    peers[backend] = peer = (self.raw_address(backend), backend.family)
                 else:
                     peer = <tuple>found
                 found = PyDict_GetItem(by_family, peer[1])
                 upstreams = <object>found if found != NULL else forwarder._family(peer[1])
-                upstream = upstreams[outbox.pick % sockets]
+                upstream = upstreams[outbox.pick % len(upstreams)]
                 pending = upstream.pending
                 if len(pending) >= upstream.limit:
                     counters.fixed[IN_FLIGHT] += 1
@@ -602,7 +617,7 @@ def serve(sock, forwarder, counts, Counters counters, stopping, client, deque, r
                     if PyDict_SetDefault(pending, uid, entry) == <PyObject *>entry:
                         break
                 found = PyDict_GetItem(upstream.waiting, backend)
-                waiting = <object>found if found != NULL else upstream.waiting.setdefault(backend, deque())
+                waiting = <object>found if found != NULL else upstream.waiting.setdefault(backend, self.deque())
                 waiting.append(entry)
                 raw = peer[0]
                 slot_data = <unsigned char *>receiver.data(i)  # our ID in the slot: entry.query keeps the client's
@@ -617,9 +632,26 @@ def serve(sock, forwarder, counts, Counters counters, stopping, client, deque, r
                     _count(counts, ("backend_queries", backend))
             except Exception:  # a bug must cost one query, never the worker
                 counters.fixed[ERROR] += 1
-                failed()
+                self.failed()
         counters.fixed[QUERIES] += taken
-        outbox.flush()
+        return True
+
+
+def serve(sock, forwarder, counts, Counters counters, stopping, client, deque, raw_address, name_to_text, failed,
+          replies=(), stale_errors=(), double tick=0.0):
+    """``udp.serve`` for one listening socket: forward every datagram until
+    the socket is shut down. ``counts`` are the thread's own (for the
+    Python path's work), ``counters`` what this loop counts itself, both
+    read by the reporter. ``client`` is the socket's ``udp.UdpClient``;
+    the rest is what the Python modules use for the same work (passed in:
+    this module imports nothing of ours): ``deque``, of the retry queues;
+    ``raw_address`` and ``name_to_text`` as in mmsg and wire; ``failed()``,
+    which logs the exception being handled. With ``replies`` (``Replies``
+    of upstream sockets, ``stale_errors`` and ``tick`` as for
+    ``serve_upstreams``), the same thread serves those sockets too, until
+    the listening socket is shut down; it returns the upstreams still open."""
+    return _loop(_Queries(sock, forwarder, counts, counters, stopping, client, deque, raw_address, name_to_text,
+                          failed), list(replies), stale_errors, tick)
 
 
 # -- the reply side ------------------------------------------------------------
@@ -648,19 +680,25 @@ cdef void _answered(policy, backend, double sent, double rtt, counts, Counters c
     policy.rtos[backend] = min(max(srtt + 4 * rttvar, <double>policy.retry_min), <double>policy.timeout / 2)
 
 
-cdef class _Replies:
+cdef class Replies:
     """The reply side of one upstream socket (``Upstream.serve``'s batch,
-    compiled): its receiver and what its loop reads of the upstream."""
+    compiled): its receiver and what its loop reads of the upstream.
+    ``counters``, this socket's (``Upstream.counters``); ``peer_key`` as in
+    mmsg; ``latency_buckets``, control.LATENCY_BUCKETS."""
 
     cdef object upstream, pending, policy, counts, peer_key
     cdef Counters counters
     cdef Receiver receiver
+    cdef double[::1] buckets
     cdef dict keys
     cdef double due
     cdef int got
     cdef bint closed
 
-    def __cinit__(self, upstream, Counters counters, peer_key):
+    def __cinit__(self, upstream, Counters counters, peer_key, latency_buckets):
+        self.buckets = array.array("d", latency_buckets)
+        if counters.nbuckets != self.buckets.shape[0] + 1:
+            raise ValueError("the counters were made for other latency buckets")
         self.upstream = upstream
         self.counters = counters
         self.peer_key = peer_key
@@ -670,7 +708,7 @@ cdef class _Replies:
         self.counts = upstream.counts
         self.keys = {}  # backend -> the part of a raw address that names it
 
-    cdef int take(self, double now, Outbox outbox, double[::1] buckets, stale_errors) except -1:
+    cdef int take(self, double now, Outbox outbox, stale_errors) except -1:
         """Read what waits on the socket (a batch at most) and relay the replies."""
         cdef Receiver receiver = self.receiver
         cdef Counters counters = self.counters
@@ -724,7 +762,7 @@ cdef class _Replies:
                 continue
             PyDict_DelItem(pending, uid)
             sent = entry.retry_sent if retry else entry.sent
-            _answered(self.policy, backend, sent, now - sent, self.counts, counters, buckets)
+            _answered(self.policy, backend, sent, now - sent, self.counts, counters, self.buckets)
             if entry.done:
                 slot = counters.slot(backend)  # the other try won, or the timeout
                 if slot >= 0:
@@ -762,65 +800,73 @@ cdef class _Replies:
 
 
 cdef enum:
-    SOCKETS = 64  # upstream sockets one thread serves at most
+    SOURCES = 64  # sockets one loop serves at most
+    CLIENT = SOURCES  # the epoll tag of the listening socket
 
 
-def serve_upstreams(upstreams, counters, stale_errors, peer_key, double tick, latency_buckets):
-    """``Upstream.serve`` for several upstream sockets in one thread, each
-    with its own ``Counters`` (``counters``, in the same order): receive
-    replies and run the clocks until every one is closed. One thread and
-    one epoll set rather than a thread each: a worker's threads take turns
-    at the interpreter, and each reply batch of one socket less would be a
-    wake-up and a hand-over of the GIL. The batch loop is here; the clocks
-    (retries, timeouts, ICMP errors) are the upstream's own Python methods,
-    counting in ``upstream.counts``; this loop counts in the counters.
-    ``stale_errors`` and ``peer_key`` as in mmsg; ``tick``, upstream.TICK;
-    ``latency_buckets``, control.LATENCY_BUCKETS."""
-    cdef double[::1] buckets = array.array("d", latency_buckets)
-    cdef list loops = []
-    cdef _Replies loop
-    cdef Counters each
-    if not 0 < len(upstreams) <= SOCKETS or len(counters) != len(upstreams):
-        raise ValueError("one set of counters for each of 1 to 64 upstream sockets")
-    for upstream, each in zip(upstreams, counters):
-        if each.nbuckets != buckets.shape[0] + 1:
-            raise ValueError("the counters were made for other latency buckets")
-        loops.append(_Replies(upstream, each, peer_key))
+def serve_upstreams(replies, stale_errors, double tick):
+    """``Upstream.serve`` for several upstream sockets (their ``Replies``)
+    in one thread: receive replies and run the clocks until every one is
+    closed. ``stale_errors`` as in mmsg; ``tick``, upstream.TICK."""
+    _loop(None, list(replies), stale_errors, tick)
+
+
+cdef list _loop(_Queries queries, list replies, stale_errors, double tick):
+    """One thread's sockets in one epoll set: the listening socket of
+    ``queries``, if any, and the upstream sockets of ``replies``, each read
+    a batch at a time when ready, the upstreams' clocks every ``tick``. One
+    thread for several sockets rather than one each: a worker's threads
+    take turns at the GIL, and each thread more that a batch wakes is a
+    wake-up and a hand-over more. The upstreams' clocks (retries, timeouts,
+    ICMP errors) are their own Python methods, counting in
+    ``upstream.counts``; the batches count in the counters. Until the
+    listening socket is shut down (then: the upstreams still open, for a
+    thread of their own) or, without one, until every upstream is closed."""
+    cdef Replies loop
     cdef Outbox outbox = Outbox()
-    cdef epoll_event events[SOCKETS]
-    cdef int epfd = epoll_create1(EPOLL_CLOEXEC), ready, j, open_ = len(loops)
-    cdef int timeout = <int>(tick * 1000 + 0.999)  # ms, rounded up: wakes for due retries when no reply does
+    cdef epoll_event events[SOURCES + 1]
+    cdef int epfd, ready, j, open_ = len(replies)
+    cdef bint serving = queries is not None
+    # ms, rounded up: the clocks run when no reply comes; a listening socket alone waits for its clients
+    cdef int timeout = <int>(tick * 1000 + 0.999) if replies else -1
     cdef double now
+    if len(replies) > SOURCES:
+        raise ValueError("at most 64 upstream sockets for one loop")
+    epfd = epoll_create1(EPOLL_CLOEXEC)
     if epfd < 0:
         raise OSError(errno, "epoll_create1 failed")
     try:
-        for j, loop in enumerate(loops):
+        for j in range(len(replies) + serving):
             events[0].events = EPOLLIN | EPOLLERR
-            events[0].data.u32 = j
-            if epoll_ctl(epfd, EPOLL_CTL_ADD, loop.receiver.fd, &events[0]) < 0:
+            events[0].data.u32 = j if j < len(replies) else CLIENT
+            if epoll_ctl(epfd, EPOLL_CTL_ADD, (<Replies>replies[j]).receiver.fd if j < len(replies) else
+                         queries.receiver.fd, &events[0]) < 0:
                 raise OSError(errno, "epoll_ctl failed")
-        while open_:
+        while serving or (queries is None and open_):
             with nogil:
-                ready = epoll_wait(epfd, events, SOCKETS, timeout)
+                ready = epoll_wait(epfd, events, SOURCES + 1, timeout)
             now = _monotonic()
             for j in range(max(ready, 0)):  # < 0: EINTR, a signal for the main thread
-                loop = loops[events[j].data.u32]
+                if events[j].data.u32 == CLIENT:
+                    serving = queries.take(outbox)
+                    continue
+                loop = replies[events[j].data.u32]
                 if loop.closed:
                     continue
                 if events[j].events & EPOLLERR:  # an ICMP error: its queue drained, or epoll says so again at once
                     loop.upstream._errors(loop.counts, outbox)
-                loop.take(now, outbox, buckets, stale_errors)
-            for loop in loops:
+                loop.take(now, outbox, stale_errors)
+            for loop in replies:
                 if loop.closed:
                     continue
                 loop.clocks(now, tick, outbox)
                 loop.got = 0
                 if loop.upstream._closing:  # Upstream.close: the socket closed by its reader, here
                     epoll_ctl(epfd, EPOLL_CTL_DEL, loop.receiver.fd, NULL)
+                    loop.upstream.sock.close()
                     loop.closed = True
                     open_ -= 1
             outbox.flush()
     finally:
         close(epfd)
-        for loop in loops:
-            loop.upstream.sock.close()
+    return [loop.upstream for loop in replies if not loop.closed]

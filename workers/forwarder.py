@@ -82,6 +82,7 @@ class Forwarder:
         self.rtos: dict[Address, float] = {}  # each backend's retry time, kept ready for the packet path
         self.upstreams: dict[int, list[Upstream]] = {}
         self._upstreams_lock = threading.Lock()  # taken once per family, at its first query
+        self._adopted: list[Upstream] = []  # see start
         self._random = RandomIds()
         # Truncated replies fetched again over TCP: a bounded pool, never a thread per reply.
         self.tcp_fetches: tcp_fetch.Fetches[Pending] = tcp_fetch.Fetches(tcp_fetches, stats, self._fetch_tcp)
@@ -102,17 +103,29 @@ class Forwarder:
                 self.rtos[backend] = self.rtts[backend].timeout(self.retry_min, self.timeout / 2)
 
     # -- threads ---------------------------------------------------------
-    def start(self) -> None:
-        self._family(socket.AF_INET)  # IPv6 ones come with the first IPv6 backend
+    def start(self, adopted: bool = False) -> None:
+        """The IPv4 upstream sockets (IPv6 ones come with the first IPv6
+        backend). ``adopted``: on the compiled path, no thread of their own;
+        the first ``udp`` thread serves them beside its listening socket
+        (``adopt``), so that a query and its reply take no hand-over."""
+        self._family(socket.AF_INET, thread=not (adopted and self.fast))
 
-    def _family(self, family: int) -> list[Upstream]:
+    def adopt(self) -> list[Upstream]:
+        """The upstreams ``start`` left for a udp thread to serve: to the first that asks."""
+        with self._upstreams_lock:
+            adopted, self._adopted = self._adopted, []
+        return adopted
+
+    def _family(self, family: int, thread: bool = True) -> list[Upstream]:
         with self._upstreams_lock:
             if family not in self.upstreams:
                 fast = self.fast
                 pool = [Upstream(family, self, self.stats.for_thread(), self._per_socket, fast,
                                  self.stats.add(fast.Counters(len(LATENCY_BUCKETS))) if fast else None)
                         for _ in range(self.SOCKETS)]
-                if fast:  # the compiled loop serves them all in one thread (upstream.serve_together)
+                if not thread:
+                    self._adopted = pool
+                elif fast:  # the compiled loop serves them all in one thread (upstream.serve_together)
                     threading.Thread(target=serve_together, args=(pool,), name="upstream", daemon=True).start()
                 else:
                     for upstream in pool:

@@ -113,7 +113,7 @@ class Worker:
         setproctitle.setproctitle(f"dnsrouter: worker {spec.index}")
         if spec.cpu is not None:
             os.sched_setaffinity(0, {spec.cpu})
-        self.forwarder.start()
+        self.forwarder.start(adopted=bool(spec.udp_sockets))
 
     def serve(self) -> None:
         spec = self.spec

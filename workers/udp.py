@@ -10,7 +10,7 @@ from typing import Callable
 
 from dnsrouter import proxy, wire
 
-from . import mmsg
+from . import mmsg, upstream
 from .forwarder import Forwarder
 from .types import Counts, Outbox
 
@@ -54,8 +54,13 @@ def serve(sock: socket.socket, forwarder: Forwarder, counts: Counts, stopping: t
     """Forward every datagram of ``sock`` until the socket is shut down."""
     if forwarder.fast is not None:  # the same, compiled (workers/_fastpath.pyx)
         counters = forwarder.stats.add(forwarder.fast.Counters())
-        forwarder.fast.serve(sock, forwarder, counts, counters, stopping, UdpClient(sock), deque,
-                             mmsg.raw_address, wire.name_to_text, _failed)
+        # The upstream sockets Forwarder.start left to us: served here too, one thread for both sides
+        adopted = forwarder.adopt()
+        left = forwarder.fast.serve(sock, forwarder, counts, counters, stopping, UdpClient(sock), deque,
+                                    mmsg.raw_address, wire.name_to_text, _failed,
+                                    upstream.replies(adopted), mmsg.STALE_ERRORS, upstream.TICK)
+        if left:  # the replies to queries still in flight, and to later retries, go on coming
+            threading.Thread(target=upstream.serve_together, args=(left,), name="upstream", daemon=True).start()
         return
     receive = mmsg.Receiver(sock).receive
     handle = forwarder.handle

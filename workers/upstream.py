@@ -345,12 +345,21 @@ class Upstream:
                 self.policy.fail(entry, counts)
 
 
+def replies(upstreams: list[Upstream]) -> list:
+    """The compiled reply side (``_fastpath.Replies``) of each of ``upstreams``,
+    for a compiled loop to serve."""
+    out = []
+    for u in upstreams:
+        if u.fast is None or u.counters is None:
+            raise ValueError("the compiled reply loop needs the compiled module and its counters")
+        out.append(u.fast.Replies(u, u.counters, mmsg.peer_key, LATENCY_BUCKETS))
+    return out
+
+
 def serve_together(upstreams: list[Upstream]) -> None:
     """Upstream.serve for all of ``upstreams`` (compiled ones, of one
-    forwarder) in the calling thread: one thread for the sockets of an
-    address family, so a reply batch costs no hand-over between threads."""
-    fast = upstreams[0].fast
-    if fast is None or any(u.counters is None for u in upstreams):
-        raise ValueError("serving upstreams together needs the compiled loop and its counters")
-    fast.serve_upstreams(upstreams, [u.counters for u in upstreams], mmsg.STALE_ERRORS, mmsg.peer_key, TICK,
-                         LATENCY_BUCKETS)
+    forwarder) in the calling thread, until each is closed."""
+    loops = replies(upstreams)  # ValueError unless all are compiled
+    fast = upstreams[0].fast if upstreams else None
+    if fast is not None:
+        fast.serve_upstreams(loops, mmsg.STALE_ERRORS, TICK)
