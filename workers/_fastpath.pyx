@@ -92,6 +92,7 @@ cdef enum:
     IDS = 4096  # random IDs drawn from the kernel at a time
 
 BUILT = True  # what the loader checks
+cdef object _UNSET = object()  # no value yet, where None is a value
 
 
 cdef inline bint _stale(int e) noexcept nogil:
@@ -548,7 +549,8 @@ cdef class _Queries:
         socket is shut down and drained."""
         cdef Receiver receiver = self.receiver
         cdef Counters counters = self.counters
-        cdef int got, i, end, uid, taken = 0, slot
+        cdef int got, i, end, uid, taken = 0, slot, fd = -1
+        cdef Py_ssize_t limit = 0
         cdef unsigned char *slot_data
         cdef Py_ssize_t length
         cdef PyObject *found
@@ -572,6 +574,8 @@ cdef class _Queries:
         python_only = forwarder.allowed is not None or forwarder.query_log
         by_family = forwarder.upstreams
         rtos = forwarder.rtos
+        last_pool = last_upstream = _UNSET  # None is a pool (no route) and gets its check
+        cycle = pending = waiting_by = None
         for i in range(got):
             length = receiver.length(i)
             if length == 0 and self.stopping.is_set():
@@ -587,11 +591,13 @@ cdef class _Queries:
                 name = PyBytes_FromStringAndSize(<char *>self.keys[i], end - 16)  # without type and class
                 found = PyDict_GetItem(cache, name)
                 pool = <object>found if found != NULL else _route(matcher, self.keys[i], name, self.name_to_text)
-                if pool is None or pool.modes:  # SERVFAIL, or a member that learns the client's address
-                    handle(data, addr, client, counts, outbox=outbox)
-                    continue
+                if pool is not last_pool:  # a batch is mostly one pool's: its attributes read once
+                    if pool is None or pool.modes:  # SERVFAIL, or a member that learns the client's address
+                        handle(data, addr, client, counts, outbox=outbox)
+                        continue
+                    last_pool, cycle = pool, pool._cycle
                 taken += 1
-                backend = next(pool._cycle)  # Pool.next
+                backend = next(cycle)  # Pool.next
                 found = PyDict_GetItem(peers, backend)
                 if found == NULL:
                     if len(peers) >= BACKENDS:
@@ -602,8 +608,10 @@ cdef class _Queries:
                 found = PyDict_GetItem(by_family, peer[1])
                 upstreams = <object>found if found != NULL else forwarder._family(peer[1])
                 upstream = upstreams[outbox.pick % len(upstreams)]
-                pending = upstream.pending
-                if len(pending) >= upstream.limit:
+                if upstream is not last_upstream:  # one per batch, unless the outbox filled up
+                    last_upstream = upstream
+                    pending, waiting_by, limit, fd = upstream.pending, upstream.waiting, upstream.limit, upstream.fd
+                if len(pending) >= limit:
                     counters.fixed[IN_FLIGHT] += 1
                     continue
                 entry = _fill(Pending.__new__(Pending), client, addr, data, lower, pool, backend)
@@ -616,14 +624,14 @@ cdef class _Queries:
                     entry.uid = uid
                     if PyDict_SetDefault(pending, uid, entry) == <PyObject *>entry:
                         break
-                found = PyDict_GetItem(upstream.waiting, backend)
-                waiting = <object>found if found != NULL else upstream.waiting.setdefault(backend, self.deque())
+                found = PyDict_GetItem(waiting_by, backend)
+                waiting = <object>found if found != NULL else waiting_by.setdefault(backend, self.deque())
                 waiting.append(entry)
                 raw = peer[0]
                 slot_data = <unsigned char *>receiver.data(i)  # our ID in the slot: entry.query keeps the client's
                 slot_data[0] = uid >> 8
                 slot_data[1] = uid & 0xFF
-                outbox.add_from(upstream.fd, slot_data, length, <const unsigned char *>PyBytes_AS_STRING(raw),
+                outbox.add_from(fd, slot_data, length, <const unsigned char *>PyBytes_AS_STRING(raw),
                                 PyBytes_GET_SIZE(raw))
                 slot = counters.slot(backend)
                 if slot >= 0:
@@ -656,30 +664,6 @@ def serve(sock, forwarder, counts, Counters counters, stopping, client, deque, r
 
 # -- the reply side ------------------------------------------------------------
 
-cdef void _answered(policy, backend, double sent, double rtt, counts, Counters counters,
-                    double[::1] buckets) except *:
-    """``Forwarder.answered`` (with stats.observe_latency and Rtt.sample)."""
-    cdef PyObject *found = PyDict_GetItem(policy.rtts, backend)
-    if found == NULL:  # the first sample: Forwarder.answered makes the estimate
-        policy.answered(backend, sent, rtt, counts)
-        return
-    estimate = <object>found
-    found = PyDict_GetItem(policy.last_answered, backend)
-    if found == NULL or sent > <double>(<object>found):
-        policy.last_answered[backend] = sent
-    cdef Py_ssize_t i = 0, n = buckets.shape[0]
-    while i < n and buckets[i] < rtt:  # bisect_left over a dozen bounds
-        i += 1
-    counters.buckets[i] += 1
-    counters.latency_sum += rtt
-    cdef double srtt = estimate.srtt, rttvar = estimate.rttvar
-    rttvar = 0.75 * rttvar + 0.25 * abs(srtt - rtt)  # RFC 6298: beta 1/4, alpha 1/8
-    srtt = 0.875 * srtt + 0.125 * rtt
-    estimate.rttvar = rttvar
-    estimate.srtt = srtt
-    policy.rtos[backend] = min(max(srtt + 4 * rttvar, <double>policy.retry_min), <double>policy.timeout / 2)
-
-
 cdef class Replies:
     """The reply side of one upstream socket (``Upstream.serve``'s batch,
     compiled): its receiver and what its loop reads of the upstream.
@@ -687,6 +671,8 @@ cdef class Replies:
     mmsg; ``latency_buckets``, control.LATENCY_BUCKETS."""
 
     cdef object upstream, pending, policy, counts, peer_key
+    cdef object rtts, last_answered, rtos  # the policy's, read once a batch
+    cdef double retry_min, half_timeout
     cdef Counters counters
     cdef Receiver receiver
     cdef double[::1] buckets
@@ -708,11 +694,34 @@ cdef class Replies:
         self.counts = upstream.counts
         self.keys = {}  # backend -> the part of a raw address that names it
 
+    cdef void answered(self, backend, double sent, double rtt) except *:
+        """``Forwarder.answered`` (with stats.observe_latency and Rtt.sample),
+        with the policy's tables as ``take`` read them for the batch."""
+        cdef PyObject *found = PyDict_GetItem(self.rtts, backend)
+        if found == NULL:  # the first sample: Forwarder.answered makes the estimate
+            self.policy.answered(backend, sent, rtt, self.counts)
+            return
+        estimate = <object>found
+        found = PyDict_GetItem(self.last_answered, backend)
+        if found == NULL or sent > <double>(<object>found):
+            self.last_answered[backend] = sent
+        cdef Py_ssize_t i = 0, n = self.buckets.shape[0]
+        while i < n and self.buckets[i] < rtt:  # bisect_left over a dozen bounds
+            i += 1
+        self.counters.buckets[i] += 1
+        self.counters.latency_sum += rtt
+        cdef double srtt = estimate.srtt, rttvar = estimate.rttvar
+        rttvar = 0.75 * rttvar + 0.25 * abs(srtt - rtt)  # RFC 6298: beta 1/4, alpha 1/8
+        srtt = 0.875 * srtt + 0.125 * rtt
+        estimate.rttvar = rttvar
+        estimate.srtt = srtt
+        self.rtos[backend] = min(max(srtt + 4 * rttvar, self.retry_min), self.half_timeout)
+
     cdef int take(self, double now, Outbox outbox, stale_errors) except -1:
         """Read what waits on the socket (a batch at most) and relay the replies."""
         cdef Receiver receiver = self.receiver
         cdef Counters counters = self.counters
-        cdef int got, i, uid, slot
+        cdef int got, i, uid, slot, fd = -1
         cdef const unsigned char *p
         cdef Py_ssize_t length, size
         cdef PyObject *found
@@ -729,6 +738,10 @@ cdef class Replies:
                 self.upstream._errors(self.counts, outbox)
             return 0  # EAGAIN: someone read it first, or an error taken by a send
         self.got = got
+        policy = self.policy
+        self.rtts, self.last_answered, self.rtos = policy.rtts, policy.last_answered, policy.rtos
+        self.retry_min, self.half_timeout = policy.retry_min, policy.timeout / 2
+        last_client = _UNSET
         for i in range(got):
             p = receiver.data(i)
             length = receiver.length(i)
@@ -762,7 +775,7 @@ cdef class Replies:
                 continue
             PyDict_DelItem(pending, uid)
             sent = entry.retry_sent if retry else entry.sent
-            _answered(self.policy, backend, sent, now - sent, self.counts, counters, self.buckets)
+            self.answered(backend, sent, now - sent)
             if entry.done:
                 slot = counters.slot(backend)  # the other try won, or the timeout
                 if slot >= 0:
@@ -783,7 +796,10 @@ cdef class Replies:
             query = entry.query
             addr = entry.addr
             memcpy(<unsigned char *>p, PyBytes_AS_STRING(query), 2)
-            outbox.add_from(entry.client.fd, <unsigned char *>p, length, <const unsigned char *>PyBytes_AS_STRING(addr),
+            if entry.client is not last_client:  # a listening socket's, mostly the same one
+                last_client = entry.client
+                fd = last_client.fd
+            outbox.add_from(fd, <unsigned char *>p, length, <const unsigned char *>PyBytes_AS_STRING(addr),
                             PyBytes_GET_SIZE(addr))
         return got
 
@@ -793,10 +809,26 @@ cdef class Replies:
         if now >= self.due:
             upstream._errors(self.counts, outbox)  # see Upstream.serve: a send may have taken the error
             if self.got < BATCH:
-                upstream._retries(now, self.counts, outbox)
+                _retries(upstream, now, self.counts, outbox)
             if now >= upstream._scan_at:
                 upstream._timeouts(now, self.counts)
             self.due = now + tick
+
+
+cdef void _retries(upstream, double now, counts, outbox) except *:
+    """``Upstream._retries``: every first try comes through its backend's
+    queue once, most of them answered by then; only a try past its retry
+    time goes to the Python method that sends the retry."""
+    cdef Pending entry
+    for waiting in list(upstream.waiting.values()):
+        popleft = waiting.popleft
+        while waiting:
+            entry = <Pending?>waiting[0]
+            if not (entry.done or entry.retry_uid >= 0):
+                if entry.retry_at > now:
+                    break
+                upstream._retry(entry, now, counts, outbox)
+            popleft()
 
 
 cdef enum:
