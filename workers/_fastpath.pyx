@@ -854,7 +854,7 @@ cdef list _loop(_Queries queries, list replies, stale_errors, double tick):
     ``upstream.counts``; the batches count in the counters. Until the
     listening socket is shut down (then: the upstreams still open, for a
     thread of their own) or, without one, until every upstream is closed."""
-    cdef Replies loop
+    cdef Replies each
     cdef Outbox outbox = Outbox()
     cdef epoll_event events[SOURCES + 1]
     cdef int epfd, ready, j, open_ = len(replies)
@@ -862,18 +862,16 @@ cdef list _loop(_Queries queries, list replies, stale_errors, double tick):
     # ms, rounded up: the clocks run when no reply comes; a listening socket alone waits for its clients
     cdef int timeout = <int>(tick * 1000 + 0.999) if replies else -1
     cdef double now
-    if len(replies) > SOURCES:
-        raise ValueError("at most 64 upstream sockets for one loop")
+    if len(replies) > SOURCES or (replies and tick <= 0):
+        raise ValueError("at most 64 upstream sockets for one loop, and a tick for their clocks")
     epfd = epoll_create1(EPOLL_CLOEXEC)
     if epfd < 0:
         raise OSError(errno, "epoll_create1 failed")
     try:
-        for j in range(len(replies) + serving):
-            events[0].events = EPOLLIN | EPOLLERR
-            events[0].data.u32 = j if j < len(replies) else CLIENT
-            if epoll_ctl(epfd, EPOLL_CTL_ADD, (<Replies>replies[j]).receiver.fd if j < len(replies) else
-                         queries.receiver.fd, &events[0]) < 0:
-                raise OSError(errno, "epoll_ctl failed")
+        for j, each in enumerate(replies):
+            _watch(epfd, each.receiver.fd, j)
+        if serving:
+            _watch(epfd, queries.receiver.fd, CLIENT)
         while serving or (queries is None and open_):
             with nogil:
                 ready = epoll_wait(epfd, events, SOURCES + 1, timeout)
@@ -882,23 +880,32 @@ cdef list _loop(_Queries queries, list replies, stale_errors, double tick):
                 if events[j].data.u32 == CLIENT:
                     serving = queries.take(outbox)
                     continue
-                loop = replies[events[j].data.u32]
-                if loop.closed:
+                each = replies[events[j].data.u32]
+                if each.closed:
                     continue
                 if events[j].events & EPOLLERR:  # an ICMP error: its queue drained, or epoll says so again at once
-                    loop.upstream._errors(loop.counts, outbox)
-                loop.take(now, outbox, stale_errors)
-            for loop in replies:
-                if loop.closed:
+                    each.upstream._errors(each.counts, outbox)
+                each.take(now, outbox, stale_errors)
+            for each in replies:
+                if each.closed:
                     continue
-                loop.clocks(now, tick, outbox)
-                loop.got = 0
-                if loop.upstream._closing:  # Upstream.close: the socket closed by its reader, here
-                    epoll_ctl(epfd, EPOLL_CTL_DEL, loop.receiver.fd, NULL)
-                    loop.upstream.sock.close()
-                    loop.closed = True
+                each.clocks(now, tick, outbox)
+                each.got = 0
+                if each.upstream._closing:  # Upstream.close: the socket closed by its reader, here
+                    epoll_ctl(epfd, EPOLL_CTL_DEL, each.receiver.fd, NULL)
+                    each.upstream.sock.close()
+                    each.closed = True
                     open_ -= 1
             outbox.flush()
     finally:
         close(epfd)
-    return [loop.upstream for loop in replies if not loop.closed]
+    return [each.upstream for each in replies if not each.closed]
+
+
+cdef int _watch(int epfd, int fd, unsigned int tag) except -1:
+    cdef epoll_event event
+    event.events = EPOLLIN | EPOLLERR
+    event.data.u32 = tag
+    if epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &event) < 0:
+        raise OSError(errno, "epoll_ctl failed")
+    return 0
