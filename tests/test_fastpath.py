@@ -205,19 +205,25 @@ def test_the_udp_thread_serves_the_upstreams_it_adopted_and_hands_them_on_when_i
         thread = threading.Thread(target=udp.serve, args=(listening, forwarder, forwarder.stats.for_thread(), stopping),
                                   daemon=True)
         thread.start()
-        assert forwarder.adopt() == []  # the thread took them
-        query = dns.message.make_query("slow.test.", "A")
-        client.sendto(query.to_wire(), listening.getsockname())
-        wait_until(lambda: backend.count("udp") == 1, 2, message="the query was not forwarded")
-        stopping.set()
-        with pytest.raises(OSError):  # ENOTCONN for a UDP socket, which is shut down all the same
-            listening.shutdown(socket.SHUT_RD)
-        thread.join(0.8)  # before the backend answers
-        assert not thread.is_alive()
-        client.settimeout(2)
-        reply = dns.message.from_wire(client.recv(512))
-        assert (reply.id, reply.question[0].name) == (query.id, query.question[0].name)
-        assert [t for t in threading.enumerate() if t.name == "upstream"]  # they go on in a thread of their own
+        upstreams = forwarder.upstreams[socket.AF_INET]
+        try:
+            assert forwarder.adopt() == []  # the thread took them
+            query = dns.message.make_query("slow.test.", "A")
+            client.sendto(query.to_wire(), listening.getsockname())
+            wait_until(lambda: backend.count("udp") == 1, 2, message="the query was not forwarded")
+            stopping.set()
+            with pytest.raises(OSError):  # ENOTCONN for a UDP socket, which is shut down all the same
+                listening.shutdown(socket.SHUT_RD)
+            thread.join(0.8)  # before the backend answers
+            assert not thread.is_alive()
+            client.settimeout(2)
+            reply = dns.message.from_wire(client.recv(512))  # relayed by the thread they were handed to
+            assert (reply.id, reply.question[0].name) == (query.id, query.question[0].name)
+        finally:
+            for upstream in upstreams:
+                upstream.close()
+            wait_until(lambda: all(u.sock.fileno() == -1 for u in upstreams), 2,
+                       message="the upstream sockets were not closed")
 
 
 def test_the_reporter_sums_counters_kept_elsewhere_with_the_threads_counts(compiled):
