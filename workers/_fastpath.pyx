@@ -578,8 +578,6 @@ cdef class _Queries:
         cycle = pending = waiting_by = None
         for i in range(got):
             length = receiver.length(i)
-            if length == 0 and self.stopping.is_set():
-                return False  # shutdown(SHUT_RD) reads empty once the queue is drained
             data = receiver.payload(i)
             addr = receiver.peer(i)
             end = self.ends[i]
@@ -730,8 +728,7 @@ cdef class Replies:
         cdef Pending entry
         pending = self.pending
         keys = self.keys
-        self.got = 0
-        try:
+        try:  # self.got is 0 here: the loop resets it after the clocks
             got = receiver.wait()
         except OSError as e:
             if e.errno in stale_errors:
