@@ -12,7 +12,9 @@ from /proc) and the median average latency of each, with the ratio.
     python3 bench/cpu.py --baseline "$PWD/.venv/bin/dnsrouter --fast-path off"
 
 Each build is a command line (split as a shell would), so one build with
-different flags compares too.
+different flags compares too. ``--flood`` sends names never seen in the run
+(run.py's random-subdomain flood, NXDOMAIN from Knot): every query a route
+cache miss.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import sys
 import tempfile
 
 from common import CpuMeter, bench_router, dnsperf_argv, handle_signals, ignore_signals, parse_dnsperf, start_router
-from run import ZONE, write_routes
+from run import ZONE, write_flood_queries, write_routes
 from support.knot import KnotServer
 from support.net import answered
 from support.processes import program, spawn, stop, stop_all
@@ -51,7 +53,7 @@ def measure(executable: list[str], routes_dir: str, workdir: str, qfile: str, ar
         with open(out, errors="replace") as f:
             perf = parse_dnsperf(f)
         perf.cpu_s = cpu_s
-        if perf.lost or set(perf.rcodes) != {"NOERROR"}:
+        if perf.lost or set(perf.rcodes) != {"NXDOMAIN" if args.flood else "NOERROR"}:
             print(f"  warning: lost {perf.lost}, rcodes {perf.rcodes}", file=sys.stderr)
         return perf.cpu_us, perf.avg_ms
     finally:
@@ -69,6 +71,7 @@ def main() -> int:
     p.add_argument("--routes", type=int, default=1)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--transport", choices=("udp", "tcp"), default="udp")
+    p.add_argument("--flood", action="store_true", help="every name new in the run, as run.py --flood")
     args = p.parse_args()
     handle_signals()
     work = tempfile.mkdtemp(prefix="dnsrouter-cpu-")
@@ -78,8 +81,11 @@ def main() -> int:
             routes = os.path.join(work, "routes")
             write_routes(routes, args.routes, knot.addr)
             qfile = os.path.join(work, "queries.txt")
-            with open(qfile, "w") as f:
-                f.writelines(f"h{i:04d}.{ZONE} A\n" for i in range(1, 5001))
+            if args.flood:
+                write_flood_queries(qfile, args.rate * args.duration)
+            else:
+                with open(qfile, "w") as f:
+                    f.writelines(f"h{i:04d}.{ZONE} A\n" for i in range(1, 5001))
             for n in range(args.rounds):
                 for name in results:
                     cpu, avg = measure(shlex.split(getattr(args, name)), routes, os.path.join(work, f"{name}-{n}"), qfile, args)
@@ -89,7 +95,8 @@ def main() -> int:
     finally:
         ignore_signals()
         stop_all()
-    print(f"\n{args.workers} workers, {args.routes} route(s), dnsperf -m {args.transport} -Q {args.rate} "
+    print(f"\n{args.workers} workers, {args.routes} route(s), {'flood' if args.flood else 'repeated names'}, "
+          f"dnsperf -m {args.transport} -Q {args.rate} "
           f"-l {args.duration}, "
           f"median of {args.rounds} interleaved rounds\n")
     print("| build | worker CPU µs/query | avg latency ms |\n| --- | --- | --- |")

@@ -105,22 +105,45 @@ wire_labels = st.binary(min_size=1, max_size=5).map(lambda b: bytes(b"ab.x\\\"(c
 
 @settings(max_examples=1000, deadline=None)
 @given(st.lists(st.tuples(route_patterns, st.booleans()), max_size=6),
-       st.lists(st.lists(wire_labels, max_size=4), min_size=1, max_size=8))
-def test_a_name_not_cached_gets_the_pool_the_python_matcher_picks(compiled, table, queried):
+       st.lists(st.tuples(st.lists(wire_labels, max_size=4), st.sampled_from([1, 28])), min_size=1, max_size=8))
+def test_a_question_not_cached_gets_the_pool_the_python_matcher_picks(compiled, table, queried):
     """On a miss (random subdomains) the compiled path makes the text and
     reads the RE2 set itself: the same pool, in the same order of
-    registration, usable backends only, the same cache."""
+    registration, usable backends only; asked again, the cached question."""
     up, down = parse_address("127.0.0.1:53"), parse_address("127.0.0.1:54")
     routes = [Route(pattern, (up if usable else down,)) for pattern, usable in dict(table).items()]
     python, fast = Matcher(routes, down=[down]), Matcher(routes, down=[down])
-    for labels in queried + queried:  # twice: the second time from the cache
+    cache, held = compiled.RouteCache(), {}
+    for labels, qtype in queried + queried:  # twice: the second time from the cache
         name = b"".join(bytes([len(x)]) + x for x in labels) + b"\0"
+        question = name + qtype.to_bytes(2, "big") + b"\0\1"
         want = python.lookup_wire(name, wire.name_to_text)
-        got = compiled.route(fast, name, wire.name_to_text)
+        got_question, got = cache.lookup(fast, question, wire.name_to_text)
+        assert got_question == question
         assert (fast.pools.index(got) if got else None) == (python.pools.index(want) if want else None)
-    assert fast._cache.keys() == python._cache.keys()
-    with pytest.raises(ValueError):
-        compiled.route(fast, b"\x05ab\0", wire.name_to_text)  # a label longer than the name: never read past it
+        assert held.setdefault(question, got_question) is got_question  # one object per question: a hit
+    for bad in (b"\x05ab\0\0\1\0\1", b"\x01a\0\0\1\0", b"\0\1\0\1", b"\x01a\x01b\0\1\0\1"):
+        with pytest.raises(ValueError):  # a label longer than the name, no type and class: never read past it
+            cache.lookup(fast, bad, wire.name_to_text)
+
+
+def test_the_route_cache_holds_one_matcher_and_stays_right_past_its_room(compiled):
+    """A new table (or new health) empties the cache, and a flood of names
+    more than it holds replaces entries without a wrong pool."""
+    a, b = parse_address("127.0.0.1:53"), parse_address("127.0.0.1:54")
+    routes = [Route(r"\.one\.$", (a,)), Route(r"^x", (b,))]
+    up, one_down = Matcher(routes), Matcher(routes, down=[a])
+    cache = compiled.RouteCache()
+    question = b"\x01x\x03one\0\0\1\0\1"
+    first, pool = cache.lookup(up, question, wire.name_to_text)
+    assert pool is up.pools[0] and cache.lookup(up, question, wire.name_to_text)[0] is first
+    again, pool = cache.lookup(one_down, question, wire.name_to_text)
+    assert pool is one_down.pools[1] and again is not first  # looked up anew in the new table
+    for i in range(100_000):  # six times the room
+        label = b"%s%d" % (b"y" if i % 2 else b"x", i)
+        question = bytes([len(label)]) + label + b"\x03one\0\0\1\0\1"
+        _, pool = cache.lookup(one_down, question, wire.name_to_text)
+        assert pool is (None if i % 2 else one_down.pools[1])  # .one. is down: x.. goes to ^x, y.. nowhere
 
 
 def test_an_outbox_past_its_room_sends_on_its_own(compiled):

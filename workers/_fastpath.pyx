@@ -23,7 +23,7 @@ writes more than ``KEY`` bytes.
 """
 from cpython cimport array
 import array
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memcmp, memset, strerror
 from libc.errno cimport errno, EINTR
 from posix.uio cimport iovec
@@ -34,6 +34,11 @@ from cpython.ref cimport PyObject
 
 cdef extern from "Python.h":
     PyObject *PyDict_SetDefault(object d, object key, object default) except NULL
+    # What a dict hashes bytes with: keyed SipHash, so that nobody outside can
+    # choose names that fall into one set of the route cache.
+    Py_hash_t _Py_HashBytes(const void *data, Py_ssize_t n) nogil
+    void Py_INCREF(PyObject *o)
+    void Py_XDECREF(PyObject *o)
 
 cdef extern from "<sys/random.h>" nogil:
     ssize_t getrandom(void *buf, size_t n, unsigned int flags)
@@ -90,6 +95,8 @@ cdef enum:
     KEY = 260  # a question, lower-cased: a name of at most 255 bytes, its type and class
     OUT = 256  # datagrams an Outbox holds before it sends on its own
     IDS = 4096  # random IDs drawn from the kernel at a time
+    SETS = 4096  # the route cache: SETS x WAYS questions (a power of two)
+    WAYS = 4
 
 BUILT = True  # what the loader checks
 cdef object _UNSET = object()  # no value yet, where None is a value
@@ -159,55 +166,121 @@ for _c in range(0x21, 0x7F):
     _PLAIN[_c] = chr(_c) not in '"().;\\@$'
 
 
-cdef object _route(matcher, const unsigned char *key, bytes name, name_to_text):
-    """``matcher.lookup_wire(name, name_to_text)`` for a name not in its cache
-    (``key``: the name from _classify, lower-cased): the text made here, one
-    pass of the matcher's RE2 set, the first registered pool with a usable
-    backend, the answer cached. A flood of names never seen (random
-    subdomains) costs this, not a round through the interpreter. Names that
-    need escaping, and the root, take the Python matcher."""
+cdef object _route(matcher, const unsigned char *key, Py_ssize_t n, name_to_text):
+    """``matcher.lookup`` for the lower-cased wire name ``key`` (``n`` bytes,
+    the root label's included): the text made here and one pass of the
+    matcher's RE2 set, the first registered pool with a usable backend. A
+    flood of names never seen (random subdomains) costs this, not a round
+    through the interpreter. Names that need escaping, and the root, take the
+    Python matcher."""
     cdef unsigned char text[256]  # a wire name of at most 255 bytes has as many characters, less one
     cdef Py_ssize_t pos = 0, out = 0, label, i, best = -1, index
     if key[0] == 0:
-        return matcher.lookup_wire(name, name_to_text)
+        return matcher.lookup(name_to_text(PyBytes_FromStringAndSize(<char *>key, n)))
     while key[pos]:
         label = key[pos]
         for i in range(pos + 1, pos + 1 + label):
             if not _PLAIN[key[i]]:
-                return matcher.lookup_wire(name, name_to_text)
+                return matcher.lookup(name_to_text(PyBytes_FromStringAndSize(<char *>key, n)))
             text[out] = key[i]
             out += 1
         text[out] = 46  # '.'
         out += 1
         pos += label + 1
-    pool = None
-    if matcher.routes:  # Matcher.lookup: the lowest index whose pool has a backend
-        pools = matcher.pools
-        for found in matcher.set.Match(PyBytes_FromStringAndSize(<char *>text, out)) or ():  # None: no match
-            index = found
-            if (best < 0 or index < best) and pools[index].backends:
-                best = index
-        if best >= 0:
-            pool = pools[best]
-    cache = matcher._cache
-    if len(cache) >= matcher.CACHE_SIZE:
-        cache.clear()  # as Matcher.lookup_wire: bounded
-    cache[name] = pool
-    return pool
+    if not matcher.routes:
+        return None
+    pools = matcher.pools  # Matcher.lookup: the lowest index whose pool has a backend
+    for found in matcher.set.Match(PyBytes_FromStringAndSize(<char *>text, out)) or ():  # None: no match
+        index = found
+        if (best < 0 or index < best) and pools[index].backends:
+            best = index
+    return pools[best] if best >= 0 else None
 
 
-def route(matcher, bytes name, name_to_text):
-    """The compiled look-up of a lower-cased wire name, cache first (as
-    ``serve`` does it), for the tests."""
-    cdef Py_ssize_t pos = 0, n = PyBytes_GET_SIZE(name)
-    while pos < n and name[pos]:  # _route reads a well-formed name only, as _classify leaves it
-        pos += name[pos] + 1
-    if pos != n - 1 or n > 255:
-        raise ValueError("not a wire name")
-    cdef PyObject *found = PyDict_GetItem(matcher._cache, name)
-    if found != NULL:
-        return <object>found
-    return _route(matcher, <const unsigned char *>PyBytes_AS_STRING(name), name, name_to_text)
+cdef struct _Way:
+    Py_hash_t hash
+    PyObject *question  # bytes, owned; NULL: an empty way
+    PyObject *pool  # owned: a Pool, or None (no route)
+
+
+cdef class RouteCache:
+    """The pool of each recent question, for one compiled thread: a table in
+    C of SETS sets of WAYS entries, keyed by the lower-cased question (name,
+    type, class), holding the question's bytes (which every Pending entry of
+    it shares) and the pool the matcher picked. A hit makes no object and
+    touches no dict; a miss (a flood of random names) replaces an entry in
+    its set, one bytes object made and one freed, where a dict would grow
+    and be cleared whole. Entries hold for one matcher: a new route table
+    or new health empties the cache. About 0.4 MB, plus the questions held
+    (up to 16,384)."""
+
+    cdef _Way *ways
+    cdef object matcher  # the table the entries were found in
+    cdef unsigned int victim  # which way a full set gives up next, in turn
+
+    def __cinit__(self):
+        self.ways = <_Way *>calloc(SETS * WAYS, sizeof(_Way))
+        if self.ways == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        if self.ways != NULL:
+            self.clear()
+            free(self.ways)
+
+    cdef void clear(self) noexcept:
+        cdef int i
+        for i in range(SETS * WAYS):
+            Py_XDECREF(self.ways[i].question)
+            Py_XDECREF(self.ways[i].pool)
+            self.ways[i].question = self.ways[i].pool = NULL
+
+    cdef inline void use(self, matcher) noexcept:
+        """Entries from this matcher only (read once a batch)."""
+        if matcher is not self.matcher:
+            self.clear()
+            self.matcher = matcher
+
+    cdef _Way *find(self, const unsigned char *key, Py_ssize_t n, Py_hash_t hash, name_to_text) except NULL:
+        """The entry of question ``key`` (``n`` bytes from _classify, its hash
+        ``hash``), found or made."""
+        cdef _Way *ways = self.ways + (<size_t>hash & (SETS - 1)) * WAYS
+        cdef _Way *way
+        cdef int i
+        for i in range(WAYS):
+            way = ways + i
+            if (way.hash == hash and way.question != NULL and PyBytes_GET_SIZE(<object>way.question) == n
+                    and memcmp(PyBytes_AS_STRING(<object>way.question), key, n) == 0):
+                return way
+        question = PyBytes_FromStringAndSize(<char *>key, n)
+        pool = _route(self.matcher, key, n - 4, name_to_text)
+        for i in range(WAYS):
+            if ways[i].question == NULL:
+                way = ways + i
+                break
+        else:
+            way = ways + self.victim % WAYS
+            self.victim += 1
+        Py_XDECREF(way.question)
+        Py_XDECREF(way.pool)
+        way.hash = hash
+        way.question, way.pool = <PyObject *>question, <PyObject *>pool
+        Py_INCREF(way.question)
+        Py_INCREF(way.pool)
+        return way
+
+    def lookup(self, matcher, bytes question, name_to_text):
+        """(question, pool) for a lower-cased question, as ``serve`` looks it
+        up, for the tests: the question object is the cached one on a hit."""
+        cdef Py_ssize_t pos = 0, n = PyBytes_GET_SIZE(question)
+        while pos < n - 4 and question[pos]:  # _route reads a well-formed name only, as _classify leaves it
+            pos += question[pos] + 1
+        if pos != n - 5 or n - 4 > 255:
+            raise ValueError("not a question")
+        cdef const unsigned char *key = <const unsigned char *>PyBytes_AS_STRING(question)
+        self.use(matcher)
+        cdef _Way *way = self.find(key, n, _Py_HashBytes(key, n), name_to_text)
+        return <object>way.question, <object>way.pool
 
 
 def classify(bytes packet):
@@ -526,7 +599,9 @@ cdef class _Queries:
     cdef object forwarder, counts, stopping, client, deque, raw_address, name_to_text, failed, handle
     cdef Counters counters
     cdef dict peers
+    cdef RouteCache routes
     cdef int ends[BATCH]
+    cdef Py_hash_t hashes[BATCH]
     cdef unsigned char keys[BATCH][KEY]
 
     def __cinit__(self, sock, forwarder, counts, Counters counters, stopping, client, deque, raw_address,
@@ -543,6 +618,7 @@ cdef class _Queries:
         self.failed = failed
         self.handle = forwarder.handle
         self.peers = {}  # backend -> (raw address, family), for the worker's few backends
+        self.routes = RouteCache()
 
     cdef bint take(self, Outbox outbox) except -1:
         """Forward what waits on the socket (a batch at most); False once the
@@ -554,6 +630,7 @@ cdef class _Queries:
         cdef unsigned char *slot_data
         cdef Py_ssize_t length
         cdef PyObject *found
+        cdef _Way *way
         cdef double now
         cdef Pending entry
         try:
@@ -562,15 +639,16 @@ cdef class _Queries:
             return e.errno == EINTR or not self.stopping.is_set()
         with nogil:
             for i in range(got):
-                self.ends[i] = _classify(receiver.data(i), receiver.length(i), self.keys[i])
+                end = self.ends[i] = _classify(receiver.data(i), receiver.length(i), self.keys[i])
+                if end >= 0:
+                    self.hashes[i] = _Py_HashBytes(self.keys[i], end - 12)
         forwarder = self.forwarder
         handle = self.handle
         client = self.client
         counts = self.counts
         peers = self.peers
         # Read once a batch: a new table or setting takes effect from the next batch.
-        matcher = forwarder.matcher
-        cache = matcher._cache
+        self.routes.use(forwarder.matcher)
         python_only = forwarder.allowed is not None or forwarder.query_log
         by_family = forwarder.upstreams
         rtos = forwarder.rtos
@@ -585,10 +663,8 @@ cdef class _Queries:
                 handle(data, addr, client, counts, outbox=outbox)
                 continue
             try:
-                lower = PyBytes_FromStringAndSize(<char *>self.keys[i], end - 12)
-                name = PyBytes_FromStringAndSize(<char *>self.keys[i], end - 16)  # without type and class
-                found = PyDict_GetItem(cache, name)
-                pool = <object>found if found != NULL else _route(matcher, self.keys[i], name, self.name_to_text)
+                way = self.routes.find(self.keys[i], end - 12, self.hashes[i], self.name_to_text)
+                pool = <object>way.pool
                 if pool is not last_pool:  # a batch is mostly one pool's: its attributes read once
                     if pool is None or pool.modes:  # SERVFAIL, or a member that learns the client's address
                         handle(data, addr, client, counts, outbox=outbox)
@@ -612,7 +688,7 @@ cdef class _Queries:
                 if len(pending) >= limit:
                     counters.fixed[IN_FLIGHT] += 1
                     continue
-                entry = _fill(Pending.__new__(Pending), client, addr, data, lower, pool, backend)
+                entry = _fill(Pending.__new__(Pending), client, addr, data, <object>way.question, pool, backend)
                 # Upstream.send: times first, the owner thread may look at the entry as soon as it is in
                 entry.sent = now = _monotonic()
                 found = PyDict_GetItem(rtos, backend)
