@@ -198,6 +198,11 @@ class Config:
     server_cpu_affinity: str | tuple[int, ...] = _setting(
         "server", "cpu_affinity", "auto", _cpus,
         "pin worker K to CPU K (auto: when workers <= CPUs), off, or a list of CPUs")
+    server_socket_affinity: bool = _setting(
+        "server", "socket_affinity", "off", _bool,
+        "on: a datagram goes to the worker pinned to the CPU that received it (each worker pinned "
+        "to a CPU of its own; for network cards with a queue per worker); off: by hash of the "
+        "client's address and port")
     server_heartbeat_timeout: float = _setting(
         "server", "heartbeat_timeout", "10", _positive_float,
         "seconds a worker may stay silent before it is killed and replaced")

@@ -108,7 +108,9 @@ class Supervisor:
         setproctitle.setproctitle("dnsrouter: supervisor")
         privileges.check(self.config)
         privileges.check_user(self.config)
-        self.sockets = sockets.bind(self.config.server_listen, self.config.server_workers)
+        workers = self.config.server_workers
+        cpus = [self._cpu(i) for i in range(workers)] if self.config.server_socket_affinity else []
+        self.sockets = sockets.bind(self.config.server_listen, workers, cpus)
         self._serve_metrics()
         if self.config.server_pidfile:
             self._write_pidfile(self.config.server_pidfile)
