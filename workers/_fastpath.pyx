@@ -664,7 +664,7 @@ cdef class _Queries:
                 continue
             try:
                 way = self.routes.find(self.keys[i], end - 12, self.hashes[i], self.name_to_text)
-                pool = <object>way.pool
+                question, pool = <object>way.question, <object>way.pool  # ours: a later miss may reuse the way
                 if pool is not last_pool:  # a batch is mostly one pool's: its attributes read once
                     if pool is None or pool.modes:  # SERVFAIL, or a member that learns the client's address
                         handle(data, addr, client, counts, outbox=outbox)
@@ -688,7 +688,7 @@ cdef class _Queries:
                 if len(pending) >= limit:
                     counters.fixed[IN_FLIGHT] += 1
                     continue
-                entry = _fill(Pending.__new__(Pending), client, addr, data, <object>way.question, pool, backend)
+                entry = _fill(Pending.__new__(Pending), client, addr, data, question, pool, backend)
                 # Upstream.send: times first, the owner thread may look at the entry as soon as it is in
                 entry.sent = now = _monotonic()
                 found = PyDict_GetItem(rtos, backend)
