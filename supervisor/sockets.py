@@ -88,13 +88,13 @@ def cpu_program(cpus: Sequence[int | None]) -> list[tuple[int, int, int, int]]:
     return program + [(_RET_K, 0, 0, _HASH)]
 
 
-def steer_by_cpu(group: Sequence[socket.socket], program: list[tuple[int, int, int, int]]) -> bool:
+def steer_by_cpu(group: Sequence[socket.socket], program: list[tuple[int, int, int, int]]) -> None:
     """Attach a ``cpu_program`` to a SO_REUSEPORT group (one socket of it
     carries it for all): the worker that takes a datagram is the one the
     CPU that received it runs, so no other CPU is woken for it, and the
     datagram's data is still in that CPU's cache. That is the CPU a network
-    card's queue interrupts (RSS), or on loopback the sender's. Whether it
-    took: a kernel that refuses the program leaves the hash."""
+    card's queue interrupts (RSS), or on loopback the sender's. A kernel
+    that refuses the program leaves the hash, and the log says so."""
     code = b"".join(struct.pack("HBBI", *insn) for insn in program)
     buffer = ctypes.create_string_buffer(code, len(code))
     fprog = struct.pack("HP", len(program), ctypes.addressof(buffer))  # struct sock_fprog
@@ -102,5 +102,3 @@ def steer_by_cpu(group: Sequence[socket.socket], program: list[tuple[int, int, i
         group[0].setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
     except OSError as e:
         log.warning("datagrams are spread by hash, not by CPU: %s", e.strerror or e)
-        return False
-    return True
