@@ -57,7 +57,8 @@ def test_a_backend_that_fails_checks_goes_down(health_router, mode):
         wait_until(lambda: rcode_of(r, "x.test.") == dns.rcode.SERVFAIL, 2, message="down backend still used")
         started = time.monotonic()
         assert rcode_of(r, "x.test.") == dns.rcode.SERVFAIL
-        assert time.monotonic() - started < 0.2
+        # Below the forward timeout (0.5 s): answered at once, not after trying the backend.
+        assert time.monotonic() - started < 0.4
 
 
 def test_a_backend_answering_refused_stays_up(health_router):

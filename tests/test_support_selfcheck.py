@@ -318,7 +318,7 @@ def test_fake_delay_answers_late_without_serialising():
                 s.sendto(dns.message.make_query(name, "A").to_wire(), ("127.0.0.1", b.port))
             replies = [dns.message.from_wire(s.recv(65535)) for _ in range(2)]
         elapsed = time.monotonic() - start
-        assert 0.4 <= elapsed < 0.75
+        assert 0.4 <= elapsed < 0.8  # one after the other would take 0.8 s
         assert all(r.answer for r in replies)
 
 
