@@ -130,7 +130,8 @@ def run_dnsperf(target: Target, qfile: str, transport: str, args: argparse.Names
 
 def run_dnsperf_modes(targets: dict[str, Target], qfile: str, transport: str, args: argparse.Namespace,
                       workdir: str, tag: str, qps_limit: int | None = None) -> dict[str, Perf]:
-    """run_dnsperf against each client-address mode's router (mode -> target),
+    """run_dnsperf against each target (name -> target: the routers' modes,
+    and dnsdist or the backend where they are compared in the same rounds),
     the repeats interleaved and the order turned each round (none, proxy,
     ecs, then proxy, ecs, none, ...): a busy spell of the shared machine, or
     being first after a pause, then hits every mode alike, not just one."""
@@ -324,9 +325,10 @@ def start(r: Router, startup_timeout: float) -> float:
                         message=f"dnsrouter on port {r.port} did not answer h0001.{ZONE}")
 
 
-def targets(routers: dict[str, Router]) -> dict[str, Target]:
-    """Each mode's router as a dnsperf target: its supervisor's tree."""
-    return {mode: Target(r.port, r.proc.pid if r.proc else None) for mode, r in routers.items()}
+def targets(routers: dict[str, Router], others: dict[str, Target] | None = None) -> dict[str, Target]:
+    """Each mode's router as a dnsperf target (its supervisor's tree), then
+    ``others`` (dnsdist, the backend), to be measured in the same rounds."""
+    return {**{mode: Target(r.port, r.proc.pid if r.proc else None) for mode, r in routers.items()}, **(others or {})}
 
 
 def worker_rss_mb(r: Router) -> list[float]:
@@ -507,6 +509,19 @@ def main(argv: list[str] | None = None) -> int:
         for mode, r in routers.items():
             router_stderr_check(r, mode_tag(tag, mode), r.stop())
 
+    def note_runs(kind: str, t: str, routes: int, w: int, perfs: dict[str, Perf], routers: dict[str, Router],
+                  d: Dnsdist | None) -> None:
+        """The rows of one interleaved measurement: each router mode's, then dnsdist's if it ran."""
+        for mode, perf in perfs.items():
+            if mode == "dnsdist":
+                continue
+            note(Row(kind, "dnsrouter", t, routes, w, perf, worker_rss_mb(routers[mode]), client_address=mode))
+            if len(rows[-1].rss_mb) != w:
+                problems.append(f"router {mode_tag(f'r{routes}-w{w}', mode)}: found {len(rows[-1].rss_mb)} "
+                                f"worker processes, expected {w}")
+        if "dnsdist" in perfs and d is not None:
+            note(Row(kind, "dnsdist", t, routes, None, perfs["dnsdist"], [d.rss_mb()]))
+
     try:
         # With proxy or ecs measured, one backend answers every mode: it
         # takes PROXY v2 headers from loopback and reads ECS (none as well).
@@ -532,63 +547,56 @@ def main(argv: list[str] | None = None) -> int:
             note(Row(kind, "backend", t, None, None,
                      run_dnsperf(knot_target, qf, t, args, workdir, f"{prefix}backend-{t}")))
 
+        # dnsdist runs interleaved with the routers of this worker count, as the
+        # fixed-rate runs are: their ratio is the figure the targets are stated in.
+        paired = 2 if 2 in args.workers else max(args.workers)
         for routes in args.routes:
             rdir = os.path.join(workdir, f"routes-{routes}")
             write_routes(rdir, routes, backend)
-            for w in args.workers:
-                tag = f"r{routes}-w{w}"
-                routers: dict[str, Router] = {}
-                try:
-                    start_routers(routers, rdir, routes, w, tag, check=True)
-                    for t, (kind, qf, prefix) in itertools.product(args.transport, scenarios):
-                        perfs = run_dnsperf_modes(targets(routers), qf, t, args, workdir, f"{prefix}router-{tag}-{t}")
-                        for mode, perf in perfs.items():
-                            note(Row(kind, "dnsrouter", t, routes, w, perf, worker_rss_mb(routers[mode]),
-                                     client_address=mode))
-                            if len(rows[-1].rss_mb) != w:
-                                problems.append(f"router {mode_tag(tag, mode)}: found {len(rows[-1].rss_mb)} "
-                                                f"worker processes, expected {w}")
-                finally:
-                    stop_routers(routers, tag)
-            if have_dnsdist:
-                d = Dnsdist(backend, routes, workdir, f"r{routes}", args.startup_timeout)
-                try:
+            d = Dnsdist(backend, routes, workdir, f"r{routes}", args.startup_timeout) if have_dnsdist else None
+            try:
+                if d is not None:
                     d.start()
                     problems.extend(sanity(d.port, routes, f"dnsdist r{routes}"))
-                    for t, (kind, qf, prefix) in itertools.product(args.transport, scenarios):
-                        perf = run_dnsperf(d.target, qf, t, args, workdir, f"{prefix}dnsdist-r{routes}-{t}")
-                        note(Row(kind, "dnsdist", t, routes, None, perf, [d.rss_mb()]))
-                finally:
+                for w in args.workers:
+                    tag = f"r{routes}-w{w}"
+                    routers: dict[str, Router] = {}
+                    try:
+                        start_routers(routers, rdir, routes, w, tag, check=True)
+                        for t, (kind, qf, prefix) in itertools.product(args.transport, scenarios):
+                            others = {"dnsdist": d.target} if d is not None and w == paired else {}
+                            perfs = run_dnsperf_modes(targets(routers, others), qf, t, args, workdir,
+                                                      f"{prefix}r{routes}-w{w}-{t}")
+                            note_runs(kind, t, routes, w, perfs, routers, d)
+                    finally:
+                        stop_routers(routers, tag)
+            finally:
+                if d is not None:
                     d.stop()
 
         if args.fixed_qps:
+            # Backend, routers and dnsdist all running, their runs interleaved:
+            # the added latency is a difference of two small figures, which a
+            # quiet or busy spell of the machine would otherwise decide.
             log(f"fixed-rate runs at {args.fixed_qps} qps")
-            for t in args.transport:
-                note(Row("fixed-rate", "backend", t, None, None,
-                         run_dnsperf(knot_target, qfile, t, args, workdir, f"fixed-backend-{t}", args.fixed_qps)))
             rdir = os.path.join(workdir, "routes-1")
             if not os.path.isdir(rdir):
                 write_routes(rdir, 1, backend)
-            w = 2 if 2 in args.workers else max(args.workers)
             routers = {}
+            d = Dnsdist(backend, 1, workdir, "fixed", args.startup_timeout) if have_dnsdist else None
             try:
-                start_routers(routers, rdir, 1, w, f"fixed-w{w}", check=False)
-                for t in args.transport:
-                    perfs = run_dnsperf_modes(targets(routers), qfile, t, args, workdir, f"fixed-router-{t}",
-                                              args.fixed_qps)
-                    for mode, perf in perfs.items():
-                        note(Row("fixed-rate", "dnsrouter", t, 1, w, perf, worker_rss_mb(routers[mode]),
-                                 client_address=mode))
-            finally:
-                stop_routers(routers, f"fixed-w{w}")
-            if have_dnsdist:
-                d = Dnsdist(backend, 1, workdir, "fixed", args.startup_timeout)
-                try:
+                start_routers(routers, rdir, 1, paired, f"fixed-w{paired}", check=False)
+                if d is not None:
                     d.start()
-                    for t in args.transport:
-                        perf = run_dnsperf(d.target, qfile, t, args, workdir, f"fixed-dnsdist-{t}", args.fixed_qps)
-                        note(Row("fixed-rate", "dnsdist", t, 1, None, perf, [d.rss_mb()]))
-                finally:
+                for t in args.transport:
+                    others = {"backend": knot_target, **({"dnsdist": d.target} if d is not None else {})}
+                    perfs = run_dnsperf_modes(targets(routers, others), qfile, t, args, workdir, f"fixed-{t}",
+                                              args.fixed_qps)
+                    note(Row("fixed-rate", "backend", t, None, None, perfs.pop("backend")))
+                    note_runs("fixed-rate", t, 1, paired, perfs, routers, d)
+            finally:
+                stop_routers(routers, f"fixed-w{paired}")
+                if d is not None:
                     d.stop()
     except KeyboardInterrupt:  # Interrupted (SIGINT, SIGTERM) too
         interrupted = True
