@@ -879,7 +879,7 @@ cdef class Replies:
     cdef void clocks(self, double now, double tick, Outbox outbox) except *:
         """Upstream.serve's clocks, every tick: errors, retries, timeouts."""
         upstream = self.upstream
-        if now >= self.due:
+        if now >= self.due and upstream.pending:  # see Upstream.serve: nothing in flight, nothing to do
             upstream._errors(self.counts, outbox)  # see Upstream.serve: a send may have taken the error
             if self.got < BATCH:
                 _retries(upstream, now, self.counts, outbox)

@@ -250,7 +250,11 @@ class Upstream:
                     entry.uid, entry.retry_uid = entry.retry_uid, entry.uid
                     entry.sent, entry.retry_sent = entry.retry_sent, entry.sent
                 policy.reply(entry, data, counts, outbox)
-            if now >= due:
+            # With nothing in flight there is no try to retry, to time out or
+            # to end on an ICMP error: an idle worker's tick costs nothing
+            # (the queues of tries hold answered ones only, popped at the next
+            # tick with something in flight; errors wait on the error queue).
+            if now >= due and pending:
                 # A send from another thread may have taken the error that
                 # would have woken us (mmsg.STALE_ERRORS): the ICMP message
                 # waits on the error queue, so look there every tick too.
