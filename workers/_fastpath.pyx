@@ -959,6 +959,7 @@ cdef list _loop(_Queries queries, list replies, stale_errors, double tick):
                 if events[j].events & EPOLLERR:  # an ICMP error: its queue drained, or epoll says so again at once
                     each.upstream._errors(each.counts, outbox)
                 each.take(now, outbox, stale_errors)
+            outbox.flush()  # what woke us goes out before the clocks' work, not after it
             for each in replies:
                 if each.closed:
                     continue

@@ -250,6 +250,7 @@ class Upstream:
                     entry.uid, entry.retry_uid = entry.retry_uid, entry.uid
                     entry.sent, entry.retry_sent = entry.retry_sent, entry.sent
                 policy.reply(entry, data, counts, outbox)
+            outbox.flush()  # the replies go out before the clocks' work, not after it
             # With nothing in flight there is no try to retry, to time out or
             # to end on an ICMP error: an idle worker's tick costs nothing
             # (the queues of tries hold answered ones only, popped at the next
