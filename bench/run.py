@@ -18,10 +18,6 @@ One invocation starts one Knot backend, then measures with dnsperf:
   in the run (a random-subdomain flood: NXDOMAIN from Knot, no route cache
   hit in the router).
 
-The routers and dnsdists of the saturating runs all run at once and their
-dnsperf runs are interleaved round by round, as are the fixed-rate ones:
-the figures compared come from runs side by side, not minutes apart.
-
 Every run also reports the CPU time per query of the server measured.
 
 It prints Markdown tables (and writes them to --out). See bench/README.md.
@@ -132,19 +128,20 @@ def run_dnsperf(target: Target, qfile: str, transport: str, args: argparse.Names
     return median_run(runs, qps_limit)
 
 
-def run_dnsperf_rounds(targets: dict[str, Target], qfile: str, transport: str, args: argparse.Namespace,
-                       workdir: str, tag: str, qps_limit: int | None = None) -> dict[str, Perf]:
-    """run_dnsperf against each target (name -> target), in ``--repeat``
-    rounds of one run each, the order turned each round (a, b, c, then b, c,
-    a, ...): a busy spell of the shared machine, or being first after a
-    pause, then hits every target alike, not just one."""
-    runs: dict[str, list[Perf]] = {name: [] for name in targets}
-    names = list(targets)
+def run_dnsperf_modes(targets: dict[str, Target], qfile: str, transport: str, args: argparse.Namespace,
+                      workdir: str, tag: str, qps_limit: int | None = None) -> dict[str, Perf]:
+    """run_dnsperf against each target (name -> target: the routers' modes,
+    and dnsdist or the backend where they are compared in the same rounds),
+    the repeats interleaved and the order turned each round (none, proxy,
+    ecs, then proxy, ecs, none, ...): a busy spell of the shared machine, or
+    being first after a pause, then hits every mode alike, not just one."""
+    runs: dict[str, list[Perf]] = {mode: [] for mode in targets}
+    modes = list(targets)
     for i in range(args.repeat):
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            runs[name].append(_dnsperf_once(targets[name], qfile, transport, args, workdir,
-                                            f"{mode_tag(tag, name)}-{i}", qps_limit))
-    return {name: median_run(name_runs, qps_limit) for name, name_runs in runs.items()}
+        for mode in modes[i % len(modes):] + modes[:i % len(modes)]:
+            runs[mode].append(_dnsperf_once(targets[mode], qfile, transport, args, workdir,
+                                            f"{mode_tag(tag, mode)}-{i}", qps_limit))
+    return {mode: median_run(mode_runs, qps_limit) for mode, mode_runs in runs.items()}
 
 
 def median_run(runs: list[Perf], qps_limit: int | None) -> Perf:
@@ -512,14 +509,18 @@ def main(argv: list[str] | None = None) -> int:
         for mode, r in routers.items():
             router_stderr_check(r, mode_tag(tag, mode), r.stop())
 
-    def note_runs(kind: str, t: str, routes: int, w: int, perfs: dict[str, Perf],
-                  routers: dict[str, Router]) -> None:
-        """The rows of one measurement of each router mode (mode -> its run)."""
+    def note_runs(kind: str, t: str, routes: int, w: int, perfs: dict[str, Perf], routers: dict[str, Router],
+                  d: Dnsdist | None) -> None:
+        """The rows of one interleaved measurement: each router mode's, then dnsdist's if it ran."""
         for mode, perf in perfs.items():
+            if mode == "dnsdist":
+                continue
             note(Row(kind, "dnsrouter", t, routes, w, perf, worker_rss_mb(routers[mode]), client_address=mode))
             if len(rows[-1].rss_mb) != w:
                 problems.append(f"router {mode_tag(f'r{routes}-w{w}', mode)}: found {len(rows[-1].rss_mb)} "
                                 f"worker processes, expected {w}")
+        if "dnsdist" in perfs and d is not None:
+            note(Row(kind, "dnsdist", t, routes, None, perfs["dnsdist"], [d.rss_mb()]))
 
     try:
         # With proxy or ecs measured, one backend answers every mode: it
@@ -546,41 +547,32 @@ def main(argv: list[str] | None = None) -> int:
             note(Row(kind, "backend", t, None, None,
                      run_dnsperf(knot_target, qf, t, args, workdir, f"{prefix}backend-{t}")))
 
-        # Every router (each route count, worker count and mode) and every
-        # dnsdist runs at once, their dnsperf runs interleaved round by round:
-        # the targets are ratios between them (router to dnsdist, 10,000
-        # routes to 1), and a slow spell of the shared machine then hits
-        # every side of each ratio alike.
-        fleet: dict[tuple[int, int], dict[str, Router]] = {}
-        dnsdists: dict[int, Dnsdist] = {}
-        try:
-            for routes in args.routes:
-                rdir = os.path.join(workdir, f"routes-{routes}")
-                write_routes(rdir, routes, backend)
-                if have_dnsdist:
-                    dnsdists[routes] = d = Dnsdist(backend, routes, workdir, f"r{routes}", args.startup_timeout)
+        # dnsdist runs interleaved with the routers of this worker count, as the
+        # fixed-rate runs are: their ratio is the figure the targets are stated in.
+        paired = 2 if 2 in args.workers else max(args.workers)
+        for routes in args.routes:
+            rdir = os.path.join(workdir, f"routes-{routes}")
+            write_routes(rdir, routes, backend)
+            d = Dnsdist(backend, routes, workdir, f"r{routes}", args.startup_timeout) if have_dnsdist else None
+            try:
+                if d is not None:
                     d.start()
                     problems.extend(sanity(d.port, routes, f"dnsdist r{routes}"))
                 for w in args.workers:
-                    fleet[routes, w] = {}
-                    start_routers(fleet[routes, w], rdir, routes, w, f"r{routes}-w{w}", check=True)
-            everyone = {f"r{routes}-w{w}-{mode}": target
-                        for (routes, w), routers in fleet.items() for mode, target in targets(routers).items()}
-            everyone.update({f"r{routes}-dnsdist": d.target for routes, d in dnsdists.items()})
-            for t, (kind, qf, prefix) in itertools.product(args.transport, scenarios):
-                perfs = run_dnsperf_rounds(everyone, qf, t, args, workdir, f"{prefix}{t}")
-                for routes in args.routes:
-                    for w in args.workers:
-                        note_runs(kind, t, routes, w, {mode: perfs[f"r{routes}-w{w}-{mode}"]
-                                                       for mode in fleet[routes, w]}, fleet[routes, w])
-                    if routes in dnsdists:
-                        note(Row(kind, "dnsdist", t, routes, None, perfs[f"r{routes}-dnsdist"],
-                                 [dnsdists[routes].rss_mb()]))
-        finally:
-            for (routes, w), routers in fleet.items():
-                stop_routers(routers, f"r{routes}-w{w}")
-            for d in dnsdists.values():
-                d.stop()
+                    tag = f"r{routes}-w{w}"
+                    routers: dict[str, Router] = {}
+                    try:
+                        start_routers(routers, rdir, routes, w, tag, check=True)
+                        for t, (kind, qf, prefix) in itertools.product(args.transport, scenarios):
+                            others = {"dnsdist": d.target} if d is not None and w == paired else {}
+                            perfs = run_dnsperf_modes(targets(routers, others), qf, t, args, workdir,
+                                                      f"{prefix}r{routes}-w{w}-{t}")
+                            note_runs(kind, t, routes, w, perfs, routers, d)
+                    finally:
+                        stop_routers(routers, tag)
+            finally:
+                if d is not None:
+                    d.stop()
 
         if args.fixed_qps:
             # Backend, routers and dnsdist all running, their runs interleaved:
@@ -590,24 +582,20 @@ def main(argv: list[str] | None = None) -> int:
             rdir = os.path.join(workdir, "routes-1")
             if not os.path.isdir(rdir):
                 write_routes(rdir, 1, backend)
-            w = 2 if 2 in args.workers else max(args.workers)
-            routers: dict[str, Router] = {}
+            routers = {}
             d = Dnsdist(backend, 1, workdir, "fixed", args.startup_timeout) if have_dnsdist else None
             try:
-                start_routers(routers, rdir, 1, w, f"fixed-w{w}", check=False)
+                start_routers(routers, rdir, 1, paired, f"fixed-w{paired}", check=False)
                 if d is not None:
                     d.start()
                 for t in args.transport:
                     others = {"backend": knot_target, **({"dnsdist": d.target} if d is not None else {})}
-                    perfs = run_dnsperf_rounds(targets(routers, others), qfile, t, args, workdir, f"fixed-{t}",
-                                               args.fixed_qps)
+                    perfs = run_dnsperf_modes(targets(routers, others), qfile, t, args, workdir, f"fixed-{t}",
+                                              args.fixed_qps)
                     note(Row("fixed-rate", "backend", t, None, None, perfs.pop("backend")))
-                    dnsdist_perf = perfs.pop("dnsdist", None)
-                    note_runs("fixed-rate", t, 1, w, perfs, routers)
-                    if d is not None and dnsdist_perf is not None:
-                        note(Row("fixed-rate", "dnsdist", t, 1, None, dnsdist_perf, [d.rss_mb()]))
+                    note_runs("fixed-rate", t, 1, paired, perfs, routers, d)
             finally:
-                stop_routers(routers, f"fixed-w{w}")
+                stop_routers(routers, f"fixed-w{paired}")
                 if d is not None:
                     d.stop()
     except KeyboardInterrupt:  # Interrupted (SIGINT, SIGTERM) too
