@@ -128,20 +128,20 @@ def run_dnsperf(target: Target, qfile: str, transport: str, args: argparse.Names
     return median_run(runs, qps_limit)
 
 
-def run_dnsperf_modes(targets: dict[str, Target], qfile: str, transport: str, args: argparse.Namespace,
-                      workdir: str, tag: str, qps_limit: int | None = None) -> dict[str, Perf]:
+def run_dnsperf_rounds(targets: dict[str, Target], qfile: str, transport: str, args: argparse.Namespace,
+                       workdir: str, tag: str, qps_limit: int | None = None) -> dict[str, Perf]:
     """run_dnsperf against each target (name -> target: the routers' modes,
     and dnsdist or the backend where they are compared in the same rounds),
-    the repeats interleaved and the order turned each round (none, proxy,
-    ecs, then proxy, ecs, none, ...): a busy spell of the shared machine, or
-    being first after a pause, then hits every mode alike, not just one."""
-    runs: dict[str, list[Perf]] = {mode: [] for mode in targets}
-    modes = list(targets)
+    in ``--repeat`` rounds of one run each, the order turned each round (a,
+    b, c, then b, c, a, ...): a busy spell of the shared machine, or being
+    first after a pause, then hits every target alike, not just one."""
+    runs: dict[str, list[Perf]] = {name: [] for name in targets}
+    names = list(targets)
     for i in range(args.repeat):
-        for mode in modes[i % len(modes):] + modes[:i % len(modes)]:
-            runs[mode].append(_dnsperf_once(targets[mode], qfile, transport, args, workdir,
-                                            f"{mode_tag(tag, mode)}-{i}", qps_limit))
-    return {mode: median_run(mode_runs, qps_limit) for mode, mode_runs in runs.items()}
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            runs[name].append(_dnsperf_once(targets[name], qfile, transport, args, workdir,
+                                            f"{mode_tag(tag, name)}-{i}", qps_limit))
+    return {name: median_run(name_runs, qps_limit) for name, name_runs in runs.items()}
 
 
 def median_run(runs: list[Perf], qps_limit: int | None) -> Perf:
@@ -565,8 +565,8 @@ def main(argv: list[str] | None = None) -> int:
                         start_routers(routers, rdir, routes, w, tag, check=True)
                         for t, (kind, qf, prefix) in itertools.product(args.transport, scenarios):
                             others = {"dnsdist": d.target} if d is not None and w == paired else {}
-                            perfs = run_dnsperf_modes(targets(routers, others), qf, t, args, workdir,
-                                                      f"{prefix}r{routes}-w{w}-{t}")
+                            perfs = run_dnsperf_rounds(targets(routers, others), qf, t, args, workdir,
+                                                       f"{prefix}r{routes}-w{w}-{t}")
                             note_runs(kind, t, routes, w, perfs, routers, d)
                     finally:
                         stop_routers(routers, tag)
@@ -590,8 +590,8 @@ def main(argv: list[str] | None = None) -> int:
                     d.start()
                 for t in args.transport:
                     others = {"backend": knot_target, **({"dnsdist": d.target} if d is not None else {})}
-                    perfs = run_dnsperf_modes(targets(routers, others), qfile, t, args, workdir, f"fixed-{t}",
-                                              args.fixed_qps)
+                    perfs = run_dnsperf_rounds(targets(routers, others), qfile, t, args, workdir, f"fixed-{t}",
+                                               args.fixed_qps)
                     note(Row("fixed-rate", "backend", t, None, None, perfs.pop("backend")))
                     note_runs("fixed-rate", t, 1, paired, perfs, routers, d)
             finally:
