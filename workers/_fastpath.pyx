@@ -879,13 +879,15 @@ cdef class Replies:
     cdef void clocks(self, double now, double tick, Outbox outbox) except *:
         """Upstream.serve's clocks, every tick: errors, retries, timeouts."""
         upstream = self.upstream
-        if now >= self.due and upstream.pending:  # see Upstream.serve: nothing in flight, nothing to do
+        if now < self.due:
+            return
+        self.due = now + tick
+        if upstream.pending:  # see Upstream.serve: nothing in flight, nothing to do
             upstream._errors(self.counts, outbox)  # see Upstream.serve: a send may have taken the error
             if self.got < BATCH:
                 _retries(upstream, now, self.counts, outbox)
             if now >= upstream._scan_at:
                 upstream._timeouts(now, self.counts)
-            self.due = now + tick
 
 
 cdef void _retries(upstream, double now, counts, outbox) except *:

@@ -46,6 +46,9 @@ TICK = 0.005  # seconds between two looks at due retries when no reply wakes the
 # and at most 216 of addresses) and the DNS ID after it.
 _ERROR_HEAD = 16 + 216 + 2
 _IP_RECVERR, _IPV6_RECVERR = 11, 25  # linux/in.h, linux/in6.h; the socket module lacks them
+# A plain int: `|` of the socket module's IntFlag members runs enum code in
+# Python, which at every tick was a third of what reading the error queue cost.
+_ERROR_QUEUE = int(socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
 
 
 class Pending:
@@ -251,24 +254,26 @@ class Upstream:
                     entry.sent, entry.retry_sent = entry.retry_sent, entry.sent
                 policy.reply(entry, data, counts, outbox)
             outbox.flush()  # the replies go out before the clocks' work, not after it
-            # With nothing in flight there is no try to retry, to time out or
-            # to end on an ICMP error: an idle worker's tick costs nothing
-            # (the queues of tries hold answered ones only, popped at the next
-            # tick with something in flight; errors wait on the error queue).
-            if now >= due and pending:
-                # A send from another thread may have taken the error that
-                # would have woken us (mmsg.STALE_ERRORS): the ICMP message
-                # waits on the error queue, so look there every tick too.
-                self._errors(counts, outbox)
-                # Retries only once the replies that have arrived are read (a
-                # batch that did not fill up): a query whose answer waits in
-                # our own queue is not lost, and a busy worker must not
-                # double its load with retries of such queries.
-                if len(batch) < mmsg.BATCH:
-                    self._retries(now, counts, outbox)
-                if now >= self._scan_at:
-                    self._timeouts(now, counts)
+            if now >= due:
                 due = now + TICK
+                # With nothing in flight there is no try to retry, to time out
+                # or to end on an ICMP error: an idle worker's tick costs
+                # nothing (the queues of tries hold answered ones only, popped
+                # at the next tick with something in flight; errors wait on the
+                # error queue).
+                if pending:
+                    # A send from another thread may have taken the error that
+                    # would have woken us (mmsg.STALE_ERRORS): the ICMP message
+                    # waits on the error queue, so look there every tick too.
+                    self._errors(counts, outbox)
+                    # Retries only once the replies that have arrived are read
+                    # (a batch that did not fill up): a query whose answer waits
+                    # in our own queue is not lost, and a busy worker must not
+                    # double its load with retries of such queries.
+                    if len(batch) < mmsg.BATCH:
+                        self._retries(now, counts, outbox)
+                    if now >= self._scan_at:
+                        self._timeouts(now, counts)
             outbox.flush()
         self.sock.close()  # here, by the thread that reads it: its number cannot be reused under it
 
@@ -322,7 +327,7 @@ class Upstream:
         pending = self.pending
         while True:
             try:
-                data, _, _, peer = self.sock.recvmsg(_ERROR_HEAD, 512, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+                data, _, _, peer = self.sock.recvmsg(_ERROR_HEAD, 512, _ERROR_QUEUE)
             except OSError:
                 return  # the queue is empty
             at = 0
