@@ -597,6 +597,7 @@ cdef class _Queries:
 
     cdef Receiver receiver
     cdef object forwarder, counts, stopping, client, deque, raw_address, name_to_text, failed, handle
+    cdef dict upstreams, rtos  # the forwarder's tables: filled in place, never replaced
     cdef Counters counters
     cdef dict peers
     cdef RouteCache routes
@@ -617,6 +618,7 @@ cdef class _Queries:
         self.name_to_text = name_to_text
         self.failed = failed
         self.handle = forwarder.handle
+        self.upstreams, self.rtos = forwarder.upstreams, forwarder.rtos
         self.peers = {}  # backend -> (raw address, family), for the worker's few backends
         self.routes = RouteCache()
 
@@ -650,8 +652,8 @@ cdef class _Queries:
         # Read once a batch: a new table or setting takes effect from the next batch.
         self.routes.use(forwarder.matcher)
         python_only = forwarder.allowed is not None or forwarder.query_log
-        by_family = forwarder.upstreams
-        rtos = forwarder.rtos
+        by_family = self.upstreams
+        rtos = self.rtos
         last_pool = last_upstream = _UNSET  # None is a pool (no route) and gets its check
         cycle = pending = waiting_by = None
         for i in range(got):
@@ -745,7 +747,7 @@ cdef class Replies:
     mmsg; ``latency_buckets``, control.LATENCY_BUCKETS."""
 
     cdef object upstream, pending, policy, counts, peer_key
-    cdef object rtts, last_answered, rtos  # the policy's, read once a batch
+    cdef dict rtts, last_answered, rtos  # the policy's tables: filled in place, never replaced
     cdef double retry_min, half_timeout
     cdef Counters counters
     cdef Receiver receiver
@@ -767,6 +769,7 @@ cdef class Replies:
         self.policy = upstream.policy
         self.counts = upstream.counts
         self.keys = {}  # backend -> the part of a raw address that names it
+        self.rtts, self.last_answered, self.rtos = self.policy.rtts, self.policy.last_answered, self.policy.rtos
 
     cdef void answered(self, backend, double sent, double rtt) except *:
         """``Forwarder.answered`` (with stats.observe_latency and Rtt.sample),
@@ -812,7 +815,6 @@ cdef class Replies:
             return 0  # EAGAIN: someone read it first, or an error taken by a send
         self.got = got
         policy = self.policy
-        self.rtts, self.last_answered, self.rtos = policy.rtts, policy.last_answered, policy.rtos
         self.retry_min, self.half_timeout = policy.retry_min, policy.timeout / 2
         last_client = _UNSET
         for i in range(got):
@@ -876,18 +878,20 @@ cdef class Replies:
                             PyBytes_GET_SIZE(addr))
         return got
 
-    cdef void clocks(self, double now, double tick, Outbox outbox) except *:
-        """Upstream.serve's clocks, every tick: errors, retries, timeouts."""
-        upstream = self.upstream
+    cdef bint clocks(self, double now, double tick, Outbox outbox) except -1:
+        """Upstream.serve's clocks, every tick: errors, retries, timeouts.
+        True when the tick was due (then the loop looks at ``_closing``)."""
         if now < self.due:
-            return
+            return False
         self.due = now + tick
+        upstream = self.upstream
         if upstream.pending:  # see Upstream.serve: nothing in flight, nothing to do
             upstream._errors(self.counts, outbox)  # see Upstream.serve: a send may have taken the error
             if self.got < BATCH:
                 _retries(upstream, now, self.counts, outbox)
             if now >= upstream._scan_at:
                 upstream._timeouts(now, self.counts)
+        return True
 
 
 cdef void _retries(upstream, double now, counts, outbox) except *:
@@ -933,7 +937,7 @@ cdef list _loop(_Queries queries, list replies, stale_errors, double tick):
     cdef Outbox outbox = Outbox()
     cdef epoll_event events[SOURCES + 1]
     cdef int epfd, ready, j, open_ = len(replies)
-    cdef bint serving = queries is not None
+    cdef bint serving = queries is not None, due
     # ms, rounded up: the clocks run when no reply comes; a listening socket alone waits for its clients
     cdef int timeout = <int>(tick * 1000 + 0.999) if replies else -1
     cdef double now
@@ -965,9 +969,10 @@ cdef list _loop(_Queries queries, list replies, stale_errors, double tick):
             for each in replies:
                 if each.closed:
                     continue
-                each.clocks(now, tick, outbox)
+                due = each.clocks(now, tick, outbox)
                 each.got = 0
-                if each.upstream._closing:  # Upstream.close: the socket closed by its reader, here
+                # Upstream.close (within a tick): the socket closed by its reader, here
+                if due and each.upstream._closing:
                     epoll_ctl(epfd, EPOLL_CTL_DEL, each.receiver.fd, NULL)
                     each.upstream.sock.close()
                     each.closed = True

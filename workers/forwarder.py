@@ -73,6 +73,8 @@ class Forwarder:
         # packets lost to a full buffer must not take down a backend that
         # answers thousands of others.
         self.streaks: dict[Address, int] = {}
+        # last_answered, rtts, rtos and upstreams are filled in place, never
+        # replaced: the compiled loops take them once, when they start.
         self.last_answered: dict[Address, float] = {}  # backend -> send time of its latest answered query
         # What the supervisor has not been told yet: backend -> latest streak.
         # The worker sends it at most every EVIDENCE_INTERVAL, one message for
