@@ -163,13 +163,19 @@ class Matcher:
         down = frozenset(down)
         self.pools = [Pool(r, [b for b in r.backends if b not in down], client_address) for r in self.routes]
         self.set = patterns if patterns is not None else compile_set(r.pattern for r in self.routes)
+        # The indexes (a list, maybe empty) of the patterns a name's bytes
+        # match. The compiled packet path calls it on every route-cache miss
+        # (a flood of random names): google-re2's Set.Match is a Python
+        # wrapper (a frame, a type check, an attribute) around its binding's
+        # method, which is taken directly where the wrapper holds one.
+        self.match_bytes = getattr(self.set, "_set", self.set).Match
         self._cache: dict[bytes, Pool | None] = {}
 
     def lookup(self, name_text: str) -> Pool | None:
         """The pool for a name in presentation format, lower case."""
         if not self.routes:
             return None
-        for index in sorted(self.set.Match(name_text) or ()):
+        for index in sorted(self.match_bytes(name_text.encode()) or ()):
             pool = self.pools[index]
             if pool.backends:
                 return pool

@@ -200,6 +200,16 @@ def test_none_usable_is_none():
     assert Matcher(()).lookup("www.example.com.") is None
 
 
+def test_match_bytes_gives_the_index_of_every_matching_pattern():
+    """What the compiled path calls on a route-cache miss: a name's bytes in,
+    every matching pattern's index out, nothing for no match."""
+    m = _matcher([(1, A, r"^www\.example\.com\.$"), (2, B, r"example\.com\.$"), (3, C, r"\.org\.$")])
+    assert sorted(m.match_bytes(b"www.example.com.")) == [0, 1]
+    assert sorted(m.match_bytes(b"mail.example.com.")) == [1]
+    assert sorted(m.match_bytes(b"www.example.org.")) == [2]
+    assert not m.match_bytes(b"www.example.net.")
+
+
 def test_search_semantics():
     m = _matcher([(1, A, r"example\.com")])
     assert m.lookup("www.example.com.").backends == (A,)

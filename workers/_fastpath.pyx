@@ -190,7 +190,7 @@ cdef object _route(matcher, const unsigned char *key, Py_ssize_t n, name_to_text
     if not matcher.routes:
         return None
     pools = matcher.pools  # Matcher.lookup: the lowest index whose pool has a backend
-    for found in matcher.set.Match(PyBytes_FromStringAndSize(<char *>text, out)) or ():  # None: no match
+    for found in matcher.match_bytes(PyBytes_FromStringAndSize(<char *>text, out)) or ():
         index = found
         if (best < 0 or index < best) and pools[index].backends:
             best = index
