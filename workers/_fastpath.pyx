@@ -166,7 +166,7 @@ for _c in range(0x21, 0x7F):
     _PLAIN[_c] = chr(_c) not in '"().;\\@$'
 
 
-cdef object _route(matcher, const unsigned char *key, Py_ssize_t n, name_to_text):
+cdef object _route(RouteCache cache, const unsigned char *key, Py_ssize_t n, name_to_text):
     """``matcher.lookup`` for the lower-cased wire name ``key`` (``n`` bytes,
     the root label's included): the text made here and one pass of the
     matcher's RE2 set, the first registered pool with a usable backend. A
@@ -176,21 +176,21 @@ cdef object _route(matcher, const unsigned char *key, Py_ssize_t n, name_to_text
     cdef unsigned char text[256]  # a wire name of at most 255 bytes has as many characters, less one
     cdef Py_ssize_t pos = 0, out = 0, label, i, best = -1, index
     if key[0] == 0:
-        return matcher.lookup(name_to_text(PyBytes_FromStringAndSize(<char *>key, n)))
+        return cache.matcher.lookup(name_to_text(PyBytes_FromStringAndSize(<char *>key, n)))
     while key[pos]:
         label = key[pos]
         for i in range(pos + 1, pos + 1 + label):
             if not _PLAIN[key[i]]:
-                return matcher.lookup(name_to_text(PyBytes_FromStringAndSize(<char *>key, n)))
+                return cache.matcher.lookup(name_to_text(PyBytes_FromStringAndSize(<char *>key, n)))
             text[out] = key[i]
             out += 1
         text[out] = 46  # '.'
         out += 1
         pos += label + 1
-    if not matcher.routes:
+    if cache.match is None:
         return None
-    pools = matcher.pools  # Matcher.lookup: the lowest index whose pool has a backend
-    for found in matcher.match_bytes(PyBytes_FromStringAndSize(<char *>text, out)) or ():
+    pools = cache.pools  # Matcher.lookup: the lowest index whose pool has a backend
+    for found in cache.match(PyBytes_FromStringAndSize(<char *>text, out)) or ():
         index = found
         if (best < 0 or index < best) and pools[index].backends:
             best = index
@@ -216,6 +216,7 @@ cdef class RouteCache:
 
     cdef _Way *ways
     cdef object matcher  # the table the entries were found in
+    cdef object match, pools  # its match_bytes (None: no route) and pools, for _route
     cdef unsigned int victim  # which way a full set gives up next, in turn
 
     def __cinit__(self):
@@ -235,11 +236,14 @@ cdef class RouteCache:
             Py_XDECREF(self.ways[i].pool)
             self.ways[i].question = self.ways[i].pool = NULL
 
-    cdef inline void use(self, matcher) noexcept:
+    cdef inline int use(self, matcher) except -1:
         """Entries from this matcher only (read once a batch)."""
         if matcher is not self.matcher:
             self.clear()
             self.matcher = matcher
+            self.match = matcher.match_bytes if matcher.routes else None
+            self.pools = matcher.pools
+        return 0
 
     cdef _Way *find(self, const unsigned char *key, Py_ssize_t n, Py_hash_t hash, name_to_text) except NULL:
         """The entry of question ``key`` (``n`` bytes from _classify, its hash
@@ -253,7 +257,7 @@ cdef class RouteCache:
                     and memcmp(PyBytes_AS_STRING(<object>way.question), key, n) == 0):
                 return way
         question = PyBytes_FromStringAndSize(<char *>key, n)
-        pool = _route(self.matcher, key, n - 4, name_to_text)
+        pool = _route(self, key, n - 4, name_to_text)
         for i in range(WAYS):
             if ways[i].question == NULL:
                 way = ways + i
