@@ -1,4 +1,4 @@
-"""What the bench scripts share (run.py, convergence.py, failover.py, soak.py, cpu.py).
+"""What the bench scripts share (run.py, convergence.py, failover.py, soak.py, cpu.py, latency.py).
 
 The servers, processes, zones, queries and metrics come from the test
 suite's support package (tests/support/): importing this module, first in
