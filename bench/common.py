@@ -157,6 +157,22 @@ class CpuMeter:
         return CpuUse(sum((end - t for end, t in now if end is not None), 0.0), sum(end is None for end, _ in now))
 
 
+def wait_idle(procs: list[psutil.Process], timeout: float = 60.0, window: float = 0.25, busy: float = 0.1) -> bool:
+    """Until ``procs`` use less than ``busy`` of a CPU over ``window``
+    seconds, at most ``timeout``; False if they never did. A server behind
+    on its queries goes on after dnsperf stops (dnsdist with 10,000 regexp
+    rules works through a full receive queue for seconds) and would take the
+    CPUs from the next run, another server's."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        meter = CpuMeter(procs)
+        time.sleep(window)  # the window measured, not a wait for an event
+        used = meter.read().seconds
+        if math.isnan(used) or used < busy * window:  # NaN: none of them left to wait for
+            return True
+    return False
+
+
 # -- dnsperf -----------------------------------------------------------------
 
 def _num(x: float) -> str:

@@ -50,7 +50,7 @@ import dns.rcode
 import psutil
 
 from common import (CpuMeter, Perf, bench_router, dnsperf_argv, handle_signals, ignore_signals, parse_dnsperf,
-                    process_tree, start_router)
+                    process_tree, start_router, wait_idle)
 from report import Row, fmt, tables
 from support.knot import KnotServer
 from support.net import HOST, answered, free_port, query, raw_udp, wait_until
@@ -177,6 +177,8 @@ def _dnsperf_once(target: Target, qfile: str, transport: str, args: argparse.Nam
             stop(proc)
     cpu_use = cpu.read()
     after = kernel_counters()
+    if not wait_idle(process_tree(target.pid)):
+        print(f"warning: {tag}: the server was still busy a minute after dnsperf stopped", file=sys.stderr)
     with open(out_path, errors="replace") as f:
         perf = parse_dnsperf(f)
     if perf.sent == 0:
