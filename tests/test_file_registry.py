@@ -120,8 +120,9 @@ def test_non_utf8_content_is_surrogateescaped(tmp_path):
 class _Running:
     """FileRegistry.run on its thread, counting full scans and keeping what it publishes."""
 
-    def __init__(self, directory) -> None:
+    def __init__(self, directory, scan_takes: float = 0.0) -> None:
         import threading
+        import time
 
         self.registry = FileRegistry(str(directory), interval=0.02)
         self.polls = self.scans = 0
@@ -130,6 +131,7 @@ class _Running:
 
         def counting_scan():
             self.scans += 1
+            time.sleep(scan_takes)  # a directory of thousands of files, looked at file by file
             return scan()
 
         def counting_poll():
@@ -172,3 +174,20 @@ def test_running_sees_renames_at_once_and_edits_in_place_within_a_second(tmp_pat
         polls, scans = running.polls, running.scans
         wait_until(lambda: running.polls >= polls + 25, 3, message="not polling")
         assert running.scans - scans <= 2, f"{running.scans - scans} full scans in 25 quiet polls"
+
+
+def test_a_costly_full_scan_comes_less_often_and_renames_are_still_seen_at_once(tmp_path, monkeypatch):
+    from support.net import wait_until
+
+    from dnsrouter.supervisor.registry import files
+
+    monkeypatch.setattr(files, "FULL_SCAN_SHARE", 0.02)  # a scan of 50 ms: 2.5 s apart
+    _write(tmp_path / "a", "10.0.0.1:53,x")
+    with _Running(tmp_path, scan_takes=0.05) as running:
+        wait_until(lambda: running.values() == ["10.0.0.1:53,x"], 1, message="first scan")
+        polls, scans = running.polls, running.scans
+        wait_until(lambda: running.polls >= polls + 60, 5, message="not polling")  # 1.2 s at least
+        assert running.scans == scans, "a full scan a second, though each took 5 % of that second"
+        _write(tmp_path / ".b.tmp", "10.0.0.2:53,y")
+        os.replace(tmp_path / ".b.tmp", tmp_path / "b")
+        wait_until(lambda: running.values() == ["10.0.0.1:53,x", "10.0.0.2:53,y"], 0.5, message="rename missed")
