@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import configparser
-from typing import Any
+from typing import Any, Sequence
 
 from .address import Address
 from .errors import ConfigError
@@ -11,14 +11,13 @@ from .settings import SETTINGS, Config, Setting
 
 __all__ = ["Config", "build_parser", "describe", "load", "read_file", "reload"]
 
-
-def build_parser(prog: str = "dnsrouter") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Route DNS queries to the authoritative backend whose regexp matches the name.",
-    )
+def build_parser(prog: str = "dnsrouter", settings: Sequence[Setting] = SETTINGS,
+                 description: str = "Route DNS queries to the authoritative backend whose regexp "
+                                    "matches the name.") -> argparse.ArgumentParser:
+    """Flags for the settings that have one, ``--config``, ``--check-config`` and ``--version``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", metavar="FILE", help="INI configuration file")
-    for setting in SETTINGS:
+    for setting in settings:
         if setting.flag is None:
             continue
         kwargs: dict[str, Any] = {"dest": setting.name, "metavar": setting.metavar, "help": f"{setting.help} "
@@ -52,8 +51,13 @@ def _locate(lines: list[str], section: str, key: str) -> int:
     return 0
 
 
-def read_file(path: str) -> dict[str, str]:
-    """Raw values by setting name; unknown sections and keys are errors."""
+def read_file(path: str, settings: Sequence[Setting] = SETTINGS,
+              repeated: dict[str, Sequence[Setting]] | None = None) -> dict[str, str]:
+    """Raw values by setting name; unknown sections and keys are errors.
+
+    ``repeated`` declares sections written ``[NAME K]`` (K = 0, 1, ...), each
+    with the same keys: their values come back keyed ``NAME K/key``.
+    """
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -66,18 +70,25 @@ def read_file(path: str) -> dict[str, str]:
     except configparser.Error as e:
         raise ConfigError(f"{path}: {e}".replace("\n", " ")) from None
     lines = text.splitlines()
-    known = {(s.section, s.key): s for s in SETTINGS}
+    repeated = repeated or {}
+    plain = {s.section for s in settings}
     values: dict[str, str] = {}
     for section in parser.sections():
-        if section not in {s.section for s in SETTINGS}:
+        kind, _, number = section.partition(" ")
+        if kind in repeated and number.isdigit():
+            declared, prefix = repeated[kind], f"{kind} {int(number)}/"
+        elif section in plain:
+            declared, prefix = [s for s in settings if s.section == section], ""
+        else:
             line = next((n for n, text in enumerate(lines, 1) if _uncomment(text) == f"[{section}]"), 0)
-            raise ConfigError(f"{path}:{line}: unknown section [{section}]")
+            expected = "".join(f" (or [{name} K], K = 0, 1, ...)" for name in repeated)
+            raise ConfigError(f"{path}:{line}: unknown section [{section}]{expected}")
         for key, value in parser.items(section):
-            setting = known.get((section, key))
+            setting = next((s for s in declared if s.key == key), None)
             if setting is None:
                 raise ConfigError(f"{path}:{_locate(lines, section, key)}: "
                                   f"unknown key {key!r} in [{section}]")
-            values[setting.name] = value
+            values[prefix + key if prefix else setting.name] = value
             try:
                 setting.parse(value)
             except ValueError as e:
@@ -96,8 +107,13 @@ def _parse(setting: Setting, raw: str, where: str) -> Any:
 def load(args: argparse.Namespace) -> Config:
     """Build the Config from parsed flags and the file they name."""
     from_file = read_file(args.config) if args.config else {}
+    return Config(config_file=args.config, **parse_all(args, SETTINGS, from_file))
+
+
+def parse_all(args: argparse.Namespace, settings: Sequence[Setting], from_file: dict[str, str]) -> dict[str, Any]:
+    """Each setting's value by name: its flag, else the file's, else the default."""
     values: dict[str, Any] = {}
-    for setting in SETTINGS:
+    for setting in settings:
         flag = getattr(args, setting.name, None) if setting.flag else None
         if flag is not None:
             raw = " ".join(flag) if isinstance(flag, list) else flag
@@ -105,8 +121,8 @@ def load(args: argparse.Namespace) -> Config:
         elif setting.name in from_file:
             values[setting.name] = setting.parse(from_file[setting.name])
         else:
-            values[setting.name] = _parse(setting, setting.default, f"default {setting.name}")
-    return Config(config_file=args.config, **values)
+            values[setting.name] = _parse(setting, setting.default, f"[{setting.section}] {setting.key}")
+    return values
 
 
 def reload(config: Config, args: argparse.Namespace) -> tuple[Config, list[str], list[str]]:
@@ -125,13 +141,15 @@ def reload(config: Config, args: argparse.Namespace) -> tuple[Config, list[str],
     return Config(config_file=config.config_file, **kept), applied, restart
 
 
-def describe(config: Config) -> str:
-    """The effective configuration as an INI file (``--check-config``)."""
+def describe(config: Any, settings: Sequence[Setting] = SETTINGS, section_names: dict[str, str] | None = None) -> str:
+    """The effective configuration as an INI file (``--check-config``).
+
+    ``section_names`` writes a section under another name (``shard`` as ``shard 0``)."""
     out, section = [], None
-    for setting in SETTINGS:
+    for setting in settings:
         if setting.section != section:
             section = setting.section
-            out.append(f"\n[{section}]")
+            out.append(f"\n[{(section_names or {}).get(section, section)}]")
         value = getattr(config, setting.name)
         if isinstance(value, tuple) and not isinstance(value, Address):
             value = ", ".join(str(v) for v in value)

@@ -164,7 +164,7 @@ class Setting:
         return f"{self.section}_{self.key}"
 
 
-def _setting(section: str, key: str, default: str, parse: Callable[[str], Any], help: str, *,
+def declare(section: str, key: str, default: str, parse: Callable[[str], Any], help: str, *,
              flag: str | None = None, metavar: str | None = None, live: bool = False) -> Any:
     """A Config field that carries its Setting: the one declaration of a setting."""
     return field(metadata={"setting": Setting(section, key, default, parse, help, flag, metavar, live)})
@@ -179,123 +179,123 @@ class Config:
     is adding a field here.
     """
 
-    server_listen: tuple[Address, ...] = _setting(
+    server_listen: tuple[Address, ...] = declare(
         "server", "listen", "127.0.0.1:53", _addresses,
         "address to serve, ip:port or [ipv6]:port (repeat the flag for several)",
         flag="--listen", metavar="ADDR:PORT")
-    server_workers: int = _setting(
+    server_workers: int = declare(
         "server", "workers", "auto", _workers,
         "worker processes: a number, or auto for one per usable CPU", flag="--workers", metavar="N|auto")
-    server_user: str | None = _setting(
+    server_user: str | None = declare(
         "server", "user", "", _optional(_string),
         "run as this user after binding the sockets", flag="--user", metavar="USER")
-    server_pidfile: str | None = _setting(
+    server_pidfile: str | None = declare(
         "server", "pidfile", "", _optional(_string),
         "write the supervisor's PID to this file", flag="--pidfile", metavar="FILE")
-    server_allow_root: bool = _setting(
+    server_allow_root: bool = declare(
         "server", "allow_root", "no", _bool,
         "allow running as root on a privileged port without `user`", flag="--allow-root")
-    server_cpu_affinity: str | tuple[int, ...] = _setting(
+    server_cpu_affinity: str | tuple[int, ...] = declare(
         "server", "cpu_affinity", "auto", _cpus,
         "pin worker K to CPU K (auto: when workers <= CPUs), off, or a list of CPUs")
-    server_socket_affinity: bool = _setting(
+    server_socket_affinity: bool = declare(
         "server", "socket_affinity", "off", _bool,
         "on: a datagram goes to the worker pinned to the CPU that received it (each worker pinned "
         "to a CPU of its own; for network cards with a queue per worker); off: by hash of the "
         "client's address and port")
-    server_heartbeat_timeout: float = _setting(
+    server_heartbeat_timeout: float = declare(
         "server", "heartbeat_timeout", "10", _positive_float,
         "seconds a worker may stay silent before it is killed and replaced")
-    server_allow: tuple[IPNetwork, ...] = _setting(
+    server_allow: tuple[IPNetwork, ...] = declare(
         "server", "allow", "", _networks,
         "clients allowed, as addresses or CIDR networks; empty: everyone (an authoritative "
         "front serves the Internet)")
-    server_fast_path: str = _setting(
+    server_fast_path: str = declare(
         "server", "fast_path", "auto", _choice("auto", "off"),
         "the compiled UDP packet path: auto (when the install could build it) or off (pure Python)",
         flag="--fast-path", metavar="auto|off")
-    server_deny_action: str = _setting(
+    server_deny_action: str = declare(
         "server", "deny_action", "refuse", _choice("refuse", "drop"),
         "what other clients get over UDP: refuse (REFUSED) or drop; over TCP they are closed")
-    server_max_in_flight: int = _setting(
+    server_max_in_flight: int = declare(
         "server", "max_in_flight", "20000", _positive_int,
         "queries a worker may have waiting for backends; beyond it new ones are dropped")
-    server_tcp_connections: int = _setting(
+    server_tcp_connections: int = declare(
         "server", "tcp_connections", "256", _positive_int,
         "TCP client connections per worker; more are closed at once")
-    server_tcp_idle_timeout: float = _setting(
+    server_tcp_idle_timeout: float = declare(
         "server", "tcp_idle_timeout", "10", _positive_float,
         "seconds a TCP client connection may stay idle (RFC 7766)")
-    server_tcp_output_limit: int = _setting(
+    server_tcp_output_limit: int = declare(
         "server", "tcp_output_limit", "262144", _positive_int,
         "bytes of replies a TCP client may leave unread; past it the client is disconnected")
-    registry_etcd: tuple[str, ...] = _setting(
+    registry_etcd: tuple[str, ...] = declare(
         "registry", "etcd", "http://127.0.0.1:2379", _urls,
         "etcd endpoints, comma separated", flag="--etcd", metavar="URL[,URL...]")
-    registry_etcd_api: str = _setting(
+    registry_etcd_api: str = declare(
         "registry", "etcd_api", "v3", _choice("v3", "v2"),
         "etcd API: v3 (etcd 3.x), or v2 (the keys API, etcd started with --enable-v2)",
         flag="--etcd-api", metavar="v3|v2")
-    registry_prefix: str = _setting(
+    registry_prefix: str = declare(
         "registry", "prefix", "/dnsrouter/", _prefix,
         "etcd key prefix of the routes", flag="--prefix", metavar="PATH")
-    registry_routes_dir: str | None = _setting(
+    registry_routes_dir: str | None = declare(
         "registry", "routes_dir", "", _optional(_directory),
         "use this directory as the registry (one file per key) instead of etcd",
         flag="--routes-dir", metavar="DIR")
-    registry_username: str | None = _setting("registry", "username", "", _optional(_string), "etcd user name")
-    registry_password: str | None = _setting("registry", "password", "", _optional(_string), "etcd password")
-    registry_ca_cert: str | None = _setting("registry", "ca_cert", "", _optional(_string),
+    registry_username: str | None = declare("registry", "username", "", _optional(_string), "etcd user name")
+    registry_password: str | None = declare("registry", "password", "", _optional(_string), "etcd password")
+    registry_ca_cert: str | None = declare("registry", "ca_cert", "", _optional(_string),
                                             "CA bundle for https etcd")
-    registry_cert: str | None = _setting("registry", "cert", "", _optional(_string),
+    registry_cert: str | None = declare("registry", "cert", "", _optional(_string),
                                          "client certificate for etcd")
-    registry_key: str | None = _setting("registry", "key", "", _optional(_string), "client key for etcd")
-    health_interval: float = _setting(
+    registry_key: str | None = declare("registry", "key", "", _optional(_string), "client key for etcd")
+    health_interval: float = declare(
         "health", "interval", "2", _positive_float,
         "seconds between two health checks of a backend", live=True)
-    health_timeout: float = _setting(
+    health_timeout: float = declare(
         "health", "timeout", "1", _positive_float, "seconds a health check may take", live=True)
-    health_fall: int = _setting(
+    health_fall: int = declare(
         "health", "fall", "3", _positive_int, "failures in a row that take a backend down", live=True)
-    health_rise: int = _setting(
+    health_rise: int = declare(
         "health", "rise", "2", _positive_int, "successes in a row that bring a backend back", live=True)
-    forward_timeout: float = _setting(
+    forward_timeout: float = declare(
         "forward", "timeout", "1", _positive_float,
         "seconds a query waits for any backend's reply before the router answers SERVFAIL", live=True)
-    forward_retry_min: float = _setting(
+    forward_retry_min: float = declare(
         "forward", "retry_min", "0.02", _positive_float,
         "seconds at least before a query not yet answered is also sent to another backend "
         "(the wait is the backend's SRTT + 4 x RTTVAR, at most half of timeout)", live=True)
-    forward_tcp_fetches: int = _setting(
+    forward_tcp_fetches: int = declare(
         "forward", "tcp_fetches", "32", _positive_int,
         "truncated replies a worker fetches again over TCP at once; more wait their turn")
-    forward_client_address: str = _setting(
+    forward_client_address: str = declare(
         "forward", "client_address", "none", _choice(*CLIENT_ADDRESS_MODES),
         "how backends learn the client's address: none, proxy (a PROXY v2 header before each "
         "datagram) or ecs (an EDNS Client Subnet option); a JSON registry value may set its own",
         flag="--client-address", metavar="none|proxy|ecs")
-    forward_proxy_tcp: bool = _setting(
+    forward_proxy_tcp: bool = declare(
         "forward", "proxy_tcp", "no", _bool,
         "with proxy: send the header on the TCP connections that fetch truncated answers too")
-    forward_ecs_ipv4_prefix: int = _setting(
+    forward_ecs_ipv4_prefix: int = declare(
         "forward", "ecs_ipv4_prefix", "24", _prefix_length(32),
         "with ecs: bits of an IPv4 client address the backend sees")
-    forward_ecs_ipv6_prefix: int = _setting(
+    forward_ecs_ipv6_prefix: int = declare(
         "forward", "ecs_ipv6_prefix", "56", _prefix_length(128),
         "with ecs: bits of an IPv6 client address the backend sees")
-    forward_ecs_override: bool = _setting(
+    forward_ecs_override: bool = declare(
         "forward", "ecs_override", "no", _bool,
         "with ecs: replace a client's own ECS option (no: forward the client's as it is)")
-    metrics_listen: Address | None = _setting(
+    metrics_listen: Address | None = declare(
         "metrics", "listen", "", _optional(parse_address),
         "serve /metrics and /routes over HTTP at ip:port", flag="--metrics", metavar="ADDR:PORT", live=True)
-    log_level: str = _setting(
+    log_level: str = declare(
         "log", "level", "info", _level,
         "log level: debug, info, warning, error", flag="--log-level", metavar="LEVEL", live=True)
-    log_target: str = _setting(
+    log_target: str = declare(
         "log", "target", "stderr", _string,
         "where the log goes: stderr, syslog, or a file path (reopened on SIGUSR1)")
-    log_queries: bool = _setting(
+    log_queries: bool = declare(
         "log", "queries", "no", _bool,
         "log every query (client, name, type, backend); costs nothing when off", live=True)
     # Not a setting: the file the configuration was read from, if any.
@@ -305,3 +305,14 @@ class Config:
 SETTINGS: tuple[Setting, ...] = tuple(f.metadata["setting"] for f in fields(Config) if "setting" in f.metadata)
 # A field named otherwise than its setting would read another setting's value.
 assert all(f.name == f.metadata["setting"].name for f in fields(Config) if "setting" in f.metadata)
+
+
+def settings_of(cls: type) -> tuple[Setting, ...]:
+    """The Settings of a config class's fields, in order."""
+    return tuple(f.metadata["setting"] for f in fields(cls) if "setting" in f.metadata)
+
+
+def same_as(name: str) -> Any:
+    """A field of another program's config class that is the router's setting
+    ``name`` (``registry_etcd``): one declaration for both programs."""
+    return field(metadata={"setting": next(s for s in SETTINGS if s.name == name)})
