@@ -85,7 +85,7 @@ def load(path: str, origin: str) -> dns.zone.Zone:
 
 def _size(name: dns.name.Name, rdatasets: list[dns.rdataset.Rdataset]) -> int:
     """Bytes of the records in wire format, uncompressed, as ``dnsrouter-feed`` counts them."""
-    return sum(record_bytes(len(name.to_wire()), [len(rdata.to_wire()) for rdata in r]) for r in rdatasets)
+    return sum(record_bytes(len(name.to_digestable()), [len(rdata.to_wire()) for rdata in r]) for r in rdatasets)
 
 
 def _only(rdatasets: list[dns.rdataset.Rdataset], types: tuple[int, ...]) -> list[dns.rdataset.Rdataset]:
@@ -140,9 +140,9 @@ def split(zone: dns.zone.Zone, shards: int) -> Split:
         targets = {rdata.target for rdatasets in list(shard.records.values()) for r in rdatasets
                    if r.rdtype == dns.rdatatype.NS for rdata in r}
         for target in sorted(targets):
-            node = zone.nodes.get(target)
-            if node is not None and needs_addresses(shard_map, shard.index, target):
-                addresses = _only(list(node.rdatasets), ADDRESS_TYPES)
+            held = zone.nodes.get(target)
+            if held is not None and needs_addresses(shard_map, shard.index, target):
+                addresses = _only(list(held.rdatasets), ADDRESS_TYPES)
                 if addresses:
                     shard.add(target, addresses)
     signed = "NSEC3" if nsec3_bytes else "NSEC" if nsec_owners else "unsigned"

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence
 
 from dnsrouter.errors import ConfigError, DNSRouterError
-from dnsrouter.settings import Config
 
 if TYPE_CHECKING:
     from .etcd import EtcdRegistry
@@ -70,7 +69,38 @@ class Registry(Protocol):
         """Publish the records until ``stop`` is set; never raise."""
 
 
-def open_registry(config: Config) -> "FileRegistry | EtcdRegistry | Etcd3Registry":
+class RegistrySettings(Protocol):
+    """The ``[registry]`` settings, as the router's Config and the feeder's have them."""
+
+    @property
+    def registry_routes_dir(self) -> str | None: ...
+
+    @property
+    def registry_etcd_api(self) -> str: ...
+
+    @property
+    def registry_etcd(self) -> tuple[str, ...]: ...
+
+    @property
+    def registry_prefix(self) -> str: ...
+
+    @property
+    def registry_username(self) -> str | None: ...
+
+    @property
+    def registry_password(self) -> str | None: ...
+
+    @property
+    def registry_ca_cert(self) -> str | None: ...
+
+    @property
+    def registry_cert(self) -> str | None: ...
+
+    @property
+    def registry_key(self) -> str | None: ...
+
+
+def open_registry(config: RegistrySettings) -> "FileRegistry | EtcdRegistry | Etcd3Registry":
     """The registry the configuration names: a routes directory, or etcd (v3 or v2)."""
     if config.registry_routes_dir:
         from .files import FileRegistry

@@ -94,6 +94,14 @@ class FileRegistry:
             f.write(value + "\n")
         os.replace(temporary, path)
 
+    def delete(self, name: str) -> bool:
+        """Remove the key ``name``; False when there was none."""
+        try:
+            os.unlink(os.path.join(self.directory, name))
+        except FileNotFoundError:
+            return False
+        return True
+
     def _directory(self) -> tuple | None:
         try:
             st = os.stat(self.directory)

@@ -1,0 +1,1 @@
+"""``dnsrouter-feed``: secondary for a whole zone, primary for each of its shards."""

@@ -1,0 +1,203 @@
+"""``dnsrouter-feed --config FILE``: the sharded zone follows the real zone.
+
+One process, a thread per job: the secondary (``inbound``), the shards'
+primary (``server``), NOTIFY out (``notify``), the routes in the registry,
+and the metrics endpoint. Everything lasting is in the state directory
+(``store``), so the process can be killed at any moment and started again.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Any, Iterator
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from dnsrouter import __version__, logs
+from dnsrouter.errors import ConfigError
+
+from ..registry import RegistryError, open_registry
+from ..shardmap import ShardMap
+from .inbound import Secondary
+from .notify import Notifier
+from .server import Server
+from .settings import FeedConfig, build_parser, describe, load
+from .store import Applied, StateError, Store
+
+log = logging.getLogger("dnsrouter.feed")
+
+REGISTER_RETRY = 5.0  # seconds between tries to write the routes while the registry is away
+
+COUNTERS = {
+    "transfers_in": ("dnsrouter_feed_transfers_in_total", "Transfers of the zone from the primary",
+                     ["type", "result"]),
+    "transfers_out": ("dnsrouter_feed_transfers_out_total", "Transfers of a shard to its secondaries",
+                      ["shard", "type"]),
+    "notifies_sent": ("dnsrouter_feed_notifies_sent_total", "NOTIFY messages sent to a shard's secondaries",
+                      ["shard"]),
+    "notifies_answered": ("dnsrouter_feed_notifies_answered_total",
+                          "NOTIFY messages a shard's secondaries answered", ["shard"]),
+    "refused": ("dnsrouter_feed_refused_total", "Requests refused (no shard key, bad key, NOTIFY not "
+                "from the primary, malformed)", ["reason"]),
+}
+
+
+def route_key(config: FeedConfig, shard: int, backend: Any) -> str:
+    """The registry key of a backend's route: the same at every start."""
+    return f"feed-{config.feed_zone.to_text(omit_final_dot=True) or 'root'}-{shard}-{backend}"
+
+
+class Feeder:
+    def __init__(self, config: FeedConfig, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self.counts: Counter = Counter()
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.routes_wanted = threading.Event()
+        self.notifier = Notifier([(s.shard_tsig, s.shard_backends) for s in config.shards], config.feed_zone,
+                                 self.count)
+        self.secondary = Secondary(store, config.feed_primary, config.feed_primary_tsig, config.feed_timeout,
+                                   self.applied, self.count)
+        self.server = Server(config.feed_listen, store, [s.shard_tsig for s in config.shards],
+                             config.feed_primary, config.feed_primary_tsig, self.secondary.notified, self.count)
+
+    def count(self, kind: str, *labels: str) -> None:
+        with self.lock:
+            self.counts[(kind,) + labels] += 1
+
+    def applied(self, applied: Applied) -> None:
+        """A new serial is in the store: tell every shard's secondaries, and make sure the routes are there."""
+        self.notifier.serial(applied.serial)
+        self.routes_wanted.set()
+
+    # -- routes -----------------------------------------------------------------------
+    def _register_routes(self) -> None:
+        while not self.stopping.is_set():
+            self.routes_wanted.wait()
+            shards = self.store.shard_map()
+            if shards is None or self.stopping.is_set():
+                self.routes_wanted.clear()
+                continue
+            try:
+                self.register(shards)
+                self.routes_wanted.clear()
+            except (RegistryError, OSError) as e:
+                log.warning("routes not written (%s): again in %.0f s", e, REGISTER_RETRY)
+                self.stopping.wait(REGISTER_RETRY)
+
+    def register(self, shards: ShardMap) -> None:
+        """Write one route per backend of each shard, under keys of this feeder;
+        remove this feeder's keys for backends no longer configured."""
+        registry = open_registry(self.config)
+        wanted = {route_key(self.config, k, backend): f"{backend},{shards.pattern(k)}"
+                  for k, shard in enumerate(self.config.shards) for backend in shard.shard_backends}
+        ours = route_key(self.config, 0, "")[:-len("0-")]
+        have = {r.key: r.value.strip() for r in registry.read() if r.key.startswith(ours)}
+        for key, value in wanted.items():
+            if have.get(key) != value:
+                registry.put(key, value)
+                log.info("route %s = %s", key, value)
+        for key in set(have) - set(wanted):
+            registry.delete(key)
+            log.info("route %s removed (no such backend in the configuration)", key)
+
+    # -- metrics ----------------------------------------------------------------------
+    def collect(self) -> Iterator[Any]:
+        with self.lock:
+            counts = dict(self.counts)
+        families = {kind: CounterMetricFamily(name, text, labels=labels)
+                    for kind, (name, text, labels) in COUNTERS.items()}
+        for (kind, *labels), value in sorted(counts.items()):
+            families[kind].add_metric(labels, value)
+        yield from families.values()
+        serial = self.store.serial()
+        if serial is not None:
+            yield GaugeMetricFamily("dnsrouter_feed_zone_serial", "The zone's serial in the state", value=serial)
+            served = GaugeMetricFamily("dnsrouter_feed_shard_serial", "The serial each shard is served at",
+                                       labels=["shard"])
+            for k in range(len(self.config.shards)):
+                served.add_metric([str(k)], serial)
+            yield served
+        notified = GaugeMetricFamily("dnsrouter_feed_notified_serial",
+                                     "The last serial a secondary answered a NOTIFY for", labels=["shard", "backend"])
+        for backend, acknowledged in sorted(self.notifier.acknowledged.items()):
+            notified.add_metric([str(self.notifier.backends[backend]), str(backend)], acknowledged)
+        yield notified
+        if self.secondary.last_success is not None:
+            yield GaugeMetricFamily("dnsrouter_feed_seconds_since_transfer",
+                                    "Seconds since the zone was last found current at the primary or transferred",
+                                    value=time.time() - self.secondary.last_success)
+        try:
+            size = sum(os.path.getsize(self.store.path + suffix) for suffix in ("", "-wal")
+                       if os.path.exists(self.store.path + suffix))
+            yield GaugeMetricFamily("dnsrouter_feed_state_bytes", "Size of the state on disk", value=size)
+        except OSError:
+            pass
+
+    # -- the process ----------------------------------------------------------------------
+    def run(self) -> int:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self.stopping.set())
+        if self.config.metrics_listen is not None:
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(self)  # a collector is anything with collect()
+            start_http_server(self.config.metrics_listen.port, self.config.metrics_listen.host, registry)
+            log.info("metrics on http://%s/metrics", self.config.metrics_listen)
+        self.server.start()
+        self.notifier.start()
+        threading.Thread(target=self._register_routes, name="feed-routes", daemon=True).start()
+        serial = self.store.serial()
+        if serial is not None:  # a secondary may have missed the last NOTIFY while we were away
+            log.info("state %s at serial %d", self.config.feed_state, serial)
+            self.notifier.serial(serial)
+            self.routes_wanted.set()
+        self.secondary.start()
+        while not self.stopping.wait(1):
+            pass
+        log.info("stopping")
+        self.routes_wanted.set()
+        self.server.close()
+        self.secondary.stop()
+        self.notifier.stop()
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.version:
+        print(f"dnsrouter-feed {__version__}")
+        return 0
+    try:
+        config = load(args)
+    except ConfigError as e:
+        print(f"dnsrouter-feed: {e}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        sys.stdout.write(describe(config))
+        return 0
+    try:
+        logs.setup(config.log_target, config.log_level, "feed")
+    except OSError as e:
+        print(f"dnsrouter-feed: cannot log to {config.log_target}: {e}", file=sys.stderr)
+        return 2
+    try:
+        store = Store(config.feed_state, config.feed_zone, len(config.shards), config.feed_journal_serials)
+        feeder = Feeder(config, store)
+    except (StateError, ConfigError) as e:
+        log.error("%s", e)
+        return 2
+    except OSError as e:  # the listen address
+        log.error("cannot listen on %s: %s", config.feed_listen, e.strerror or e)
+        return 2
+    return feeder.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
