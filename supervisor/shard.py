@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import os
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import dns.exception
 import dns.name
@@ -92,8 +93,10 @@ def _only(rdatasets: list[dns.rdataset.Rdataset], types: tuple[int, ...]) -> lis
     return [r for r in rdatasets if with_signatures(r.rdtype, r.covers, types)]
 
 
-def split(zone: dns.zone.Zone, shards: int) -> Split:
-    """Split ``zone`` (with absolute names) into ``shards`` shards."""
+def split(zone: dns.zone.Zone, shards: int, lows: Sequence[bytes] | None = None) -> Split:
+    """Split ``zone`` (with absolute names) into ``shards`` shards: balanced
+    by bytes, or at ``lows`` (the first label of each shard after the first:
+    a map made earlier, which ``dnsrouter-feed`` keeps)."""
     origin = zone.origin
     assert origin is not None
     common: dict[dns.name.Name, list[dns.rdataset.Rdataset]] = {}
@@ -115,7 +118,8 @@ def split(zone: dns.zone.Zone, shards: int) -> Split:
             subtrees.setdefault(top_label(origin, name), {})[name] = own
     labels = sorted(subtrees)  # lower-cased single labels: bytes order is canonical order
     sizes = [sum(_size(n, r) for n, r in subtrees[label].items()) for label in labels]
-    shard_map = ShardMap(origin, balance(zip(labels, sizes), len(labels), sum(sizes), shards))
+    shard_map = ShardMap(origin, balance(zip(labels, sizes), len(labels), sum(sizes), shards)
+                         if lows is None else lows)
     result = []
     for k in range(shards):
         high = shard_map.lows[k] if k + 1 < shards else None

@@ -213,21 +213,23 @@ class Store(dns.transaction.TransactionManager):
         try:
             soa = self.soa_record()
             current = self.serial()
+            steps: list | None = None
             if soa is None or current is None:
-                return None
-            if serial == current:
-                return iter([soa])
-            steps = db.execute("SELECT seq, serial_from, serial_to, soa_from, soa_to FROM journal "
-                               "WHERE seq >= (SELECT MAX(seq) FROM journal WHERE serial_from = ?) "
-                               "ORDER BY seq", (serial,)).fetchall()
-            chained = bool(steps) and steps[-1][2] == current and all(
-                a[2] == b[1] for a, b in zip(steps, steps[1:]))
+                pass
+            elif serial == current:
+                steps = []
+            else:
+                rows = db.execute("SELECT seq, serial_from, serial_to, soa_from, soa_to FROM journal "
+                                  "WHERE seq >= (SELECT MAX(seq) FROM journal WHERE serial_from = ?) "
+                                  "ORDER BY seq", (serial,)).fetchall()
+                if rows and rows[-1][2] == current and all(a[2] == b[1] for a, b in zip(rows, rows[1:])):
+                    steps = rows
         except BaseException:
             db.execute("COMMIT")
             raise
-        if not chained:
+        if not steps or soa is None:
             db.execute("COMMIT")
-            return None
+            return None if steps is None or soa is None else iter([soa])
         return self._ixfr(db, shard, soa, steps)
 
     def _ixfr(self, db: sqlite3.Connection, shard: int, soa: bytes, steps: list) -> Iterator[bytes]:
