@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import signal
 import socket
 import sqlite3
 import struct
@@ -314,3 +315,24 @@ def test_a_transfer_that_breaks_keeps_the_last_serial_served_and_is_tried_again(
     finally:
         primary.close()
 
+
+
+def test_shards_are_not_served_once_the_primary_is_gone_past_the_soa_expire(tmp_path):
+    head = f"$ORIGIN {ORIGIN}\n@ 300 SOA ns1 hostmaster 1 1 1 4 300\n@ NS ns1\n"  # refresh 1 s, expire 4 s
+    zone = dns.zone.from_text(head + "\n".join(zone_lines()) + "\n", origin=ORIGIN, relativize=False)
+    primary = CuttingPrimary(zone)
+    keys = [tsig_key(f"shard{k}") for k in range(SHARDS)]
+    try:
+        with Feeder(ORIGIN, primary.addr, [(key, [f"{HOST}:{free_port()}"]) for key in keys]) as feeder:
+            wait_until(lambda: feeder.serial(0) == 1, 15, message=feeder.log_tail())
+            feeder.transfer(2, "AXFR")
+            assert feeder.metric("dnsrouter_feed_shard_serial", shard="2") == 1
+            feeder.proc.send_signal(signal.SIGHUP)  # read at start only: said, and nothing stops
+            wait_until(lambda: "SIGHUP" in feeder.log(), 5, message=feeder.log_tail())
+            assert feeder.serial(1) == 1 and feeder.proc.poll() is None
+            primary.close()
+            wait_until(lambda: feeder.ask_soa(0).rcode() == dns.rcode.SERVFAIL, 15, message=feeder.log_tail())
+            assert "serial 1 kept" in feeder.log()  # and it keeps asking
+            assert feeder.stop() == 0  # SIGTERM: a clean exit
+    finally:
+        primary.close()

@@ -82,6 +82,15 @@ class Secondary:
                 log.exception("transfer from %s failed, serial %s kept", self.primary, self.store.serial())
             self.wake.wait(wait)
 
+    def expired(self) -> bool:
+        """Whether the primary has not been reached for longer than the SOA's
+        expire time: then the shards are not served (their secondaries expire
+        the zone by their own timers, as they would with the primary)."""
+        record = self.store.soa_record()
+        if record is None or self.last_success is None:
+            return False
+        return time.time() - self.last_success > int.from_bytes(record[-8:-4], "big")
+
     def _timers(self) -> tuple[float, float]:
         """The SOA's refresh and retry times (before the first load: 60 s and 10 s)."""
         record = self.store.soa_record()

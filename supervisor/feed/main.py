@@ -66,7 +66,8 @@ class Feeder:
         self.secondary = Secondary(store, config.feed_primary, config.feed_primary_tsig, config.feed_timeout,
                                    self.applied, self.count)
         self.server = Server(config.feed_listen, store, [s.shard_tsig for s in config.shards],
-                             config.feed_primary, config.feed_primary_tsig, self.secondary.notified, self.count)
+                             config.feed_primary, config.feed_primary_tsig, self.secondary.notified, self.count,
+                             self.secondary.expired)
 
     def count(self, kind: str, *labels: str) -> None:
         with self.lock:
@@ -120,11 +121,12 @@ class Feeder:
         serial = self.store.serial()
         if serial is not None:
             yield GaugeMetricFamily("dnsrouter_feed_zone_serial", "The zone's serial in the state", value=serial)
-            served = GaugeMetricFamily("dnsrouter_feed_shard_serial", "The serial each shard is served at",
-                                       labels=["shard"])
-            for k in range(len(self.config.shards)):
-                served.add_metric([str(k)], serial)
-            yield served
+        served = GaugeMetricFamily("dnsrouter_feed_shard_serial",
+                                   "The serial of the last transfer of the shard to one of its secondaries",
+                                   labels=["shard"])
+        for k, shard_serial in sorted(self.server.served.items()):
+            served.add_metric([str(k)], shard_serial)
+        yield served
         notified = GaugeMetricFamily("dnsrouter_feed_notified_serial",
                                      "The last serial a secondary answered a NOTIFY for", labels=["shard", "backend"])
         for backend, acknowledged in sorted(self.notifier.acknowledged.items()):
@@ -143,8 +145,16 @@ class Feeder:
 
     # -- the process ----------------------------------------------------------------------
     def run(self) -> int:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: self.stopping.set())
+        # The handlers only note the signal; the loop below acts on it (as the router's supervisor does).
+        received: list[int] = []
+        wake = threading.Event()
+
+        def note(number: int, _: object) -> None:
+            received.append(number)
+            wake.set()
+
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(signum, note)
         if self.config.metrics_listen is not None:
             registry = CollectorRegistry(auto_describe=False)
             registry.register(self)  # a collector is anything with collect()
@@ -159,8 +169,18 @@ class Feeder:
             self.notifier.serial(serial)
             self.routes_wanted.set()
         self.secondary.start()
-        while not self.stopping.wait(1):
-            pass
+        while not self.stopping.is_set():
+            wake.wait()
+            wake.clear()
+            while received:
+                number = received.pop(0)
+                if number == signal.SIGHUP:
+                    log.warning("SIGHUP: the configuration is read at start only; restart dnsrouter-feed "
+                                "to apply it (the state continues by IXFR)")
+                elif number == signal.SIGUSR1:
+                    logs.reopen()
+                else:
+                    self.stopping.set()
         log.info("stopping")
         self.routes_wanted.set()
         self.server.close()

@@ -44,8 +44,11 @@ class Server:
     shard, by index); calls ``notified()`` on a NOTIFY from ``primary``."""
 
     def __init__(self, listen: Address, store: Store, keys: list[TsigKey], primary: Address,
-                 primary_key: TsigKey | None, notified: Callable[[], None], count: Count) -> None:
+                 primary_key: TsigKey | None, notified: Callable[[], None], count: Count,
+                 expired: Callable[[], bool]) -> None:
         self.store = store
+        self.expired = expired
+        self.served: dict[int, int] = {}  # shard -> the serial of its last transfer out
         self.origin = store.origin
         self.primary = primary
         self.primary_key = primary_key
@@ -146,7 +149,7 @@ class Server:
             yield _reply(query, dns.rcode.REFUSED)
             return
         soa = self.store.soa_record()
-        if soa is None:  # nothing loaded yet
+        if soa is None or self.expired():  # nothing loaded yet, or the primary gone past the SOA's expire
             yield _reply(query, dns.rcode.SERVFAIL)
             return
         if question.rdtype == dns.rdatatype.SOA or (question.rdtype == dns.rdatatype.IXFR and not tcp):
@@ -166,9 +169,11 @@ class Server:
             kind = "ixfr" if records is not None else "axfr"  # the journal does not reach back: all of it
         if records is None:
             records = self.store.axfr(shard)
-        self.count("transfers_out", str(shard), kind)
-        log.info("%s to %s for shard %d", kind.upper(), peer[0], shard)
+        serial = _serial(soa)
+        log.info("%s to %s for shard %d at serial %d", kind.upper(), peer[0], shard, serial)
         yield from _messages(query, records)
+        self.count("transfers_out", str(shard), kind)
+        self.served[shard] = serial
 
     def _notify(self, query: dns.message.Message, peer: tuple) -> bytes:
         from_primary = peer[0] == self.primary.host and (
@@ -179,6 +184,10 @@ class Server:
             return _reply(query, dns.rcode.REFUSED)
         self.notified()
         return _reply(query, dns.rcode.NOERROR)
+
+
+def _serial(soa: bytes) -> int:
+    return struct.unpack("!I", soa[-20:-16])[0]
 
 
 def _read(sock: socket.socket, size: int) -> bytes | None:
