@@ -309,17 +309,21 @@ class Store(dns.transaction.TransactionManager):
         home = shards.home(name)
         return -1 if home is None or is_common(self.origin, name, NS, 0) else home
 
-    def _add_refs(self, db: sqlite3.Connection, holder: int, rdata: bytes, step: int) -> None:
+    def _add_refs(self, db: sqlite3.Connection, shards: ShardMap, holder: int, rdata: bytes, step: int) -> None:
+        """Count the NS targets that some shard holding the NS record needs the
+        addresses of: not those in the holder's own range (glue below a
+        delegation, most of a large zone's), which would make every change
+        look at every delegation."""
         for wire in unpack(rdata):
             target = dns.name.from_wire(wire, 0)[0]
-            if target.is_subdomain(self.origin):
+            if any(needs_addresses(shards, k, target) for k in (range(shards.count) if holder == -1 else (holder,))):
                 db.execute("INSERT INTO refs VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE SET n = n + excluded.n",
                            (holder, canonical_key(target), target.to_wire(), step))
 
     def _rebuild_refs(self, db: sqlite3.Connection, shards: ShardMap) -> None:
         db.execute("DELETE FROM refs")
         for owner, rdata in db.execute("SELECT owner, rdata FROM rrsets WHERE rdtype = ?", (NS,)).fetchall():
-            self._add_refs(db, self._holder(shards, owner), rdata, 1)
+            self._add_refs(db, shards, self._holder(shards, owner), rdata, 1)
 
     def _update_refs(self, db: sqlite3.Connection, shards: ShardMap) -> None:
         rows = db.execute("SELECT p.owner, p.rdata, r.rdata FROM pending p LEFT JOIN rrsets r "
@@ -327,9 +331,9 @@ class Store(dns.transaction.TransactionManager):
         for owner, before, after in rows:
             holder = self._holder(shards, owner)
             if before:
-                self._add_refs(db, holder, before, -1)
+                self._add_refs(db, shards, holder, before, -1)
             if after:
-                self._add_refs(db, holder, after, 1)
+                self._add_refs(db, shards, holder, after, 1)
         db.execute("DELETE FROM refs WHERE n <= 0")
 
     def _extras(self, db: sqlite3.Connection) -> dict[int, set[tuple]]:
