@@ -35,8 +35,10 @@ import dns.xfr
 import dns.zone
 import pytest
 
+from dnsrouter.routes import compile_set, parse_value
 from dnsrouter.supervisor import shard
 from support import delv
+from support.etcd import EtcdServer, put3, read_prefix3, revision
 from support.feeder import Feeder
 from support.knot_xfr import KnotPrimary, KnotSecondary, tsig_key
 from support.net import HOST, free_port, raw_udp, wait_until
@@ -334,5 +336,36 @@ def test_shards_are_not_served_once_the_primary_is_gone_past_the_soa_expire(tmp_
             wait_until(lambda: feeder.ask_soa(0).rcode() == dns.rcode.SERVFAIL, 15, message=feeder.log_tail())
             assert "serial 1 kept" in feeder.log()  # and it keeps asking
             assert feeder.stop() == 0  # SIGTERM: a clean exit
+    finally:
+        primary.close()
+
+
+def test_routes_go_to_etcd_under_stable_keys_and_a_restart_writes_nothing(tmp_path):
+    zone = dns.zone.from_text(zone_text(ORIGIN, zone_lines()), origin=ORIGIN, relativize=False)
+    primary = CuttingPrimary(zone)
+    keys = [tsig_key(f"shard{k}") for k in range(SHARDS)]
+    backends = [[f"{HOST}:{free_port()}", f"{HOST}:{free_port()}"], [f"{HOST}:{free_port()}"], [f"[::1]:{free_port()}"]]
+    try:
+        with EtcdServer() as etcd, Feeder(ORIGIN, primary.addr, list(zip(keys, backends)),
+                                          registry=f"etcd = {etcd.url}") as feeder:
+            wait_until(lambda: len(read_prefix3(etcd.url, "/dnsrouter/")) == 4, 15, message=feeder.log_tail())
+            routes = read_prefix3(etcd.url, "/dnsrouter/")
+            names = {"www.alpha.feed.test.": 0, "zulu.feed.test.": SHARDS - 1, ORIGIN: 0}
+            for key, (value, _) in routes.items():
+                route = parse_value(value)  # the router's own parser takes it
+                k = int(key.split("-")[-2])
+                assert key == f"feed-feed.test-{k}-{route.backend}" and str(route.backend) in backends[k]
+                matcher = compile_set([route.pattern])
+                assert {name for name in names if matcher.Match(name) == [0]} == \
+                    {name for name, shard in names.items() if shard == k}, key
+            put3(etcd.url, "/dnsrouter/feed-feed.test-7-127.0.0.1:1", "127.0.0.1:1,^x$")  # no such backend now
+            put3(etcd.url, "/dnsrouter/someone-else", "127.0.0.1:2,^y$")  # not the feeder's
+            before = revision(etcd.url)
+            feeder.stop()
+            feeder.start()
+            wait_until(lambda: "routes: 4 in the registry, 0 written, 1 removed" in feeder.log_since_start(), 15,
+                       message=feeder.log_tail())
+            assert read_prefix3(etcd.url, "/dnsrouter/") == {**routes, "someone-else": ("127.0.0.1:2,^y$", before)}
+            assert revision(etcd.url) == before + 1  # the one removal
     finally:
         primary.close()

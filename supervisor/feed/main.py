@@ -101,13 +101,15 @@ class Feeder:
                   for k, shard in enumerate(self.config.shards) for backend in shard.shard_backends}
         ours = route_key(self.config, 0, "")[:-len("0-")]
         have = {r.key: r.value.strip() for r in registry.read() if r.key.startswith(ours)}
-        for key, value in wanted.items():
-            if have.get(key) != value:
-                registry.put(key, value)
-                log.info("route %s = %s", key, value)
-        for key in set(have) - set(wanted):
+        written = [key for key, value in wanted.items() if have.get(key) != value]
+        for key in written:
+            registry.put(key, wanted[key])
+            log.info("route %s = %s", key, wanted[key])
+        stale = sorted(set(have) - set(wanted))
+        for key in stale:
             registry.delete(key)
             log.info("route %s removed (no such backend in the configuration)", key)
+        log.info("routes: %d in the registry, %d written, %d removed", len(wanted), len(written), len(stale))
 
     # -- metrics ----------------------------------------------------------------------
     def collect(self) -> Iterator[Any]:

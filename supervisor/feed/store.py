@@ -322,7 +322,7 @@ class Store(dns.transaction.TransactionManager):
 
     def _rebuild_refs(self, db: sqlite3.Connection, shards: ShardMap) -> None:
         db.execute("DELETE FROM refs")
-        for owner, rdata in db.execute("SELECT owner, rdata FROM rrsets WHERE rdtype = ?", (NS,)).fetchall():
+        for owner, rdata in db.execute("SELECT owner, rdata FROM rrsets WHERE rdtype = ?", (NS,)):  # streamed
             self._add_refs(db, shards, self._holder(shards, owner), rdata, 1)
 
     def _update_refs(self, db: sqlite3.Connection, shards: ShardMap) -> None:

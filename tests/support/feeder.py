@@ -37,8 +37,9 @@ from support.processes import log_tail, program, spawn, stop
 class Feeder:
     def __init__(self, origin: str, primary: str, shards: Sequence[tuple[str, Sequence[str]]], *,
                  port: int | None = None, primary_tsig: str | None = None, extra: str = "",
-                 workdir: str | None = None) -> None:
-        """shards: (TSIG key as kdig -y takes it, backend addresses) per shard; extra: more INI text."""
+                 registry: str | None = None, workdir: str | None = None) -> None:
+        """shards: (TSIG key as kdig -y takes it, backend addresses) per shard; extra: more [feed]
+        lines; registry: the [registry] section's lines (default: routes_dir = the routes directory)."""
         self.origin = origin
         self.shards = [(key, list(backends)) for key, backends in shards]
         self.port = port or free_port()
@@ -52,7 +53,7 @@ class Feeder:
         self.log_path = self.dir / "feed.log"
         text = (f"[feed]\nzone = {origin}\nprimary = {primary}\nlisten = {HOST}:{self.port}\nstate = {self.state}\n"
                 + (f"primary_tsig = {primary_tsig}\n" if primary_tsig else "") + extra
-                + f"\n[registry]\nroutes_dir = {self.routes_dir}\n"
+                + f"\n[registry]\n{registry or f'routes_dir = {self.routes_dir}'}\n"
                 + f"[metrics]\nlisten = {HOST}:{self.metrics_port}\n[log]\nlevel = debug\n")
         for index, (key, backends) in enumerate(self.shards):
             text += f"[shard {index}]\ntsig = {key}\nbackends = {', '.join(backends)}\n"
