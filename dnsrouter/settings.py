@@ -16,14 +16,14 @@ from .address import Address, parse_address
 from .routes import CLIENT_ADDRESS_MODES
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     value = float(text)
     if not 0 < value < 3600:
         raise ValueError(f"{text!r} is not a number of seconds in (0, 3600)")
     return value
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise ValueError(f"{text!r} is not a positive whole number")
@@ -34,7 +34,7 @@ def _workers(text: str) -> int:
     """``auto`` is one worker per CPU this process may run on."""
     if text.strip().lower() == "auto":
         return len(os.sched_getaffinity(0))
-    value = _positive_int(text)
+    value = positive_int(text)
     if value > 1024:
         raise ValueError(f"{text!r} workers is more than 1024")
     return value
@@ -204,7 +204,7 @@ class Config:
         "to a CPU of its own; for network cards with a queue per worker); off: by hash of the "
         "client's address and port")
     server_heartbeat_timeout: float = declare(
-        "server", "heartbeat_timeout", "10", _positive_float,
+        "server", "heartbeat_timeout", "10", positive_float,
         "seconds a worker may stay silent before it is killed and replaced")
     server_allow: tuple[IPNetwork, ...] = declare(
         "server", "allow", "", _networks,
@@ -218,16 +218,16 @@ class Config:
         "server", "deny_action", "refuse", _choice("refuse", "drop"),
         "what other clients get over UDP: refuse (REFUSED) or drop; over TCP they are closed")
     server_max_in_flight: int = declare(
-        "server", "max_in_flight", "20000", _positive_int,
+        "server", "max_in_flight", "20000", positive_int,
         "queries a worker may have waiting for backends; beyond it new ones are dropped")
     server_tcp_connections: int = declare(
-        "server", "tcp_connections", "256", _positive_int,
+        "server", "tcp_connections", "256", positive_int,
         "TCP client connections per worker; more are closed at once")
     server_tcp_idle_timeout: float = declare(
-        "server", "tcp_idle_timeout", "10", _positive_float,
+        "server", "tcp_idle_timeout", "10", positive_float,
         "seconds a TCP client connection may stay idle (RFC 7766)")
     server_tcp_output_limit: int = declare(
-        "server", "tcp_output_limit", "262144", _positive_int,
+        "server", "tcp_output_limit", "262144", positive_int,
         "bytes of replies a TCP client may leave unread; past it the client is disconnected")
     registry_etcd: tuple[str, ...] = declare(
         "registry", "etcd", "http://127.0.0.1:2379", _urls,
@@ -251,23 +251,23 @@ class Config:
                                          "client certificate for etcd")
     registry_key: str | None = declare("registry", "key", "", _optional(_string), "client key for etcd")
     health_interval: float = declare(
-        "health", "interval", "2", _positive_float,
+        "health", "interval", "2", positive_float,
         "seconds between two health checks of a backend", live=True)
     health_timeout: float = declare(
-        "health", "timeout", "1", _positive_float, "seconds a health check may take", live=True)
+        "health", "timeout", "1", positive_float, "seconds a health check may take", live=True)
     health_fall: int = declare(
-        "health", "fall", "3", _positive_int, "failures in a row that take a backend down", live=True)
+        "health", "fall", "3", positive_int, "failures in a row that take a backend down", live=True)
     health_rise: int = declare(
-        "health", "rise", "2", _positive_int, "successes in a row that bring a backend back", live=True)
+        "health", "rise", "2", positive_int, "successes in a row that bring a backend back", live=True)
     forward_timeout: float = declare(
-        "forward", "timeout", "1", _positive_float,
+        "forward", "timeout", "1", positive_float,
         "seconds a query waits for any backend's reply before the router answers SERVFAIL", live=True)
     forward_retry_min: float = declare(
-        "forward", "retry_min", "0.02", _positive_float,
+        "forward", "retry_min", "0.02", positive_float,
         "seconds at least before a query not yet answered is also sent to another backend "
         "(the wait is the backend's SRTT + 4 x RTTVAR, at most half of timeout)", live=True)
     forward_tcp_fetches: int = declare(
-        "forward", "tcp_fetches", "32", _positive_int,
+        "forward", "tcp_fetches", "32", positive_int,
         "truncated replies a worker fetches again over TCP at once; more wait their turn")
     forward_client_address: str = declare(
         "forward", "client_address", "none", _choice(*CLIENT_ADDRESS_MODES),

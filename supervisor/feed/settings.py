@@ -21,7 +21,7 @@ import dns.tsig
 from dnsrouter import config as configuration
 from dnsrouter.address import Address, parse_address
 from dnsrouter.errors import ConfigError
-from dnsrouter.settings import declare, same_as, settings_of
+from dnsrouter.settings import declare, positive_float, positive_int, same_as, settings_of
 
 
 @dataclass(frozen=True)
@@ -75,13 +75,6 @@ def _shard_tsig(text: str) -> TsigKey:
     return parse_tsig(text)
 
 
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 3600:
-        raise ValueError(f"{text!r} is not a number of seconds in (0, 3600]")
-    return value
-
-
 def _zone(text: str) -> dns.name.Name:
     if not text.strip():
         raise ValueError("required: the zone's name, e.g. example.com.")
@@ -113,13 +106,6 @@ def _backends(text: str) -> tuple[Address, ...]:
     return backends
 
 
-def _journal(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"{text!r} is not a positive whole number")
-    return value
-
-
 @dataclass(frozen=True)
 class ShardConfig:
     """One ``[shard K]`` section."""
@@ -147,10 +133,10 @@ class FeedConfig:
     feed_state: str = declare("feed", "state", "", _state,
                               "the directory of the zone, its shard map and journal (made if missing)")
     feed_journal_serials: int = declare(
-        "feed", "journal_serials", "1000", _journal,
+        "feed", "journal_serials", "1000", positive_int,
         "serials of changes kept for IXFR out; a secondary further behind gets an AXFR")
     feed_timeout: float = declare(
-        "feed", "timeout", "30", _seconds,
+        "feed", "timeout", "30", positive_float,
         "seconds a transfer from the primary may stay silent before it is abandoned and retried")
     registry_etcd: tuple[str, ...] = same_as("registry_etcd")
     registry_etcd_api: str = same_as("registry_etcd_api")
