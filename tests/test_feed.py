@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import re
 import signal
 import socket
 import sqlite3
@@ -334,38 +335,50 @@ def test_shards_are_not_served_once_the_primary_is_gone_past_the_soa_expire(tmp_
             assert feeder.serial(1) == 1 and feeder.proc.poll() is None
             primary.close()
             wait_until(lambda: feeder.ask_soa(0).rcode() == dns.rcode.SERVFAIL, 15, message=feeder.log_tail())
-            assert "serial 1 kept" in feeder.log()  # and it keeps asking
+            wait_until(lambda: "serial 1 kept" in feeder.log(), 15, message=feeder.log_tail())  # it keeps asking
             assert feeder.stop() == 0  # SIGTERM: a clean exit
     finally:
         primary.close()
 
 
-def test_routes_go_to_etcd_under_stable_keys_and_a_restart_writes_nothing(tmp_path):
+def test_routes_go_to_etcd_once_each_secondary_serves_under_keys_of_this_feeder(tmp_path):
     zone = dns.zone.from_text(zone_text(ORIGIN, zone_lines()), origin=ORIGIN, relativize=False)
     primary = CuttingPrimary(zone)
     keys = [tsig_key(f"shard{k}") for k in range(SHARDS)]
-    backends = [[f"{HOST}:{free_port()}", f"{HOST}:{free_port()}"], [f"{HOST}:{free_port()}"], [f"[::1]:{free_port()}"]]
+    feed_port = free_port()
+    silent = f"{HOST}:{free_port()}"  # configured, never serves: never routed
     try:
-        with EtcdServer() as etcd, Feeder(ORIGIN, primary.addr, list(zip(keys, backends)),
-                                          registry=f"etcd = {etcd.url}") as feeder:
-            wait_until(lambda: len(read_prefix3(etcd.url, "/dnsrouter/")) == 4, 15, message=feeder.log_tail())
+        with contextlib.ExitStack() as stack:
+            etcd = stack.enter_context(EtcdServer())
+            secondaries = [[stack.enter_context(KnotSecondary(ORIGIN, HOST, feed_port, tsig=keys[k]))
+                            for _ in range(2 if k == 0 else 1)] for k in range(SHARDS)]
+            backends = [[s.addr for s in group] + ([silent] if k == SHARDS - 1 else [])
+                        for k, group in enumerate(secondaries)]
+            feeder = stack.enter_context(Feeder(ORIGIN, primary.addr, list(zip(keys, backends)), port=feed_port,
+                                                registry=f"etcd = {etcd.url}"))
+            wait_until(lambda: len(read_prefix3(etcd.url, "/dnsrouter/")) == 4, 20, message=feeder.log_tail())
             routes = read_prefix3(etcd.url, "/dnsrouter/")
+            prefix = next(iter(routes)).rsplit("-", 2)[0] + "-"
+            assert re.fullmatch(r"feed-feed\.test-[0-9a-f]{8}-", prefix), prefix
             names = {"www.alpha.feed.test.": 0, "zulu.feed.test.": SHARDS - 1, ORIGIN: 0}
             for key, (value, _) in routes.items():
                 route = parse_value(value)  # the router's own parser takes it
                 k = int(key.split("-")[-2])
-                assert key == f"feed-feed.test-{k}-{route.backend}" and str(route.backend) in backends[k]
+                assert key == f"{prefix}{k}-{route.backend}" and str(route.backend) in backends[k]
+                assert str(route.backend) != silent
                 matcher = compile_set([route.pattern])
                 assert {name for name in names if matcher.Match(name) == [0]} == \
                     {name for name, shard in names.items() if shard == k}, key
-            put3(etcd.url, "/dnsrouter/feed-feed.test-7-127.0.0.1:1", "127.0.0.1:1,^x$")  # no such backend now
-            put3(etcd.url, "/dnsrouter/someone-else", "127.0.0.1:2,^y$")  # not the feeder's
+            put3(etcd.url, f"/dnsrouter/{prefix}7-127.0.0.1:1", "127.0.0.1:1,^x$")  # ours, no such secondary now
+            other = "feed-feed.test-00000000-0-127.0.0.1:2"  # another feeder of the zone: never touched
+            put3(etcd.url, f"/dnsrouter/{other}", "127.0.0.1:2,^y$")
             before = revision(etcd.url)
             feeder.stop()
             feeder.start()
-            wait_until(lambda: "routes: 4 in the registry, 0 written, 1 removed" in feeder.log_since_start(), 15,
-                       message=feeder.log_tail())
-            assert read_prefix3(etcd.url, "/dnsrouter/") == {**routes, "someone-else": ("127.0.0.1:2,^y$", before)}
+            wait_until(lambda: "routes: 4 of 5 secondaries serve the zone, 0 written, 1 removed"
+                       in feeder.log_since_start(), 15, message=feeder.log_tail())
+            assert read_prefix3(etcd.url, "/dnsrouter/") == {**routes, other: ("127.0.0.1:2,^y$", before)}
             assert revision(etcd.url) == before + 1  # the one removal
+            assert feeder.metric("dnsrouter_feed_backend_serial", shard="1", backend=backends[1][0]) == 1
     finally:
         primary.close()

@@ -22,17 +22,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from dnsrouter import __version__, logs
 from dnsrouter.errors import ConfigError
 
-from ..registry import RegistryError, open_registry
-from ..shardmap import ShardMap
 from .inbound import Secondary
 from .notify import Notifier
+from .routes import Routes
 from .server import Server
 from .settings import FeedConfig, build_parser, describe, load
 from .store import Applied, StateError, Store
 
 log = logging.getLogger("dnsrouter.feed")
-
-REGISTER_RETRY = 5.0  # seconds between tries to write the routes while the registry is away
 
 COUNTERS = {
     "transfers_in": ("dnsrouter_feed_transfers_in_total", "Transfers of the zone from the primary",
@@ -48,11 +45,6 @@ COUNTERS = {
 }
 
 
-def route_key(config: FeedConfig, shard: int, backend: Any) -> str:
-    """The registry key of a backend's route: the same at every start."""
-    return f"feed-{config.feed_zone.to_text(omit_final_dot=True) or 'root'}-{shard}-{backend}"
-
-
 class Feeder:
     def __init__(self, config: FeedConfig, store: Store) -> None:
         self.config = config
@@ -60,9 +52,9 @@ class Feeder:
         self.counts: Counter = Counter()
         self.lock = threading.Lock()
         self.stopping = threading.Event()
-        self.routes_wanted = threading.Event()
+        self.routes = Routes(config, store, self.stopping)
         self.notifier = Notifier([(s.shard_tsig, s.shard_backends) for s in config.shards], config.feed_zone,
-                                 self.count)
+                                 config.feed_listen.host, self.count)
         self.secondary = Secondary(store, config.feed_primary, config.feed_primary_tsig, config.feed_timeout,
                                    self.applied, self.count)
         self.server = Server(config.feed_listen, store, [s.shard_tsig for s in config.shards],
@@ -74,42 +66,9 @@ class Feeder:
             self.counts[(kind,) + labels] += 1
 
     def applied(self, applied: Applied) -> None:
-        """A new serial is in the store: tell every shard's secondaries, and make sure the routes are there."""
+        """A new serial is in the store: tell every shard's secondaries."""
         self.notifier.serial(applied.serial)
-        self.routes_wanted.set()
-
-    # -- routes -----------------------------------------------------------------------
-    def _register_routes(self) -> None:
-        while not self.stopping.is_set():
-            self.routes_wanted.wait()
-            shards = self.store.shard_map()
-            if shards is None or self.stopping.is_set():
-                self.routes_wanted.clear()
-                continue
-            try:
-                self.register(shards)
-                self.routes_wanted.clear()
-            except (RegistryError, OSError) as e:
-                log.warning("routes not written (%s): again in %.0f s", e, REGISTER_RETRY)
-                self.stopping.wait(REGISTER_RETRY)
-
-    def register(self, shards: ShardMap) -> None:
-        """Write one route per backend of each shard, under keys of this feeder;
-        remove this feeder's keys for backends no longer configured."""
-        registry = open_registry(self.config)
-        wanted = {route_key(self.config, k, backend): f"{backend},{shards.pattern(k)}"
-                  for k, shard in enumerate(self.config.shards) for backend in shard.shard_backends}
-        ours = route_key(self.config, 0, "")[:-len("0-")]
-        have = {r.key: r.value.strip() for r in registry.read() if r.key.startswith(ours)}
-        written = [key for key, value in wanted.items() if have.get(key) != value]
-        for key in written:
-            registry.put(key, wanted[key])
-            log.info("route %s = %s", key, wanted[key])
-        stale = sorted(set(have) - set(wanted))
-        for key in stale:
-            registry.delete(key)
-            log.info("route %s removed (no such backend in the configuration)", key)
-        log.info("routes: %d in the registry, %d written, %d removed", len(wanted), len(written), len(stale))
+        self.routes.wake.set()
 
     # -- metrics ----------------------------------------------------------------------
     def collect(self) -> Iterator[Any]:
@@ -134,6 +93,12 @@ class Feeder:
         for backend, acknowledged in sorted(self.notifier.acknowledged.items()):
             notified.add_metric([str(self.notifier.backends[backend]), str(backend)], acknowledged)
         yield notified
+        serves = GaugeMetricFamily("dnsrouter_feed_backend_serial", "The serial a secondary served at the last look "
+                                   "(every 2 s); its route is registered once it serves one", labels=["shard", "backend"])
+        for k, backend in self.routes.backends:
+            if backend in self.routes.serials:
+                serves.add_metric([str(k), str(backend)], self.routes.serials[backend])
+        yield serves
         if self.secondary.last_success is not None:
             yield GaugeMetricFamily("dnsrouter_feed_seconds_since_transfer",
                                     "Seconds since the zone was last found current at the primary or transferred",
@@ -164,12 +129,11 @@ class Feeder:
             log.info("metrics on http://%s/metrics", self.config.metrics_listen)
         self.server.start()
         self.notifier.start()
-        threading.Thread(target=self._register_routes, name="feed-routes", daemon=True).start()
+        threading.Thread(target=self.routes.run, name="feed-routes", daemon=True).start()
         serial = self.store.serial()
         if serial is not None:  # a secondary may have missed the last NOTIFY while we were away
             log.info("state %s at serial %d", self.config.feed_state, serial)
             self.notifier.serial(serial)
-            self.routes_wanted.set()
         self.secondary.start()
         while not self.stopping.is_set():
             wake.wait()
@@ -184,7 +148,7 @@ class Feeder:
                 else:
                     self.stopping.set()
         log.info("stopping")
-        self.routes_wanted.set()
+        self.routes.wake.set()
         self.server.close()
         self.secondary.stop()
         self.notifier.stop()

@@ -44,7 +44,9 @@ class _Due:
 
 class Notifier:
     def __init__(self, shards: list[tuple[TsigKey, tuple[Address, ...]]], origin: dns.name.Name,
-                 count: Callable[..., None]) -> None:
+                 source: str, count: Callable[..., None]) -> None:
+        """``source``: the address NOTIFY comes from, the feeder's listen address (what the
+        secondaries' ACLs name), for the backends of its family."""
         self.origin = origin
         self.count = count
         self.keys = {k: key for k, (key, _) in enumerate(shards)}
@@ -54,6 +56,9 @@ class Notifier:
         self._lock = threading.Lock()
         self._sockets = {family: socket.socket(family, socket.SOCK_DGRAM)
                          for family in {b.family for b in self.backends}}
+        source_family = socket.AF_INET6 if ":" in source else socket.AF_INET
+        if source_family in self._sockets and source not in ("0.0.0.0", "::"):
+            self._sockets[source_family].bind((source, 0))
         self._wake_r, self._wake_w = socket.socketpair()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="feed-notify", daemon=True)

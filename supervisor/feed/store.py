@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sqlite3
 import struct
 import threading
@@ -134,6 +135,9 @@ class Store(dns.transaction.TransactionManager):
                              f"the configuration has {shards}: a new number of shards needs a second feeder "
                              f"with a new state directory and new keys")
         db.execute("INSERT OR IGNORE INTO meta VALUES ('origin', ?)", (origin.to_text(),))
+        db.execute("INSERT OR IGNORE INTO meta VALUES ('id', ?)", (secrets.token_hex(4),))
+        # Names this state's routes in the registry: another feeder of the zone has another.
+        self.feeder_id: str = db.execute("SELECT value FROM meta WHERE name = 'id'").fetchone()[0]
 
     def db(self) -> sqlite3.Connection:
         """This thread's connection (SQLite connections are not shared between threads)."""
