@@ -242,7 +242,6 @@ class CuttingPrimary:
     def __init__(self, zone: dns.zone.Zone) -> None:
         self.zone = zone
         self.cut = False
-        self.transfers = 0
         self.port = free_port()
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.udp.bind((HOST, self.port))
@@ -273,7 +272,6 @@ class CuttingPrimary:
                 with conn:
                     length = struct.unpack("!H", conn.recv(2))[0]
                     query = dns.message.from_wire(conn.recv(length))
-                    self.transfers += 1
                     rrsets = [self.soa()] + [dns.rrset.from_rdata_list(name, r.ttl, list(r))
                                              for name, node in self.zone.nodes.items() for r in node
                                              if r.rdtype != dns.rdatatype.SOA] + [self.soa()]
@@ -380,5 +378,22 @@ def test_routes_go_to_etcd_once_each_secondary_serves_under_keys_of_this_feeder(
             assert read_prefix3(etcd.url, "/dnsrouter/") == {**routes, other: ("127.0.0.1:2,^y$", before)}
             assert revision(etcd.url) == before + 1  # the one removal
             assert feeder.metric("dnsrouter_feed_backend_serial", shard="1", backend=backends[1][0]) == 1
+    finally:
+        primary.close()
+
+
+def test_the_soa_refresh_brings_a_new_serial_without_notify(tmp_path):
+    head = f"$ORIGIN {ORIGIN}\n@ 300 SOA ns1 hostmaster 1 2 1 600 300\n@ NS ns1\n"  # refresh 2 s
+    zone = dns.zone.from_text(head + "\n".join(zone_lines()) + "\n", origin=ORIGIN, relativize=False)
+    primary = CuttingPrimary(zone)
+    keys = [tsig_key(f"shard{k}") for k in range(SHARDS)]
+    try:
+        with Feeder(ORIGIN, primary.addr, [(key, [f"{HOST}:{free_port()}"]) for key in keys]) as feeder:
+            wait_until(lambda: feeder.serial(0) == 1, 15, message=feeder.log_tail())
+            with zone.writer() as txn:
+                txn.add(f"refreshed.kilo.{ORIGIN}", 300, dns.rdata.from_text("IN", "A", "192.0.2.7"))
+                txn.update_serial(name=APEX)
+            # Nobody sends a NOTIFY: the refresh timer (2 s) finds the new serial.
+            wait_until(lambda: feeder.serial(1) == 2, 10, message=feeder.log_tail())
     finally:
         primary.close()

@@ -66,19 +66,18 @@ class Secondary:
         failures = 0
         while not self.stopping.is_set():
             self.wake.clear()
-            refresh, retry = self._timers()
             try:
                 self.check()
                 failures = 0
-                wait = refresh
+                wait = self._timers()[0]  # the SOA just stored: its refresh
             except (dns.exception.DNSException, OSError, ShardError, EOFError) as e:
                 failures += 1
-                wait = min(FIRST_RETRY * 2 ** (failures - 1), retry)
+                wait = min(FIRST_RETRY * 2 ** (failures - 1), self._timers()[1])
                 log.warning("transfer from %s failed (%s), serial %s kept; again in %.0f s", self.primary,
                             _reason(e), self.store.serial(), wait)
             except Exception:  # a bug must not end the secondary: the zone would stop following quietly
                 failures += 1
-                wait = min(FIRST_RETRY * 2 ** (failures - 1), retry)
+                wait = min(FIRST_RETRY * 2 ** (failures - 1), self._timers()[1])
                 log.exception("transfer from %s failed, serial %s kept", self.primary, self.store.serial())
             self.wake.wait(wait)
 
