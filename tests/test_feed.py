@@ -397,3 +397,36 @@ def test_the_soa_refresh_brings_a_new_serial_without_notify(tmp_path):
             wait_until(lambda: feeder.serial(1) == 2, 10, message=feeder.log_tail())
     finally:
         primary.close()
+
+
+def test_garbage_and_a_connection_flood_get_errors_or_nothing_and_the_shards_are_still_served(tmp_path):
+    zone = dns.zone.from_text(zone_text(ORIGIN, zone_lines()), origin=ORIGIN, relativize=False)
+    primary = CuttingPrimary(zone)
+    keys = [tsig_key(f"shard{k}") for k in range(SHARDS)]
+    rng = random.Random(28)
+    try:
+        with Feeder(ORIGIN, primary.addr, [(key, [f"{HOST}:{free_port()}"]) for key in keys]) as feeder:
+            wait_until(lambda: feeder.serial(0) == 1, 15, message=feeder.log_tail())
+            query = dns.message.make_query(ORIGIN, "SOA").to_wire()
+            garbage = [b"", b"\x00", query[:11], query[:14], bytes(rng.getrandbits(8) for _ in range(300)),
+                       query[:2] + b"\x80" + query[3:],  # a response: dropped
+                       query[:4] + b"\x00\x05" + query[6:]]  # five questions announced, one there
+            replies = {i: raw_udp(feeder.port, g, timeout=0.5) for i, g in enumerate(garbage)}
+            assert replies[5] is None  # never an answer to an answer
+            for i in (3, 6):
+                assert dns.message.from_wire(replies[i], keyring=False).rcode() in (dns.rcode.FORMERR,
+                                                                                   dns.rcode.REFUSED)
+            flood = []
+            for _ in range(80):  # more connections than it serves at once, each silent
+                conn = socket.create_connection((HOST, feeder.port), timeout=2)
+                conn.sendall(b"\x00\x20" + b"\x01" * 10)  # a message that never arrives whole
+                flood.append(conn)
+            wait_until(lambda: feeder.metric("dnsrouter_feed_refused_total", reason="connections") >= 16, 10,
+                       message=feeder.log_tail())
+            for conn in flood:
+                conn.close()
+            assert feeder.serial(2) == 1  # UDP meanwhile, and TCP again once the flood is gone:
+            wait_until(lambda: len(feeder.transfer(1, "AXFR")) >= 1, 10, message=feeder.log_tail())
+            assert feeder.proc.poll() is None
+    finally:
+        primary.close()

@@ -41,7 +41,7 @@ COUNTERS = {
     "notifies_answered": ("dnsrouter_feed_notifies_answered_total",
                           "NOTIFY messages a shard's secondaries answered", ["shard"]),
     "refused": ("dnsrouter_feed_refused_total", "Requests refused (no shard key, bad key, NOTIFY not "
-                "from the primary, malformed)", ["reason"]),
+                "from the primary, malformed, too many TCP connections)", ["reason"]),
 }
 
 

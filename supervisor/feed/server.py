@@ -36,6 +36,8 @@ from .store import Store
 log = logging.getLogger("dnsrouter.feed.server")
 
 MESSAGE_BYTES = 16384  # records per transfer message, about: small enough for any client's buffer
+CONNECTIONS = 64  # TCP connections served at once; more are closed (a few secondaries per shard need few)
+IDLE = 30.0  # seconds a TCP connection may stay silent
 Count = Callable[..., None]  # count(metric, *labels)
 
 
@@ -60,9 +62,17 @@ class Server:
             self.keyring[primary_key.name] = primary_key.key()
         server = self
 
+        slots = threading.BoundedSemaphore(CONNECTIONS)
+
         class TCPHandler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
-                server._serve_tcp(self.request, self.client_address)
+                if not slots.acquire(blocking=False):
+                    server.count("refused", "connections")
+                    return  # closed at once: a flood of connections cannot take every thread
+                try:
+                    server._serve_tcp(self.request, self.client_address)
+                finally:
+                    slots.release()
 
         class TCPServer(socketserver.ThreadingTCPServer):
             daemon_threads = True
@@ -100,7 +110,7 @@ class Server:
                 log.exception("request from %s", peer[0])
 
     def _serve_tcp(self, sock: socket.socket, peer: tuple) -> None:
-        sock.settimeout(30)
+        sock.settimeout(IDLE)
         try:
             while True:
                 head = _read(sock, 2)
