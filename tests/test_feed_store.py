@@ -18,6 +18,7 @@ import dns.rdata
 import dns.rdataclass
 import dns.rdataset
 import dns.rdatatype
+import dns.rrset
 import dns.zone
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -96,8 +97,8 @@ def transfer(store: Store, before: State | None, after: State) -> None:
     with store.writer(before is None) as txn:
         for key, rds in after.items():
             if before is None:
-                for rdata in rds:  # one record at a time, as a transfer's messages carry them
-                    txn.add(key[0], rds.ttl, rdata)
+                for rdata in rds:  # a record at a time, each an RRset, as dns.xfr.Inbound adds an AXFR's
+                    txn.add(key[0], dns.rrset.from_rdata_list(key[0], rds.ttl, [rdata]))
             elif before.get(key) != rds or before[key].ttl != rds.ttl:
                 txn.replace(key[0], rds)
         for key in set(before or ()) - set(after):

@@ -441,6 +441,8 @@ class ZoneTransaction(dns.transaction.Transaction):
         self.origin = store.origin
         self.db = store.db()
         self._buffer: dict[tuple, tuple[dns.name.Name, dns.rdataset.Rdataset | None]] = {}
+        # An AXFR's records as they come, in wire form: (owner, TTL, rdatas) by key.
+        self._records: dict[tuple, tuple[dns.name.Name, int, set[bytes]]] = {}
         self._changed_any = False
         self.applied: Applied | None = None
         if read_only:
@@ -451,11 +453,39 @@ class ZoneTransaction(dns.transaction.Transaction):
         if replacement:
             self.db.execute("DELETE FROM rrsets")
 
+    def add(self, *args: Any) -> None:
+        """An AXFR adds the zone a record at a time (``dns.xfr.Inbound``:
+        ``add(name, rrset)``): kept as wire bytes here, since dnspython's way,
+        a new merged Rdataset per record, hashes every record again and was
+        most of the time of a first load. Anything else goes dnspython's way."""
+        if not (self.replacement and len(args) == 2 and isinstance(args[0], dns.name.Name)
+                and isinstance(args[1], dns.rdataset.Rdataset) and args[1].rdtype != SOA
+                and args[1].rdclass == IN):
+            super().add(*args)
+            return
+        name, rdataset = args
+        key = self._key(name, rdataset.rdtype, rdataset.covers)
+        if key in self._buffer:  # put there by dnspython's way before: merge there
+            super().add(*args)
+            return
+        self._changed_any = True
+        held = self._records.get(key)
+        if held is None:
+            self._records[key] = (name, rdataset.ttl, {rdata.to_wire() for rdata in rdataset})
+            if len(self._records) >= FLUSH_EVERY:
+                self._flush()
+        else:  # an RRset's TTL is its records' lowest, as dnspython's union makes it
+            held[2].update(rdata.to_wire() for rdata in rdataset)
+            if rdataset.ttl < held[1]:
+                self._records[key] = (name, rdataset.ttl, held[2])
+
     def _key(self, name: dns.name.Name, rdtype: int, covers: int) -> tuple:
         return canonical_key(name), int(rdtype), int(covers)
 
     def _get_rdataset(self, name: dns.name.Name, rdtype: int, covers: int) -> dns.rdataset.Rdataset | None:
         key = self._key(name, rdtype, covers)
+        if key in self._records:
+            self._flush()
         if key in self._buffer:
             return self._buffer[key][1]
         row = self.db.execute("SELECT ttl, rdata FROM rrsets WHERE key = ? AND rdtype = ? AND covers = ?",
@@ -480,6 +510,8 @@ class ZoneTransaction(dns.transaction.Transaction):
 
     def _put_rdataset(self, name: dns.name.Name, rdataset: dns.rdataset.Rdataset) -> None:
         key = self._key(name, rdataset.rdtype, rdataset.covers)
+        if key in self._records:
+            self._flush()
         self._touch(name, key)
         self._buffer[key] = (name, rdataset)
         if len(self._buffer) >= FLUSH_EVERY:
@@ -487,6 +519,8 @@ class ZoneTransaction(dns.transaction.Transaction):
 
     def _delete_rdataset(self, name: dns.name.Name, rdtype: int, covers: int) -> None:
         key = self._key(name, rdtype, covers)
+        if key in self._records:
+            self._flush()
         self._touch(name, key)
         self._buffer[key] = (name, None)
 
@@ -506,15 +540,19 @@ class ZoneTransaction(dns.transaction.Transaction):
         for key, (name, rdataset) in self._buffer.items():
             if rdataset is None or len(rdataset) == 0:
                 gone.append(key)
-                continue
-            owner = _wire(name)
-            rdatas = [rdata.to_wire() for rdata in rdataset]
-            rows.append((*key, owner, rdataset.ttl, pack(rdatas), record_bytes(len(owner), [len(r) for r in rdatas]),
-                         None if name == self.origin else top_label(self.origin, name),
-                         int(is_common(self.origin, name, rdataset.rdtype, rdataset.covers))))
+            else:
+                rows.append(self._row(key, name, rdataset.ttl, [rdata.to_wire() for rdata in rdataset]))
+        rows.extend(self._row(key, name, ttl, list(rdatas)) for key, (name, ttl, rdatas) in self._records.items())
         self.db.executemany("DELETE FROM rrsets WHERE key = ? AND rdtype = ? AND covers = ?", gone)
         self.db.executemany("INSERT OR REPLACE INTO rrsets VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         self._buffer.clear()
+        self._records.clear()
+
+    def _row(self, key: tuple, name: dns.name.Name, ttl: int, rdatas: list[bytes]) -> tuple:
+        owner = _wire(name)
+        return (*key, owner, ttl, pack(rdatas), record_bytes(len(owner), [len(r) for r in rdatas]),
+                None if name == self.origin else top_label(self.origin, name),
+                int(is_common(self.origin, name, key[1], key[2])))
 
     def _changed(self) -> bool:
         return self._changed_any
