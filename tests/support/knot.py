@@ -35,7 +35,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from typing import Iterable, Mapping, Sequence, Union
+from typing import Iterable, Mapping, Sequence, TypeVar, Union
 
 import dns.exception
 import dns.flags
@@ -86,7 +86,160 @@ def knotd_path() -> str:
     return path
 
 
-class KnotServer:
+K = TypeVar("K", bound="Knotd")
+
+
+class Knotd:
+    """One knotd in its own directory on a free 127.0.0.1 port: what every
+    kind of Knot server here shares (config file, start with a retry on a
+    port taken meanwhile, stop, kill, knotc, the log). A subclass writes its
+    files (``write_files``) and says when it is ready (``_ready``)."""
+
+    kind = "knot"
+
+    def __init__(self, *, port: int | None, workdir: str | None, startup_timeout: float) -> None:
+        self._fixed_port = port is not None
+        self._started_once = False
+        self.startup_timeout = startup_timeout
+        self._own_dir = workdir is None
+        self.dir: str = workdir or tempfile.mkdtemp(prefix=f"{self.kind}-")
+        self.conf_path = os.path.join(self.dir, "knot.conf")
+        self.socket_path = os.path.join(self.dir, "run", "knot.sock")
+        self.log_path = os.path.join(self.dir, "knotd.log")
+        for sub in ("run", "db", "zones"):
+            os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
+        self.proc: subprocess.Popen | None = None
+        self._log_start = 0
+
+    def _set_port(self, port: int) -> None:
+        self.port: int = port
+        self.addr: str = f"{HOST}:{port}"
+        self.write_files()
+
+    def write_files(self) -> None:
+        raise NotImplementedError
+
+    def _ready(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def _checked(self) -> bool:
+        """Whether to ``knotc conf-check`` the config before each start."""
+        return True
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc and self.proc.poll() is None else None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self: K) -> K:
+        """Start knotd (again, on the same port) and wait until it is ready."""
+        if self.running():
+            raise RuntimeError(f"knotd already running on {self.addr}")
+        for attempt in range(3):
+            try:
+                self._spawn_and_wait()
+                self._started_once = True
+                self._started()
+                return self
+            except _PortTaken:
+                # free_port() only promised "free at that moment"; another
+                # socket (a client's ephemeral port, say) may have taken it.
+                # Move on a fresh port, unless the caller chose the port or
+                # clients already know this one (a restart).
+                if self._fixed_port or self._started_once or attempt == 2:
+                    raise RuntimeError(f"port {self.port} taken\n{self.log_tail()}") from None
+                self._set_port(free_port("both"))
+        raise AssertionError("unreachable")
+
+    def _started(self) -> None:
+        """After a start is ready (a hook)."""
+
+    def conf_check(self) -> None:
+        """`knotc conf-check` of the generated config (modules load their files too); RuntimeError saying why not."""
+        knotc = shutil.which("knotc") or "/usr/sbin/knotc"
+        out = subprocess.run([knotc, "-c", self.conf_path, "conf-check"],
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode != 0:
+            raise RuntimeError(f"knotc conf-check of {self.conf_path} failed:\n{out.stdout}{out.stderr}")
+
+    def _spawn_and_wait(self) -> None:
+        if self._checked:
+            self.conf_check()
+        self._log_start = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
+        with open(self.log_path, "ab") as log:
+            self.proc = spawn([knotd_path(), "-c", self.conf_path], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_until(self._ready, timeout=self.startup_timeout, interval=0.05,
+                       message=f"knotd ({self.kind}) on {self.addr} was not ready")
+        except BaseException as e:
+            self.stop()
+            # knotd exits 1 at once when it cannot bind.
+            if "address already in use" in self._log_since_start():
+                raise _PortTaken() from None
+            if isinstance(e, AssertionError):
+                raise RuntimeError(f"{e}\n{self.log_tail()}") from None
+            raise
+
+    def _alive(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            raise RuntimeError(f"knotd exited with {self.proc and self.proc.returncode}\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM knotd and wait for it; SIGKILL if it does not exit in time."""
+        stop(self.proc, timeout)
+
+    def kill(self) -> None:
+        """SIGKILL knotd (a crash, as far as clients can tell) and reap it."""
+        stop(self.proc, sig=signal.SIGKILL)
+
+    def close(self) -> None:
+        """stop() and remove the temporary directory (if we made it)."""
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self: K) -> K:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()  # __exit__ will not run
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def log(self) -> str:
+        """knotd's whole log (every start)."""
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def _log_since_start(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            f.seek(self._log_start)
+            return f.read()
+
+    def log_tail(self, lines: int = 30) -> str:
+        return log_tail(self.log_path, lines)
+
+    def knotc(self, *args: str, timeout: float = 10.0) -> str:
+        """Run knotc against this server (e.g. 'zone-reload', 'a.example.com.'); returns stdout."""
+        knotc = shutil.which("knotc") or "/usr/sbin/knotc"
+        out = subprocess.run(
+            [knotc, "-c", self.conf_path, "-s", self.socket_path, *args],
+            capture_output=True, text=True, timeout=timeout,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"knotc {' '.join(args)} failed: {out.stdout}{out.stderr}")
+        return out.stdout
+
+
+class KnotServer(Knotd):
     """knotd on 127.0.0.1:<port>, serving the given zones.
 
     zones maps zone name -> zone file text (or is an iterable of such
@@ -124,10 +277,7 @@ class KnotServer:
         self.zones: dict[str, str] = {_fqdn(name): text for name, text in items}
         if not self.zones:
             raise ValueError("KnotServer needs at least one zone")
-        self._fixed_port = port is not None
         self._fixed_identity = identity
-        self._started_once = False
-        self.startup_timeout = startup_timeout
         self.workers = workers
         self.extra_ports = list(extra_ports)
         self.proxy_allowlist: list[str] = (
@@ -139,19 +289,12 @@ class KnotServer:
         for zone in [*self.whoami, *self.geoip]:
             if zone not in self.zones:
                 raise ValueError(f"module for {zone}, which is not one of the zones {list(self.zones)}")
-        self._own_dir = workdir is None
-        self.dir: str = workdir or tempfile.mkdtemp(prefix="knot-")
-        self.conf_path = os.path.join(self.dir, "knot.conf")
-        self.socket_path = os.path.join(self.dir, "run", "knot.sock")
-        self.log_path = os.path.join(self.dir, "knotd.log")
-        self.proc: subprocess.Popen | None = None
+        super().__init__(port=port, workdir=workdir, startup_timeout=startup_timeout)
         self._set_port(port if port is not None else free_port("both"))
 
     def _set_port(self, port: int) -> None:
-        self.port: int = port
-        self.addr: str = f"{HOST}:{port}"
         self.identity: str = f"knot-{port}" if self._fixed_identity is None else self._fixed_identity
-        self._write_files()
+        super()._set_port(port)
 
     # -- files -------------------------------------------------------------
 
@@ -166,9 +309,7 @@ class KnotServer:
         """Whether the config uses more than the plain options (then conf-check it before starting)."""
         return bool(self.proxy_allowlist or self.edns_client_subnet or self.whoami or self.geoip)
 
-    def _write_files(self) -> None:
-        for sub in ("run", "db", "zones"):
-            os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
+    def write_files(self) -> None:
         for name, text in self.zones.items():
             with open(self.zone_path(name), "w") as f:
                 f.write(text if text.endswith("\n") else text + "\n")
@@ -242,63 +383,8 @@ zone:
         with open(self.conf_path, "w") as f:
             f.write(conf)
 
-    # -- lifecycle -----------------------------------------------------------
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc and self.proc.poll() is None else None
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def start(self) -> "KnotServer":
-        """Start knotd (again, on the same port) and wait until every zone answers."""
-        if self.running():
-            raise RuntimeError(f"knotd already running on {self.addr}")
-        for attempt in range(3):
-            try:
-                self._spawn_and_wait()
-                self._started_once = True
-                return self
-            except _PortTaken:
-                # free_port() only promised "free at that moment"; another
-                # socket (a client's ephemeral port, say) may have taken it.
-                # Move on a fresh port, unless the caller chose the port or
-                # clients already know this one (a restart).
-                if self._fixed_port or self._started_once or attempt == 2:
-                    raise RuntimeError(f"port {self.port} taken\n{self.log_tail()}") from None
-                self._set_port(free_port("both"))
-        raise AssertionError("unreachable")
-
-    def conf_check(self) -> None:
-        """`knotc conf-check` of the generated config (modules load their files too); RuntimeError saying why not."""
-        knotc = shutil.which("knotc") or "/usr/sbin/knotc"
-        out = subprocess.run([knotc, "-c", self.conf_path, "conf-check"],
-                             capture_output=True, text=True, timeout=10)
-        if out.returncode != 0:
-            raise RuntimeError(f"knotc conf-check of {self.conf_path} failed:\n{out.stdout}{out.stderr}")
-
-    def _spawn_and_wait(self) -> None:
-        if self._checked:
-            self.conf_check()
-        self._log_start = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
-        with open(self.log_path, "ab") as log:
-            self.proc = spawn([knotd_path(), "-c", self.conf_path], stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_until(self._ready, timeout=self.startup_timeout, interval=0.05,
-                       message=f"knotd on {self.addr} did not answer for its zones")
-        except BaseException as e:
-            self.stop()
-            # knotd exits 1 at once when it cannot bind.
-            if "address already in use" in self._log_since_start():
-                raise _PortTaken() from None
-            if isinstance(e, AssertionError):
-                raise RuntimeError(f"{e}\n{self.log_tail()}") from None
-            raise
-
     def _ready(self) -> bool:
-        if self.proc is None or self.proc.poll() is not None:
-            raise RuntimeError(f"knotd exited with {self.proc and self.proc.returncode}\n{self.log_tail()}")
+        self._alive()
         # A zone that fails to load leaves knotd running without it: fail now
         # with the reason rather than at the deadline.
         if "zone event 'load' failed" in self._log_since_start():
@@ -314,51 +400,6 @@ zone:
             return bool(r.answer)
         except (dns.exception.DNSException, OSError):
             return False
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM knotd and wait for it; SIGKILL if it does not exit in time."""
-        stop(self.proc, timeout)
-
-    def kill(self) -> None:
-        """SIGKILL knotd (a crash, as far as clients can tell) and reap it."""
-        stop(self.proc, sig=signal.SIGKILL)
-
-    def close(self) -> None:
-        """stop() and remove the temporary directory (if we made it)."""
-        self.stop()
-        if self._own_dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> "KnotServer":
-        try:
-            return self.start()
-        except BaseException:
-            self.close()  # __exit__ will not run
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # -- diagnostics / control --------------------------------------------
-
-    def _log_since_start(self) -> str:
-        with open(self.log_path, errors="replace") as f:
-            f.seek(self._log_start)
-            return f.read()
-
-    def log_tail(self, lines: int = 30) -> str:
-        return log_tail(self.log_path, lines)
-
-    def knotc(self, *args: str, timeout: float = 10.0) -> str:
-        """Run knotc against this server (e.g. 'zone-reload', 'a.example.com.'); returns stdout."""
-        knotc = shutil.which("knotc") or "/usr/sbin/knotc"
-        out = subprocess.run(
-            [knotc, "-c", self.conf_path, "-s", self.socket_path, *args],
-            capture_output=True, text=True, timeout=timeout,
-        )
-        if out.returncode != 0:
-            raise RuntimeError(f"knotc {' '.join(args)} failed: {out.stdout}{out.stderr}")
-        return out.stdout
 
     def __repr__(self) -> str:
         return f"KnotServer({self.addr}, zones={list(self.zones)}, running={self.running()})"

@@ -117,10 +117,8 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
-import tempfile
-from typing import Callable, Iterable, Sequence, TypeVar
+from typing import Callable, Iterable, Sequence
 
 import dns.exception
 import dns.flags
@@ -135,14 +133,11 @@ import dns.zone
 from dns.rdtypes.ANY.DNSKEY import DNSKEY
 
 from support.delv import lookup, write_anchor
-from support.knot import knotd_path
+from support.knot import Knotd
 from support.net import HOST, free_port, wait_until
-from support.processes import log_tail, spawn, stop
 from support.zones import fqdn
 
 TSIG_ALGORITHM = "hmac-sha256"
-
-K = TypeVar("K", bound="_Knotd")
 
 # One finished incoming transfer in knotd's log: "[zone.] AXFR, incoming, remote ..., finished, ...".
 _TRANSFER = re.compile(r"\[(?P<zone>[^\]]+)\] (?P<kind>AXFR|IXFR), incoming, remote \S+ finished")
@@ -224,31 +219,14 @@ def _wait_serial(serial: Callable[[], int | None], good: Callable[[int], bool], 
     return last[0]
 
 
-class _Knotd:
-    """What both ends share: files, the knotd process, knotc, the log."""
-
-    kind = "knot"
+class _Knotd(Knotd):
+    """What both ends of a transfer share: one zone, the server sections of the config."""
 
     def __init__(self, origin: str, *, port: int | None, startup_timeout: float) -> None:
         self.origin = fqdn(origin)
-        self.startup_timeout = startup_timeout
-        self._fixed_port = port is not None
-        self._started_once = False
-        self.dir: str = tempfile.mkdtemp(prefix=f"{self.kind}-")
-        self.conf_path = os.path.join(self.dir, "knot.conf")
-        self.socket_path = os.path.join(self.dir, "run", "knot.sock")
-        self.log_path = os.path.join(self.dir, "knotd.log")
+        super().__init__(port=port, workdir=None, startup_timeout=startup_timeout)
         self.zone_path = os.path.join(self.dir, "zones", self.origin + "zone")
-        for sub in ("run", "db", "zones"):
-            os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
-        self.proc: subprocess.Popen | None = None
-        self._log_start = 0
         self._set_port(port if port is not None else free_port("both"))
-
-    def _set_port(self, port: int) -> None:
-        self.port: int = port
-        self.addr: str = f"{HOST}:{port}"
-        self.write_config()
 
     # -- config ------------------------------------------------------------------
 
@@ -279,112 +257,9 @@ control:
     def config(self) -> str:
         raise NotImplementedError
 
-    def write_config(self) -> None:
+    def write_files(self) -> None:
         with open(self.conf_path, "w") as f:
             f.write(self.config())
-
-    def conf_check(self) -> None:
-        """`knotc conf-check` of the config; RuntimeError saying why not."""
-        out = subprocess.run([tool("knotc", "knot"), "-c", self.conf_path, "conf-check"],
-                             capture_output=True, text=True, timeout=10)
-        if out.returncode != 0:
-            raise RuntimeError(f"knotc conf-check of {self.conf_path} failed:\n{out.stdout}{out.stderr}")
-
-    # -- lifecycle ---------------------------------------------------------------
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def start(self: K) -> K:
-        """Start knotd (again, on the same port) and wait until it is ready (see the subclass)."""
-        if self.running():
-            raise RuntimeError(f"knotd already running on {self.addr}")
-        for attempt in range(3):
-            try:
-                self._spawn_and_wait()
-                self._started_once = True
-                self._started()
-                return self
-            except _PortTaken:
-                # free_port() promised "free at that moment" only. Move to a
-                # fresh port unless someone else already knows this one.
-                if self._fixed_port or self._started_once or attempt == 2:
-                    raise RuntimeError(f"port {self.port} taken\n{self.log_tail()}") from None
-                self._set_port(free_port("both"))
-        raise AssertionError("unreachable")
-
-    def _spawn_and_wait(self) -> None:
-        self.conf_check()
-        self._log_start = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
-        with open(self.log_path, "ab") as log:
-            self.proc = spawn([knotd_path(), "-c", self.conf_path], stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_until(self._ready, timeout=self.startup_timeout, interval=0.05,
-                       message=f"knotd ({self.kind}) on {self.addr} was not ready")
-        except BaseException as e:
-            self.stop()
-            if "address already in use" in self._log_since_start():
-                raise _PortTaken() from None
-            if isinstance(e, AssertionError):
-                raise RuntimeError(f"{e}\n{self.log_tail()}") from None
-            raise
-
-    def _started(self) -> None:
-        """After the first start is ready (a hook)."""
-
-    def _alive(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            raise RuntimeError(f"knotd exited with {self.proc and self.proc.returncode}\n{self.log_tail()}")
-
-    def _ready(self) -> bool:
-        raise NotImplementedError
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM knotd and wait for it; SIGKILL if it does not exit in time."""
-        stop(self.proc, timeout)
-
-    def kill(self) -> None:
-        """SIGKILL knotd (a crash) and reap it."""
-        stop(self.proc, sig=signal.SIGKILL)
-
-    def close(self) -> None:
-        """stop() and remove the temporary directory."""
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self: K) -> K:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()  # __exit__ will not run
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # -- diagnostics / control ---------------------------------------------------
-
-    def log(self) -> str:
-        """knotd's whole log (every start)."""
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
-
-    def _log_since_start(self) -> str:
-        return self.log()[self._log_start:]
-
-    def log_tail(self, lines: int = 30) -> str:
-        return log_tail(self.log_path, lines)
-
-    def knotc(self, *args: str, timeout: float = 10.0) -> str:
-        """Run knotc against this server (e.g. 'zone-status', 'feed.test.'); returns stdout."""
-        out = subprocess.run([tool("knotc", "knot"), "-c", self.conf_path, "-s", self.socket_path, *args],
-                             capture_output=True, text=True, timeout=timeout)
-        if out.returncode != 0:
-            raise RuntimeError(f"knotc {' '.join(args)} failed: {out.stdout}{out.stderr}")
-        return out.stdout
 
     def _soa(self) -> dns.message.Message | None:
         """The reply to `origin SOA` over UDP, None when none came."""
@@ -474,7 +349,7 @@ zone:
 {notify_line}"""
 
     def _started(self) -> None:
-        self.write_config()  # zonefile-load none from now on, for the next start or reload
+        self.write_files()  # zonefile-load none from now on, for the next start or reload
 
     # -- readiness ---------------------------------------------------------------
 
@@ -583,7 +458,7 @@ zone:
         if on == self.nsec3:
             return before
         self.nsec3 = on
-        self.write_config()
+        self.write_files()
         self.conf_check()
         # knotd re-signs a zone whose policy changed on the reload itself
         # (one new serial); a `zone-sign` on top would make a second one.
@@ -689,7 +564,3 @@ zone:
     def __repr__(self) -> str:
         return (f"KnotSecondary({self.addr}, {self.origin} from {self.primary_host}@{self.primary_port}, "
                 f"running={self.running()})")
-
-
-class _PortTaken(Exception):
-    """knotd could not bind its port."""
