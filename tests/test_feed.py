@@ -21,6 +21,7 @@ import socket
 import sqlite3
 import struct
 import threading
+from typing import Iterator
 
 import dns.flags
 import dns.message
@@ -288,55 +289,92 @@ class CuttingPrimary:
         self.tcp.close()
 
 
-def test_a_transfer_that_breaks_keeps_the_last_serial_served_and_is_tried_again(tmp_path):
-    zone = dns.zone.from_text(zone_text(ORIGIN, zone_lines()), origin=ORIGIN, relativize=False)
-    primary = CuttingPrimary(zone)
-    keys = [tsig_key(f"shard{k}") for k in range(SHARDS)]
-    try:
-        with Feeder(ORIGIN, primary.addr, [(key, [f"{HOST}:{free_port()}"]) for key in keys]) as feeder:
-            wait_until(lambda: feeder.serial(0) == 1, 15, message=feeder.log_tail())
-            whole = [r for m in feeder.transfer(1, "AXFR") for r in m.answer]
-            with zone.writer() as txn:  # a new serial that never arrives whole
-                txn.add(f"new.alpha.{ORIGIN}", 300, dns.rdata.from_text("IN", "A", "192.0.2.1"))
-                txn.update_serial(name=APEX)
-            primary.cut = True
-            notify = dns.message.make_query(ORIGIN, "SOA")
-            notify.set_opcode(dns.opcode.NOTIFY)
-            assert dns.message.from_wire(raw_udp(feeder.port, notify.to_wire())).rcode() == dns.rcode.NOERROR
-            wait_until(lambda: feeder.metric("dnsrouter_feed_transfers_in_total", type="ixfr", result="failed")
-                       + feeder.metric("dnsrouter_feed_transfers_in_total", type="axfr", result="failed") >= 3,
-                       20, message=feeder.log_tail())  # tried again, after 1 s, 2 s ...
-            assert feeder.serial(0) == 1 and feeder.serial(2) == 1
-            assert [r for m in feeder.transfer(1, "AXFR") for r in m.answer] == whole
-            assert "serial 1 kept" in feeder.log()
-            primary.cut = False  # the primary mended: the next try brings the new serial, by itself
-            wait_until(lambda: feeder.serial(0) == 2, 20, message=feeder.log_tail())
-            assert any(r.name == dns.name.from_text(f"new.alpha.{ORIGIN}")
-                       for m in feeder.transfer(0, "AXFR") for r in m.answer)
-    finally:
-        primary.close()
-
-
-
-def test_shards_are_not_served_once_the_primary_is_gone_past_the_soa_expire(tmp_path):
-    head = f"$ORIGIN {ORIGIN}\n@ 300 SOA ns1 hostmaster 1 1 1 4 300\n@ NS ns1\n"  # refresh 1 s, expire 4 s
+@contextlib.contextmanager
+def fed_by_a_fake_primary(soa_timers: str = "3600 900 604800") -> Iterator[tuple[dns.zone.Zone, CuttingPrimary,
+                                                                                    Feeder]]:
+    """The test zone at serial 1 (refresh, retry and expire as given) from a
+    CuttingPrimary, and a feeder that has loaded it (its secondaries are
+    addresses where nothing listens)."""
+    head = f"$ORIGIN {ORIGIN}\n@ 300 SOA ns1 hostmaster 1 {soa_timers} 300\n@ NS ns1\nns1 A 127.0.0.1\n"
     zone = dns.zone.from_text(head + "\n".join(zone_lines()) + "\n", origin=ORIGIN, relativize=False)
     primary = CuttingPrimary(zone)
-    keys = [tsig_key(f"shard{k}") for k in range(SHARDS)]
     try:
-        with Feeder(ORIGIN, primary.addr, [(key, [f"{HOST}:{free_port()}"]) for key in keys]) as feeder:
+        with Feeder(ORIGIN, primary.addr, [(tsig_key(f"shard{k}"), [f"{HOST}:{free_port()}"])
+                                           for k in range(SHARDS)]) as feeder:
             wait_until(lambda: feeder.serial(0) == 1, 15, message=feeder.log_tail())
-            feeder.transfer(2, "AXFR")
-            assert feeder.metric("dnsrouter_feed_shard_serial", shard="2") == 1
-            feeder.proc.send_signal(signal.SIGHUP)  # read at start only: said, and nothing stops
-            wait_until(lambda: "SIGHUP" in feeder.log(), 5, message=feeder.log_tail())
-            assert feeder.serial(1) == 1 and feeder.proc.poll() is None
-            primary.close()
-            wait_until(lambda: feeder.ask_soa(0).rcode() == dns.rcode.SERVFAIL, 15, message=feeder.log_tail())
-            wait_until(lambda: "serial 1 kept" in feeder.log(), 15, message=feeder.log_tail())  # it keeps asking
-            assert feeder.stop() == 0  # SIGTERM: a clean exit
+            yield zone, primary, feeder
     finally:
         primary.close()
+
+
+def test_a_transfer_that_breaks_keeps_the_last_serial_served_and_is_tried_again():
+    with fed_by_a_fake_primary() as (zone, primary, feeder):
+        whole = [r for m in feeder.transfer(1, "AXFR") for r in m.answer]
+        with zone.writer() as txn:  # a new serial that never arrives whole
+            txn.add(f"new.alpha.{ORIGIN}", 300, dns.rdata.from_text("IN", "A", "192.0.2.1"))
+            txn.update_serial(name=APEX)
+        primary.cut = True
+        notify = dns.message.make_query(ORIGIN, "SOA")
+        notify.set_opcode(dns.opcode.NOTIFY)
+        assert dns.message.from_wire(raw_udp(feeder.port, notify.to_wire())).rcode() == dns.rcode.NOERROR
+        wait_until(lambda: feeder.metric("dnsrouter_feed_transfers_in_total", type="ixfr", result="failed")
+                   + feeder.metric("dnsrouter_feed_transfers_in_total", type="axfr", result="failed") >= 3,
+                   20, message=feeder.log_tail())  # tried again, after 1 s, 2 s ...
+        assert feeder.serial(0) == 1 and feeder.serial(2) == 1
+        assert [r for m in feeder.transfer(1, "AXFR") for r in m.answer] == whole
+        assert "serial 1 kept" in feeder.log()
+        primary.cut = False  # the primary mended: the next try brings the new serial, by itself
+        wait_until(lambda: feeder.serial(0) == 2, 20, message=feeder.log_tail())
+        assert any(r.name == dns.name.from_text(f"new.alpha.{ORIGIN}")
+                   for m in feeder.transfer(0, "AXFR") for r in m.answer)
+
+
+def test_shards_are_not_served_once_the_primary_is_gone_past_the_soa_expire():
+    with fed_by_a_fake_primary("1 1 4") as (_, primary, feeder):  # refresh 1 s, expire 4 s
+        feeder.transfer(2, "AXFR")
+        assert feeder.metric("dnsrouter_feed_shard_serial", shard="2") == 1
+        feeder.proc.send_signal(signal.SIGHUP)  # read at start only: said, and nothing stops
+        wait_until(lambda: "SIGHUP" in feeder.log(), 5, message=feeder.log_tail())
+        assert feeder.serial(1) == 1 and feeder.proc.poll() is None
+        primary.close()
+        wait_until(lambda: feeder.ask_soa(0).rcode() == dns.rcode.SERVFAIL, 15, message=feeder.log_tail())
+        wait_until(lambda: "serial 1 kept" in feeder.log(), 15, message=feeder.log_tail())  # it keeps asking
+        assert feeder.stop() == 0  # SIGTERM: a clean exit
+
+
+def test_the_soa_refresh_brings_a_new_serial_without_notify():
+    with fed_by_a_fake_primary("2 1 600") as (zone, _, feeder):  # refresh 2 s
+        with zone.writer() as txn:
+            txn.add(f"refreshed.kilo.{ORIGIN}", 300, dns.rdata.from_text("IN", "A", "192.0.2.7"))
+            txn.update_serial(name=APEX)
+        # Nobody sends a NOTIFY: the refresh timer finds the new serial.
+        wait_until(lambda: feeder.serial(1) == 2, 10, message=feeder.log_tail())
+
+
+def test_garbage_and_a_connection_flood_get_errors_or_nothing_and_the_shards_are_still_served():
+    rng = random.Random(28)
+    with fed_by_a_fake_primary() as (_, _, feeder):
+        query = dns.message.make_query(ORIGIN, "SOA").to_wire()
+        garbage = [b"", b"\x00", query[:11], query[:14], bytes(rng.getrandbits(8) for _ in range(300)),
+                   query[:2] + b"\x80" + query[3:],  # a response: dropped
+                   query[:4] + b"\x00\x05" + query[6:]]  # five questions announced, one there
+        replies = {i: raw_udp(feeder.port, g, timeout=0.5) for i, g in enumerate(garbage)}
+        assert replies[5] is None  # never an answer to an answer
+        for i in (3, 6):
+            assert dns.message.from_wire(replies[i], keyring=False).rcode() in (dns.rcode.FORMERR,
+                                                                               dns.rcode.REFUSED)
+        flood = []
+        for _ in range(80):  # more connections than it serves at once, each silent
+            conn = socket.create_connection((HOST, feeder.port), timeout=2)
+            conn.sendall(b"\x00\x20" + b"\x01" * 10)  # a message that never arrives whole
+            flood.append(conn)
+        wait_until(lambda: feeder.metric("dnsrouter_feed_refused_total", reason="connections") >= 16, 10,
+                   message=feeder.log_tail())
+        for conn in flood:
+            conn.close()
+        assert feeder.serial(2) == 1  # UDP meanwhile, and TCP again once the flood is gone:
+        wait_until(lambda: len(feeder.transfer(1, "AXFR")) >= 1, 10, message=feeder.log_tail())
+        assert feeder.proc.poll() is None
 
 
 def test_routes_go_to_etcd_once_each_secondary_serves_under_keys_of_this_feeder(tmp_path):
@@ -378,55 +416,5 @@ def test_routes_go_to_etcd_once_each_secondary_serves_under_keys_of_this_feeder(
             assert read_prefix3(etcd.url, "/dnsrouter/") == {**routes, other: ("127.0.0.1:2,^y$", before)}
             assert revision(etcd.url) == before + 1  # the one removal
             assert feeder.metric("dnsrouter_feed_backend_serial", shard="1", backend=backends[1][0]) == 1
-    finally:
-        primary.close()
-
-
-def test_the_soa_refresh_brings_a_new_serial_without_notify(tmp_path):
-    head = f"$ORIGIN {ORIGIN}\n@ 300 SOA ns1 hostmaster 1 2 1 600 300\n@ NS ns1\n"  # refresh 2 s
-    zone = dns.zone.from_text(head + "\n".join(zone_lines()) + "\n", origin=ORIGIN, relativize=False)
-    primary = CuttingPrimary(zone)
-    keys = [tsig_key(f"shard{k}") for k in range(SHARDS)]
-    try:
-        with Feeder(ORIGIN, primary.addr, [(key, [f"{HOST}:{free_port()}"]) for key in keys]) as feeder:
-            wait_until(lambda: feeder.serial(0) == 1, 15, message=feeder.log_tail())
-            with zone.writer() as txn:
-                txn.add(f"refreshed.kilo.{ORIGIN}", 300, dns.rdata.from_text("IN", "A", "192.0.2.7"))
-                txn.update_serial(name=APEX)
-            # Nobody sends a NOTIFY: the refresh timer (2 s) finds the new serial.
-            wait_until(lambda: feeder.serial(1) == 2, 10, message=feeder.log_tail())
-    finally:
-        primary.close()
-
-
-def test_garbage_and_a_connection_flood_get_errors_or_nothing_and_the_shards_are_still_served(tmp_path):
-    zone = dns.zone.from_text(zone_text(ORIGIN, zone_lines()), origin=ORIGIN, relativize=False)
-    primary = CuttingPrimary(zone)
-    keys = [tsig_key(f"shard{k}") for k in range(SHARDS)]
-    rng = random.Random(28)
-    try:
-        with Feeder(ORIGIN, primary.addr, [(key, [f"{HOST}:{free_port()}"]) for key in keys]) as feeder:
-            wait_until(lambda: feeder.serial(0) == 1, 15, message=feeder.log_tail())
-            query = dns.message.make_query(ORIGIN, "SOA").to_wire()
-            garbage = [b"", b"\x00", query[:11], query[:14], bytes(rng.getrandbits(8) for _ in range(300)),
-                       query[:2] + b"\x80" + query[3:],  # a response: dropped
-                       query[:4] + b"\x00\x05" + query[6:]]  # five questions announced, one there
-            replies = {i: raw_udp(feeder.port, g, timeout=0.5) for i, g in enumerate(garbage)}
-            assert replies[5] is None  # never an answer to an answer
-            for i in (3, 6):
-                assert dns.message.from_wire(replies[i], keyring=False).rcode() in (dns.rcode.FORMERR,
-                                                                                   dns.rcode.REFUSED)
-            flood = []
-            for _ in range(80):  # more connections than it serves at once, each silent
-                conn = socket.create_connection((HOST, feeder.port), timeout=2)
-                conn.sendall(b"\x00\x20" + b"\x01" * 10)  # a message that never arrives whole
-                flood.append(conn)
-            wait_until(lambda: feeder.metric("dnsrouter_feed_refused_total", reason="connections") >= 16, 10,
-                       message=feeder.log_tail())
-            for conn in flood:
-                conn.close()
-            assert feeder.serial(2) == 1  # UDP meanwhile, and TCP again once the flood is gone:
-            wait_until(lambda: len(feeder.transfer(1, "AXFR")) >= 1, 10, message=feeder.log_tail())
-            assert feeder.proc.poll() is None
     finally:
         primary.close()
