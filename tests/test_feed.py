@@ -418,3 +418,23 @@ def test_routes_go_to_etcd_once_each_secondary_serves_under_keys_of_this_feeder(
             assert feeder.metric("dnsrouter_feed_backend_serial", shard="1", backend=backends[1][0]) == 1
     finally:
         primary.close()
+
+
+class ImpatientPrimary(KnotPrimary):
+    """A Knot primary that drops a transfer when its reader leaves a message
+    unread for 100 ms (``tcp-io-timeout``; 500 ms by default)."""
+
+    def config(self) -> str:
+        return super().config().replace("server:\n", "server:\n    tcp-io-timeout: 100\n", 1)
+
+
+def test_a_primary_that_drops_slow_readers_gives_the_whole_zone_at_the_first_try():
+    # Parsing and storing a transfer's messages takes longer than 100 ms at a time: read
+    # straight from the socket, the transfer would be dropped again and again.
+    lines = [f"h{i}.l{i % 997} A 192.0.2.{i % 250}" for i in range(20000)]
+    keys = [tsig_key(f"shard{k}") for k in range(SHARDS)]
+    with ImpatientPrimary(ORIGIN, zone_text(ORIGIN, lines), startup_timeout=60) as primary, \
+            Feeder(ORIGIN, primary.addr, [(key, [f"{HOST}:{free_port()}"]) for key in keys]) as feeder:
+        wait_until(lambda: feeder.metric("dnsrouter_feed_zone_serial") == primary.serial(), 120,
+                   message=feeder.log_tail())
+        assert feeder.metric("dnsrouter_feed_transfers_in_total", type="axfr", result="failed") == 0

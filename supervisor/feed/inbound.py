@@ -4,15 +4,21 @@ The first start makes an AXFR; after that each NOTIFY from the primary, and
 the SOA refresh timer, make the feeder ask the primary's serial and, when
 it is newer (RFC 1982), an IXFR from the stored serial (RFC 1995), or an
 AXFR when the primary cannot give the increment. dnspython runs the
-transfer (``dns.query.inbound_xfr``: its state machine checks the SOA
-sequence and TSIG of every message) into the store's transaction, which
+transfer (``dns.xfr.Inbound``: its state machine checks the SOA sequence,
+``dns.message.from_wire`` the TSIG of every message) into the store's
+transaction, which
 commits only a whole, good transfer: one that breaks keeps the last good
 serial, and is tried again after 1, 2, 4 ... seconds, at most the SOA's
 retry time.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import queue
+import socket
+import tempfile
 import threading
 import time
 from typing import Callable
@@ -30,6 +36,7 @@ from dnsrouter.address import Address
 from ..shardmap import ShardError
 from .settings import TsigKey
 from .store import Applied, Store
+from .tcp import framed
 
 log = logging.getLogger("dnsrouter.feed.inbound")
 
@@ -144,8 +151,7 @@ class Secondary:
                 keyalgorithm=self.key.algorithm if self.key else dns.tsig.default_algorithm)
             self.store.last_applied = None
             started = time.monotonic()
-            dns.query.inbound_xfr(self.primary.host, self.store, query, port=self.primary.port,
-                                  timeout=self.timeout)
+            self._receive_and_apply(query, serial)
             applied = self.store.last_applied
         if applied is None:  # the primary was at our serial after all
             self.last_success = time.time()
@@ -158,6 +164,81 @@ class Secondary:
                  "" if applied.full else ": changes per shard " + " ".join(
                      f"{k}:{n}" for k, n in enumerate(applied.changes)))
         self.applied(applied)
+        self.store.checkpoint()  # after the NOTIFYs: copying a large transfer's log into the database takes seconds
+
+
+    def _receive_and_apply(self, query: dns.message.Message, serial: int | None) -> None:
+        """``dns.query.inbound_xfr``'s loop, with the primary's messages read
+        by a thread of their own into a spool file in the state directory:
+        the stream is taken as fast as it comes, whatever the pace of parsing
+        and storing (a primary gives up on a reader that stalls: Knot after
+        500 ms, its tcp-io-timeout), and memory does not grow with it."""
+        rdtype = query.question[0].rdtype
+        with socket.create_connection(self.primary.sockaddr, timeout=self.timeout) as sock, \
+                tempfile.TemporaryFile(dir=self.store.directory, prefix="transfer-") as spool:
+            sock.sendall(framed(query.to_wire()))
+            written: queue.Queue[int | BaseException | None] = queue.Queue()
+            done = threading.Event()
+            reader = threading.Thread(target=_spool, args=(sock, spool.fileno(), written, done),
+                                      name="feed-receive", daemon=True)
+            reader.start()
+            available = 0
+
+            def read(at: int, size: int) -> bytes:
+                """``size`` bytes of the stream from ``at``, once the reader has them."""
+                nonlocal available
+                while available < at + size:
+                    try:
+                        item = written.get(timeout=self.timeout)
+                    except queue.Empty:
+                        raise dns.exception.Timeout from None
+                    if item is None or isinstance(item, BaseException):
+                        raise item or EOFError("the primary closed the connection before the transfer's end")
+                    available = item
+                return os.pread(spool.fileno(), size, at)
+
+            try:
+                with dns.xfr.Inbound(self.store, rdtype, serial) as inbound:
+                    context, at, finished = None, 0, False
+                    while not finished:
+                        size = int.from_bytes(read(at, 2), "big")
+                        message = dns.message.from_wire(
+                            read(at + 2, size), keyring=query.keyring, request_mac=query.mac, xfr=True,
+                            origin=self.store.from_wire_origin(), tsig_ctx=context, multi=True,
+                            one_rr_per_rrset=rdtype == dns.rdatatype.IXFR)
+                        if not query.is_response(message, xfr_continuation=at > 0):
+                            raise dns.query.BadResponse
+                        at += 2 + size
+                        finished = inbound.process_message(message)
+                        context = message.tsig_ctx
+            finally:
+                done.set()
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # the reader's recv returns
+                reader.join()
+
+
+def _spool(sock: socket.socket, fd: int, written: queue.Queue, done: threading.Event) -> None:
+    """Append what ``sock`` brings to the file ``fd``, a large read at a time
+    (a few hand-overs of the interpreter per megabyte, not per message), and
+    put the bytes written so far in ``written``; at the end None (closed) or
+    the error."""
+    chunk = bytearray(1 << 20)
+    total = 0
+    try:
+        while not done.is_set():
+            received = sock.recv_into(chunk)
+            if not received:
+                break
+            view = memoryview(chunk)[:received]
+            while view:
+                view = view[os.write(fd, view):]
+            total += received
+            written.put(total)
+    except OSError as e:
+        written.put(None if done.is_set() else e)
+        return
+    written.put(None)
 
 
 def _reason(error: BaseException) -> str:

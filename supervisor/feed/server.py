@@ -32,6 +32,7 @@ from dnsrouter.address import Address
 
 from .settings import TsigKey
 from .store import Store
+from .tcp import framed, read_message
 
 log = logging.getLogger("dnsrouter.feed.server")
 
@@ -112,15 +113,9 @@ class Server:
     def _serve_tcp(self, sock: socket.socket, peer: tuple) -> None:
         sock.settimeout(IDLE)
         try:
-            while True:
-                head = _read(sock, 2)
-                if head is None:
-                    return
-                wire = _read(sock, struct.unpack("!H", head)[0])
-                if wire is None:
-                    return
+            while (wire := read_message(sock)) is not None:
                 for reply in self._answer(wire, peer, tcp=True):
-                    sock.sendall(struct.pack("!H", len(reply)) + reply)
+                    sock.sendall(framed(reply))
         except OSError:
             return  # the secondary went away or stalled; it will ask again
         except Exception:
@@ -198,16 +193,6 @@ class Server:
 
 def _serial(soa: bytes) -> int:
     return struct.unpack("!I", soa[-20:-16])[0]
-
-
-def _read(sock: socket.socket, size: int) -> bytes | None:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    return data
 
 
 def _reply(query: dns.message.Message, rcode: int) -> bytes:

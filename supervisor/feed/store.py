@@ -41,6 +41,7 @@ IN = dns.rdataclass.IN
 SOA = dns.rdatatype.SOA
 NS = dns.rdatatype.NS
 FLUSH_EVERY = 2000  # RRsets a transfer holds in memory before they go to disk
+WAL_KEPT = 64 << 20  # bytes of write-ahead log kept on disk after a checkpoint
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -116,6 +117,7 @@ class Store(dns.transaction.TransactionManager):
         self.origin = origin
         self.shards = shards
         self.journal_serials = journal_serials
+        self.directory = directory
         self.path = os.path.join(directory, "zone.sqlite")
         self._local = threading.local()
         self.write_lock = threading.Lock()  # one transfer in at a time
@@ -146,6 +148,10 @@ class Store(dns.transaction.TransactionManager):
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True, timeout=60)
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = FULL")  # a committed serial survives a power cut too
+            # Checkpoints come from ``checkpoint`` after the NOTIFYs, not inside a commit; and the
+            # log does not stay as large as the largest transfer once it is copied.
+            db.execute("PRAGMA wal_autocheckpoint = 0")
+            db.execute(f"PRAGMA journal_size_limit = {WAL_KEPT}")
             self._local.db = db
         return db
 
@@ -172,6 +178,11 @@ class Store(dns.transaction.TransactionManager):
         row = self.db().execute("SELECT owner, ttl, rdata FROM rrsets WHERE key = ? AND rdtype = ?",
                                 (canonical_key(self.origin), SOA)).fetchone()
         return records(row[0], SOA, row[1], row[2])[0] if row else None
+
+    def checkpoint(self) -> None:
+        """Copy the write-ahead log into the database, as far as no reader
+        (a transfer out) still needs it; the rest goes at the next one."""
+        self.db().execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def shard_map(self) -> ShardMap | None:
         row = self.db().execute("SELECT value FROM meta WHERE name = 'lows'").fetchone()
