@@ -48,9 +48,9 @@ once every secondary has it (and the pause is over). The pause is for Knot:
 a Knot secondary NOTIFYed within about a second of its last refresh now
 and then starts the next one 0.9 s late.
 
-The Knot servers get room for a big zone in their journal and the primary
-a ``tcp-io-timeout`` of ``--primary-io-timeout`` (see Primary, and
-bench/README.md).
+The Knot servers get room for a big zone in their journal; the primary
+keeps Knot's ``tcp-io-timeout`` unless ``--primary-io-timeout`` says
+otherwise (see Primary, and bench/README.md).
 
     .venv/bin/python bench/feed.py --quick            # 2,000 and 20,000 names, --big 50000, 10 updates a pause
     .venv/bin/python bench/feed.py                    # 20,000 and 200,000 names, --big 1000000, 50 updates a pause
@@ -620,9 +620,9 @@ def main() -> int:
                    help="seconds of pause between the end of one update (every secondary has it) and the next: "
                         "--updates updates for each (default 1,0)")
     p.add_argument("--update-timeout", type=float, default=30.0, help="seconds an update may take to spread")
-    p.add_argument("--primary-io-timeout", type=int, default=10000, metavar="MS",
-                   help="the primary's tcp-io-timeout in ms (default 10000; Knot's own default is 500, "
-                        "which drops the feeder's AXFR now and then: pass 500 to see it; 0: no limit)")
+    p.add_argument("--primary-io-timeout", type=int, default=0, metavar="MS",
+                   help="the primary's tcp-io-timeout in ms (default 0: Knot's own, 500 ms, which drops a "
+                        "reader that stalls that long)")
     p.add_argument("--feeder", type=shlex.split, default=feeder_executable(), metavar="COMMAND",
                    help="the feeder's command line, split as a shell would (default: the dnsrouter-feed "
                         "beside this interpreter)")
