@@ -243,6 +243,7 @@ class CuttingPrimary:
     def __init__(self, zone: dns.zone.Zone) -> None:
         self.zone = zone
         self.cut = False
+        self.clients: set[str] = set()  # the addresses queries and transfers came from
         self.port = free_port()
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.udp.bind((HOST, self.port))
@@ -261,6 +262,7 @@ class CuttingPrimary:
         with contextlib.suppress(OSError):
             while True:
                 wire, peer = self.udp.recvfrom(65535)
+                self.clients.add(peer[0])
                 query = dns.message.from_wire(wire)
                 response = dns.message.make_response(query)
                 response.answer.append(self.soa())
@@ -269,7 +271,8 @@ class CuttingPrimary:
     def _serve_tcp(self) -> None:
         with contextlib.suppress(OSError):
             while True:
-                conn, _ = self.tcp.accept()
+                conn, peer = self.tcp.accept()
+                self.clients.add(peer[0])
                 with conn:
                     length = struct.unpack("!H", conn.recv(2))[0]
                     query = dns.message.from_wire(conn.recv(length))
@@ -438,3 +441,23 @@ def test_a_primary_that_drops_slow_readers_gives_the_whole_zone_at_the_first_try
         wait_until(lambda: feeder.metric("dnsrouter_feed_zone_serial") == primary.serial(), 120,
                    message=feeder.log_tail())
         assert feeder.metric("dnsrouter_feed_transfers_in_total", type="axfr", result="failed") == 0
+
+
+def test_queries_transfers_and_notifies_leave_from_the_listen_address():
+    # The primary's and the secondaries' ACLs name the feeder by the address it listens on.
+    zone = dns.zone.from_text(zone_text(ORIGIN, zone_lines()), origin=ORIGIN, relativize=False)
+    primary = CuttingPrimary(zone)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as secondary:
+            secondary.bind((HOST, 0))
+            secondary.settimeout(10)
+            backend = f"{HOST}:{secondary.getsockname()[1]}"
+            shards = [(tsig_key(f"shard{k}"), [backend if k == 1 else f"{HOST}:{free_port()}"]) for k in range(SHARDS)]
+            with Feeder(ORIGIN, primary.addr, shards, host="127.0.0.3") as feeder:
+                wait_until(lambda: feeder.serial(0) == 1, 15, message=feeder.log_tail())
+                wire, peer = secondary.recvfrom(65535)
+                notify = dns.message.from_wire(wire, keyring=False)
+                assert notify.opcode() == dns.opcode.NOTIFY and peer[0] == "127.0.0.3"
+                assert primary.clients == {"127.0.0.3"}
+    finally:
+        primary.close()

@@ -45,9 +45,13 @@ FIRST_RETRY = 1.0  # seconds after a failed transfer; doubling up to the SOA's r
 
 class Secondary:
     def __init__(self, store: Store, primary: Address, key: TsigKey | None, timeout: float,
-                 applied: Callable[[Applied], None], count: Callable[..., None]) -> None:
+                 applied: Callable[[Applied], None], count: Callable[..., None], source: str) -> None:
+        """``source``: the address queries and transfers leave from, the feeder's listen address
+        (what the primary's ACL names), when it is of the primary's family."""
         self.store = store
         self.primary = primary
+        specific = source not in ("0.0.0.0", "::") and (":" in source) == (":" in primary.host)
+        self.source = source if specific else None
         self.key = key
         self.timeout = timeout
         self.applied = applied
@@ -110,9 +114,11 @@ class Secondary:
         query = dns.message.make_query(self.store.origin, dns.rdatatype.SOA)
         if self.key is not None:
             query.use_tsig({self.key.name: self.key.key()}, self.key.name, algorithm=self.key.algorithm)
-        response = dns.query.udp(query, self.primary.host, port=self.primary.port, timeout=min(self.timeout, 5))
+        response = dns.query.udp(query, self.primary.host, port=self.primary.port, timeout=min(self.timeout, 5),
+                                 source=self.source)
         if response.flags & dns.flags.TC:
-            response = dns.query.tcp(query, self.primary.host, port=self.primary.port, timeout=self.timeout)
+            response = dns.query.tcp(query, self.primary.host, port=self.primary.port, timeout=self.timeout,
+                                     source=self.source)
         if response.rcode() != dns.rcode.NOERROR:
             raise dns.xfr.TransferError(response.rcode())
         for rrset in response.answer:
@@ -128,16 +134,17 @@ class Secondary:
             return
         kind = "axfr" if stored is None else "ixfr"
         try:
-            self._transfer(stored)
-        except (dns.xfr.TransferError, dns.exception.FormError) as e:
-            if stored is None:
-                raise
-            # The primary refused the increment or sent one that does not
-            # apply to our serial: the whole zone instead.
-            log.info("IXFR from %s failed (%s): AXFR", self.primary, _reason(e))
-            self.count("transfers_in", "ixfr", "failed")
-            kind = "axfr"
-            self._transfer(None)
+            try:
+                self._transfer(stored)
+            except (dns.xfr.TransferError, dns.exception.FormError) as e:
+                if stored is None:
+                    raise
+                # The primary refused the increment or sent one that does not
+                # apply to our serial: the whole zone instead.
+                log.info("IXFR from %s failed (%s): AXFR", self.primary, _reason(e))
+                self.count("transfers_in", "ixfr", "failed")
+                kind = "axfr"
+                self._transfer(None)
         except BaseException:
             self.count("transfers_in", kind, "failed")
             raise
@@ -164,7 +171,6 @@ class Secondary:
                  "" if applied.full else ": changes per shard " + " ".join(
                      f"{k}:{n}" for k, n in enumerate(applied.changes)))
         self.applied(applied)
-        self.store.checkpoint()  # after the NOTIFYs: copying a large transfer's log into the database takes seconds
 
 
     def _receive_and_apply(self, query: dns.message.Message, serial: int | None) -> None:
@@ -174,7 +180,8 @@ class Secondary:
         and storing (a primary gives up on a reader that stalls: Knot after
         500 ms, its tcp-io-timeout), and memory does not grow with it."""
         rdtype = query.question[0].rdtype
-        with socket.create_connection(self.primary.sockaddr, timeout=self.timeout) as sock, \
+        with socket.create_connection(self.primary.sockaddr, timeout=self.timeout,
+                                      source_address=(self.source, 0) if self.source else None) as sock, \
                 tempfile.TemporaryFile(dir=self.store.directory, prefix="transfer-") as spool:
             sock.sendall(framed(query.to_wire()))
             written: queue.Queue[int | BaseException | None] = queue.Queue()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -52,11 +53,12 @@ class Feeder:
         self.counts: Counter = Counter()
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+        self.checkpoint_wanted = threading.Event()
         self.routes = Routes(config, store, self.stopping)
         self.notifier = Notifier([(s.shard_tsig, s.shard_backends) for s in config.shards], config.feed_zone,
                                  config.feed_listen.host, self.count)
         self.secondary = Secondary(store, config.feed_primary, config.feed_primary_tsig, config.feed_timeout,
-                                   self.applied, self.count)
+                                   self.applied, self.count, config.feed_listen.host)
         self.server = Server(config.feed_listen, store, [s.shard_tsig for s in config.shards],
                              config.feed_primary, config.feed_primary_tsig, self.secondary.notified, self.count,
                              self.secondary.expired)
@@ -66,9 +68,21 @@ class Feeder:
             self.counts[(kind,) + labels] += 1
 
     def applied(self, applied: Applied) -> None:
-        """A new serial is in the store: tell every shard's secondaries."""
+        """A new serial is in the store: tell every shard's secondaries, then
+        copy the write-ahead log into the database, in a thread of its own
+        (a first load's takes seconds, and the next transfer need not wait)."""
         self.notifier.serial(applied.serial)
         self.routes.wake.set()
+        self.checkpoint_wanted.set()
+
+    def _checkpoints(self) -> None:
+        while not self.stopping.is_set():
+            self.checkpoint_wanted.wait()
+            self.checkpoint_wanted.clear()
+            try:
+                self.store.checkpoint()
+            except sqlite3.Error as e:  # the log then waits for the next serial's checkpoint
+                log.warning("checkpoint of %s: %s", self.store.path, e)
 
     # -- metrics ----------------------------------------------------------------------
     def collect(self) -> Iterator[Any]:
@@ -130,6 +144,7 @@ class Feeder:
         self.server.start()
         self.notifier.start()
         threading.Thread(target=self.routes.run, name="feed-routes", daemon=True).start()
+        threading.Thread(target=self._checkpoints, name="feed-checkpoint", daemon=True).start()
         serial = self.store.serial()
         if serial is not None:  # a secondary may have missed the last NOTIFY while we were away
             log.info("state %s at serial %d", self.config.feed_state, serial)

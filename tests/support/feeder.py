@@ -37,11 +37,13 @@ from support.processes import log_tail, program, spawn, stop
 class Feeder:
     def __init__(self, origin: str, primary: str, shards: Sequence[tuple[str, Sequence[str]]], *,
                  port: int | None = None, primary_tsig: str | None = None, extra: str = "",
-                 registry: str | None = None, workdir: str | None = None) -> None:
+                 registry: str | None = None, workdir: str | None = None, host: str = HOST) -> None:
         """shards: (TSIG key as kdig -y takes it, backend addresses) per shard; extra: more [feed]
-        lines; registry: the [registry] section's lines (default: routes_dir = the routes directory)."""
+        lines; registry: the [registry] section's lines (default: routes_dir = the routes directory);
+        host: the address it listens on, and sends from."""
         self.origin = origin
         self.shards = [(key, list(backends)) for key, backends in shards]
+        self.host = host
         self.port = port or free_port()
         self.metrics_port = free_port("tcp")
         self._own_dir = workdir is None
@@ -51,7 +53,7 @@ class Feeder:
         self.routes_dir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.dir / "feed.ini"
         self.log_path = self.dir / "feed.log"
-        text = (f"[feed]\nzone = {origin}\nprimary = {primary}\nlisten = {HOST}:{self.port}\nstate = {self.state}\n"
+        text = (f"[feed]\nzone = {origin}\nprimary = {primary}\nlisten = {host}:{self.port}\nstate = {self.state}\n"
                 + (f"primary_tsig = {primary_tsig}\n" if primary_tsig else "") + extra
                 + f"\n[registry]\n{registry or f'routes_dir = {self.routes_dir}'}\n"
                 + f"[metrics]\nlisten = {HOST}:{self.metrics_port}\n[log]\nlevel = debug\n")
@@ -62,7 +64,7 @@ class Feeder:
 
     @property
     def addr(self) -> str:
-        return f"{HOST}:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def start(self) -> "Feeder":
         self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
@@ -128,7 +130,7 @@ class Feeder:
         if shard is not None:
             key = self.key(shard)
             query.use_tsig({key.name: key}, key.name, algorithm=key.algorithm)
-        return dns.query.udp(query, HOST, port=self.port, timeout=2)
+        return dns.query.udp(query, self.host, port=self.port, timeout=2)
 
     def serial(self, shard: int = 0) -> int | None:
         response = self.ask_soa(shard)
@@ -140,7 +142,7 @@ class Feeder:
         dnspython (its TSIG chain too), signed with the shard's key (or ``key``; neither: unsigned)."""
         if key is None and shard is not None:
             key = self.key(shard)
-        return list(dns.query.xfr(HOST, self.origin, rdtype, port=self.port, serial=serial, relativize=False,
+        return list(dns.query.xfr(self.host, self.origin, rdtype, port=self.port, serial=serial, relativize=False,
                                   timeout=10, keyring={key.name: key} if key else None,
                                   keyname=key.name if key else None,
                                   keyalgorithm=key.algorithm if key else dns.tsig.default_algorithm))
