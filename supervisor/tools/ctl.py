@@ -21,10 +21,10 @@ from dnsrouter.routes import CLIENT_ADDRESS_MODES, Matcher, RouteValue, build_ro
 from dnsrouter.settings import SETTINGS, Config
 
 from . import shard
-from .registry import RegistryError, open_registry
-from .registry.etcd import EtcdRegistry
-from .registry.etcd3 import Etcd3Registry
-from .registry.files import FileRegistry
+from ..registry import RegistryError, open_registry
+from ..registry.etcd import EtcdRegistry
+from ..registry.etcd3 import Etcd3Registry
+from ..registry.files import FileRegistry
 
 
 def _parser() -> argparse.ArgumentParser:
