@@ -99,7 +99,7 @@ TARGET_P99_S = 1.0
 def feeder_executable() -> list[str]:
     """The dnsrouter-feed beside this interpreter, else ``python -m`` its module."""
     exe = program("dnsrouter-feed")
-    return [str(exe)] if os.access(exe, os.X_OK) else [sys.executable, "-m", "dnsrouter.supervisor.feed.main"]
+    return [str(exe)] if os.access(exe, os.X_OK) else [sys.executable, "-m", "dnsrouter.supervisor.tools.feed.main"]
 
 
 # -- the zone --------------------------------------------------------------------

@@ -164,7 +164,7 @@ def test_etcd_restart_keeps_table_and_quiet_prefix_stays_current(tmp_path, runni
         for i in range(50):  # busy elsewhere
             put3(url, f"/other/k{i % 10}", "x")
         busy = revision(url)
-        wait_until(lambda: (r.registry._revision or 0) > busy, timeout=5,
+        wait_until(lambda: (r.registry._position or 0) > busy, timeout=5,
                    message="progress notification advanced the revision")
         compact(url)
 

@@ -177,7 +177,7 @@ def test_dnsrouterctl_register_list_which_deregister(router, etcd, knots, split_
     assert f"{proxied}\t{{\"backend\": \"{knots[1].addr}\"" in ctl(etcd, "list").stdout
     assert "\tok, client_address proxy" in ctl(etcd, "list").stdout
     assert f"{knots[0].addr} (none) {knots[1].addr} (proxy)" in ctl(etcd, "which", name).stdout
-    routes = subprocess.run([sys.executable, "-m", "dnsrouter.supervisor.ctl", "--metrics", r.metrics[7:], "routes"],
+    routes = subprocess.run([sys.executable, "-m", "dnsrouter.supervisor.tools.ctl", "--metrics", r.metrics[7:], "routes"],
                             capture_output=True, text=True, timeout=30, cwd="/")
     assert f"{knots[0].addr} (up; client_address none)" in routes.stdout and "invalid key broken" in routes.stdout
     assert ctl(etcd, "deregister", proxied).returncode == 0

@@ -38,7 +38,7 @@ import dns.zone
 import pytest
 
 from dnsrouter.routes import compile_set, parse_value
-from dnsrouter.supervisor import shard
+from dnsrouter.supervisor.tools import shard
 from support import delv
 from support.etcd import EtcdServer, put3, read_prefix3, revision
 from support.feeder import Feeder

@@ -14,9 +14,9 @@ import dns.name
 import pytest
 
 from dnsrouter.errors import ConfigError
-from dnsrouter.supervisor.feed import settings
-from dnsrouter.supervisor.feed.main import main
-from dnsrouter.supervisor.feed.store import Store
+from dnsrouter.supervisor.tools.feed import settings
+from dnsrouter.supervisor.tools.feed.main import main
+from dnsrouter.supervisor.tools.feed.store import Store
 
 KEY = "hmac-sha256:shard0:" + "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA=="
 CONFIG = f"""\
@@ -102,7 +102,7 @@ def test_the_documented_example_parses(tmp_path):
 KILLED_MIDWAY = textwrap.dedent("""
     import os, signal, sys
     import dns.name, dns.rdata
-    from dnsrouter.supervisor.feed.store import Store
+    from dnsrouter.supervisor.tools.feed.store import Store
     origin = dns.name.from_text("feed.test.")
     store = Store(sys.argv[1], origin, 2)
     def rdata(t, text):

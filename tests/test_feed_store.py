@@ -24,9 +24,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from dnsrouter.supervisor import shard
-from dnsrouter.supervisor.feed.store import StateError, Store
-from dnsrouter.supervisor.shardmap import ShardError, canonical_key
+from dnsrouter.supervisor.tools import shard
+from dnsrouter.supervisor.tools.feed.store import StateError, Store
+from dnsrouter.supervisor.tools.shardmap import ShardError, canonical_key
 
 ORIGIN = dns.name.from_text("feed.test.")
 IN = dns.rdataclass.IN

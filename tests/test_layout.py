@@ -78,7 +78,7 @@ def test_the_rule_sees_absolute_relative_and_from_imports():
         ("dnsrouter.routes", "from .supervisor.registry import Record"): "dnsrouter.supervisor.registry",
         ("dnsrouter.wire", "import dnsrouter.workers.mmsg"): "dnsrouter.workers.mmsg",
         ("dnsrouter.workers.udp", "from dnsrouter.supervisor import health"): "dnsrouter.supervisor",
-        ("dnsrouter.supervisor.ctl", "from .. import workers"): "dnsrouter.workers",
+        ("dnsrouter.supervisor.tools.ctl", "from ... import workers"): "dnsrouter.workers",
         ("dnsrouter.supervisor.registry.etcd", "from ...workers.upstream import Pending"):
             "dnsrouter.workers.upstream",
     }
@@ -91,10 +91,10 @@ def test_the_rule_sees_absolute_relative_and_from_imports():
 def test_the_source_tree_is_the_package_from_the_checkout_root():
     # An editable install: from the root, the folder dnsrouter/ must not hide
     # dnsrouter.workers and dnsrouter.supervisor, and they are the sources.
-    code = "import dnsrouter.workers, dnsrouter.supervisor.ctl as c; print(dnsrouter.workers.__file__, c.__file__)"
+    code = "import dnsrouter.workers, dnsrouter.supervisor.tools.ctl as c; print(dnsrouter.workers.__file__, c.__file__)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [str(REPO / "workers" / "__init__.py"), str(REPO / "supervisor" / "ctl.py")]
+    assert out.stdout.split() == [str(REPO / "workers" / "__init__.py"), str(REPO / "supervisor" / "tools" / "ctl.py")]
 
 
 def test_python_m_dnsrouter_from_the_checkout_root_answers(tmp_path):

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from dnsrouter import wire
 from dnsrouter.routes import compile_set
-from dnsrouter.supervisor import label_ranges, shard
+from dnsrouter.supervisor.tools import label_ranges, shard
 
 # Octets the escapes and the bounds care about, often; any octet, sometimes.
 OCTETS = st.one_of(st.sampled_from(b"aAbBzZ09-*.\\\"()@$;\x00\x20\x7f\xff"), st.integers(0, 255))

@@ -4,20 +4,24 @@ A registry runs in a supervisor thread and calls ``publish`` with the whole
 current set of records every time it changes. Publishing the whole set keeps
 the contract trivial (no lost deltas, replacement on resync is the same call)
 and the supervisor parses only the values it has not seen before.
+
+The supervisor, ``dnsrouterctl`` and the feeder see a registry only through
+the ``Registry`` protocol (``ExpiringRegistry`` for keys with a TTL, which
+only etcd has) and get one from ``open_registry``, which imports the
+implementation the configuration names and no other: a routes directory
+never loads an etcd client (python-etcd and urllib3, or gRPC).
 """
 from __future__ import annotations
 
 import logging
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Optional, Protocol, Sequence
 
 from dnsrouter.errors import ConfigError, DNSRouterError
 
 if TYPE_CHECKING:
-    from .etcd import EtcdRegistry
-    from .etcd3 import Etcd3Registry
-    from .files import FileRegistry
+    from .etcd_base import EtcdRegistryBase
 
 
 @dataclass(frozen=True)
@@ -65,8 +69,30 @@ class RegistryError(DNSRouterError):
 
 
 class Registry(Protocol):
+    """What the supervisor, ``dnsrouterctl`` and the feeder use of a registry."""
+
     def run(self, publish: Publish, stop: threading.Event) -> None:
         """Publish the records until ``stop`` is set; never raise."""
+
+    def read(self) -> tuple[Record, ...]:
+        """The records now, in registration order (``dnsrouterctl list``)."""
+
+    def put(self, name: str, value: str) -> None:
+        """Write the key ``name``."""
+
+    def delete(self, name: str) -> bool:
+        """Remove the key ``name``; False when there was none."""
+
+
+class ExpiringRegistry(Registry, Protocol):
+    """A registry whose keys can expire (etcd): ``dnsrouterctl register --ttl``."""
+
+    def put(self, name: str, value: str, ttl: Optional[int] = None) -> None:
+        """Write the key ``name``; with ``ttl``, it expires after that many
+        seconds unless refreshed."""
+
+    def refresh(self, name: str, ttl: int) -> bool:
+        """Keep the key from expiring; False when it has expired meanwhile."""
 
 
 class RegistrySettings(Protocol):
@@ -100,13 +126,18 @@ class RegistrySettings(Protocol):
     def registry_key(self) -> str | None: ...
 
 
-def open_registry(config: RegistrySettings) -> "FileRegistry | EtcdRegistry | Etcd3Registry":
+def open_registry(config: RegistrySettings) -> Registry:
     """The registry the configuration names: a routes directory, or etcd (v3 or v2)."""
     if config.registry_routes_dir:
         from .files import FileRegistry
         return FileRegistry(config.registry_routes_dir)
+    return open_etcd(config)
+
+
+def open_etcd(config: RegistrySettings) -> ExpiringRegistry:
+    """The etcd registry the configuration names, whether or not it names a routes directory."""
     # Each imports its client library (gRPC, python-etcd): only the one in use.
-    registry: type[EtcdRegistry] | type[Etcd3Registry]
+    registry: type[EtcdRegistryBase]
     if config.registry_etcd_api == "v2":
         from .etcd import EtcdRegistry as registry
     else:

@@ -21,21 +21,20 @@ python-etcd 0.4.5 is used with three adjustments, all local to this module:
 * a hook keeps the X-Etcd-Index header of a watch that times out (python-etcd
   discards that response). Without it a quiet prefix on a busy etcd would
   fall out of the event history every 1000 unrelated writes.
+
+The loop, the failover between endpoints and the one-off operations are
+``etcd_base``'s; this module makes the v2 API calls.
 """
 from __future__ import annotations
 
 import logging
-import threading
-import urllib.parse
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from typing import Any, Optional
 
 import etcd
 import urllib3
 
-from . import Changes, Publish, Record, RegistryError, in_order
-from .outage import Outage
-
-T = TypeVar("T")
+from . import Record
+from .etcd_base import EtcdRegistryBase, EtcdURL
 
 log = logging.getLogger("dnsrouter.registry.etcd")
 
@@ -87,169 +86,92 @@ class _ReadAgain(Exception):
     """The state must be read again (the prefix itself went away, or worse)."""
 
 
-class EtcdRegistry:
+class EtcdRegistry(EtcdRegistryBase[_Client]):
     """Routes from etcd keys under ``prefix`` (v2 keys API)."""
 
-    def __init__(
-        self,
-        urls: Sequence[str],
-        prefix: str = "/dnsrouter/",
-        *,
-        username: Optional[str] = None,
-        password: Optional[str] = None,
-        ca_cert: Optional[str] = None,
-        cert: Optional[str] = None,
-        key: Optional[str] = None,
-        watch_timeout: float = 1.0,
-        request_timeout: float = 2.0,
-        min_backoff: float = 0.1,
-        max_backoff: float = 5.0,
-        logger: Optional[logging.Logger] = None,
-    ) -> None:
-        """``urls``: etcd client URLs (``http://host:port`` or ``https://``),
-        tried in turn when one fails. ``watch_timeout`` bounds how long
-        ``stop`` may wait; ``request_timeout`` bounds connects and reads.
-        """
-        if not urls:
-            raise ValueError("at least one etcd URL is needed")
-        if (username is None) != (password is None):
-            raise ValueError("etcd username and password go together")
-        if key is not None and cert is None:
-            raise ValueError("an etcd client key needs its certificate")
-        self.urls = list(urls)
-        self._endpoints = [_parse_url(u) for u in self.urls]
-        self._dir = "/" + prefix.strip("/")  # the directory: '/dnsrouter' ('/' for the root)
-        self._base = self._dir.rstrip("/") + "/"  # its children's keys start with this
-        self._client_kw: dict[str, Any] = dict(
-            username=username, password=password, ca_cert=ca_cert,
-            cert=(cert, key) if key is not None else cert,
-            read_timeout=request_timeout,
-        )
-        self._watch_timeout = urllib3.Timeout(connect=request_timeout, read=watch_timeout)
-        self._request_timeout = request_timeout
-        self._min_backoff, self._max_backoff = min_backoff, max_backoff
-        self._log = logger or log
-        self._clients: dict[int, _Client] = {}
-        self._current = 0  # index into self._endpoints
-        self._table: dict[str, Record] = {}
-        self._index: Optional[int] = None  # next waitIndex; None: read everything first
-        self._ignored: set[str] = set()
+    FAILURES = (etcd.EtcdException,)  # unreachable, no leader, credentials refused, garbage answer
+    default_log = log
 
-    # -- the loop ---------------------------------------------------------
+    def _check_url(self, url: EtcdURL, text: str) -> EtcdURL:
+        return url._replace(path=url.path.rstrip("/") + "/v2")  # python-etcd's version_prefix
 
-    def run(self, publish: Publish, stop: threading.Event) -> None:
-        """Publish the records until ``stop`` is set; never raise."""
-        changes = Changes(publish, self._log)
-        outage = Outage(self.urls, self._min_backoff, self._max_backoff, self._log)
-        self._index = None
-        while not stop.is_set():
-            error: Optional[Exception] = None
-            try:
-                if self._index is None:
-                    self._read_all()
-                else:
-                    self._watch_once()
-            except etcd.EtcdWatchTimedOut:
-                pass  # etcd answered: nothing changed
-            except (etcd.EtcdEventIndexCleared, etcd.EtcdWatcherCleared) as e:
-                # fell out of etcd's 1000-event history (or etcd restored a
-                # snapshot): only a full read gives the exact state again
-                self._log.info("etcd watch index %s is gone (%s); reading %s again",
-                               self._index, type(e).__name__, self._dir)
-                self._index = None
-            except _ReadAgain:
-                self._index = None
-            except etcd.EtcdClusterIdChanged as e:
-                # a different cluster (restored from a backup?): our index means nothing there
-                self._log.warning("etcd cluster changed (%s); reading %s again", e, self._dir)
-                self._index = None
-            except etcd.EtcdException as e:
-                # unreachable, no leader, credentials refused, garbage answer
-                error = e
-            except Exception:  # a bug here must not end route updates for good
-                self._log.exception("etcd registry failed; reading %s again", self._dir)
-                self._index = None
-                stop.wait(self._max_backoff)
-                continue
+    def _connect(self, url: EtcdURL) -> _Client:
+        client = _Client(host=url.host, port=url.port, protocol=url.scheme, version_prefix=url.path,
+                         username=self._username, password=self._password, ca_cert=self._ca_cert,
+                         cert=(self._cert, self._key) if self._key is not None else self._cert,
+                         read_timeout=self._request_timeout)
+        # We fail over and back off ourselves; urllib3's silent retries
+        # would only multiply the timeouts and log a warning per retry.
+        client.http.connection_pool_kw["retries"] = False
+        return client
 
-            if error is None:
-                outage.over(self._current)
-                if self._index is not None:
-                    changes.offer(self._records())
-                continue
+    def _drop_client(self) -> None:
+        """Keep the client of an endpoint that failed: it remembers the id of
+        the cluster it first answered for, which is how a cluster restored
+        from a backup is noticed (EtcdClusterIdChanged), and its connection
+        pool connects again by itself."""
 
-            # Keep the table we have (routes stay up) and try the next endpoint;
-            # pause only once every endpoint has failed in a row.
-            self._current = outage.failed(self._current, _reason(error), len(self._table), stop)
+    def _close(self, client: _Client) -> None:
+        client.http.clear()
 
-    def _records(self) -> tuple[Record, ...]:
-        return in_order(self._table)
+    @property
+    def _dir(self) -> str:
+        """The prefix as a directory: '/dnsrouter' ('/' for the root)."""
+        return self._base.rstrip("/") or "/"
 
-    # -- one-off operations (dnsrouterctl), on the same clients -----------
-
-    def read(self) -> tuple[Record, ...]:
-        """The records under the prefix now, in registration order."""
-        self._call(lambda client: self._read_all())
-        return self._records()
-
-    def put(self, name: str, value: str, ttl: Optional[int] = None) -> None:
-        """Write the key ``name`` under the prefix (with a TTL in seconds)."""
-        self._call(lambda client: client.write(self._base + name, value, ttl=ttl))
-
-    def refresh(self, name: str, ttl: int) -> bool:
-        """Renew the key's TTL; False when it has expired meanwhile."""
+    def _step(self) -> None:
         try:
-            self._call(lambda client: client.refresh(self._base + name, ttl=ttl))
-        except etcd.EtcdKeyNotFound:
-            return False
-        return True
-
-    def delete(self, name: str) -> bool:
-        """Remove the key; False when there was none."""
-        try:
-            self._call(lambda client: client.delete(self._base + name))
-        except etcd.EtcdKeyNotFound:
-            return False
-        return True
-
-    def _call(self, operation: Callable[[_Client], T]) -> T:
-        """``operation`` on each endpoint in turn until one answers.
-
-        EtcdKeyNotFound passes through (the caller decides what it means);
-        every other failure becomes one RegistryError that says where and why.
-        """
-        error: Exception = RegistryError("no endpoint")
-        for _ in self._endpoints:
-            try:
-                return operation(self._client())
-            except etcd.EtcdKeyNotFound:
-                raise
-            except etcd.EtcdConnectionFailed as e:  # this member is away: the next one
-                error = e
-                self._current = (self._current + 1) % len(self._endpoints)
-            except etcd.EtcdException as e:  # it answered, and said no
-                raise RegistryError(f"etcd at {self.urls[self._current]}: {_reason(e)}") from None
-        raise RegistryError(f"etcd at {', '.join(self.urls)}: {_reason(error)}")
+            if self._position is None:
+                self._read_all(self._client())
+            else:
+                self._watch_once()
+        except etcd.EtcdWatchTimedOut:
+            pass  # etcd answered: nothing changed
+        except (etcd.EtcdEventIndexCleared, etcd.EtcdWatcherCleared) as e:
+            # fell out of etcd's 1000-event history (or etcd restored a
+            # snapshot): only a full read gives the exact state again
+            self._log.info("etcd watch index %s is gone (%s); reading %s again",
+                           self._position, type(e).__name__, self._dir)
+            self._position = None
+        except _ReadAgain:
+            self._position = None
+        except etcd.EtcdClusterIdChanged as e:
+            # a different cluster (restored from a backup?): our index means nothing there
+            self._log.warning("etcd cluster changed (%s); reading %s again", e, self._dir)
+            self._position = None
 
     # -- talking to etcd --------------------------------------------------
 
-    def _client(self) -> _Client:
-        client = self._clients.get(self._current)
-        if client is None:
-            protocol, host, port, version_prefix = self._endpoints[self._current]
-            client = _Client(host=host, port=port, protocol=protocol,
-                             version_prefix=version_prefix, **self._client_kw)
-            # We fail over and back off ourselves; urllib3's silent retries
-            # would only multiply the timeouts and log a warning per retry.
-            client.http.connection_pool_kw["retries"] = False
-            self._clients[self._current] = client
-        return client
+    def _put(self, client: _Client, key: str, value: str, ttl: Optional[int]) -> None:
+        client.write(key, value, ttl=ttl)
 
-    def _read_all(self) -> None:
+    def _refresh(self, client: _Client, key: str, ttl: int) -> bool:
+        try:
+            client.refresh(key, ttl=ttl)
+        except etcd.EtcdKeyNotFound:
+            return False
+        return True
+
+    def _delete(self, client: _Client, key: str) -> bool:
+        try:
+            client.delete(key)
+        except etcd.EtcdKeyNotFound:
+            return False
+        return True
+
+    @staticmethod
+    def _away(e: BaseException) -> bool:
+        return isinstance(e, etcd.EtcdConnectionFailed)
+
+    @staticmethod
+    def _reason(e: BaseException) -> str:
+        return _reason(e)
+
+    def _read_all(self, client: _Client) -> None:
         """Replace the table with etcd's state; watch from just after it."""
         try:
             # quorum: a member cut off from the cluster must not serve us an old table
-            res = self._client().read(self._dir, quorum=True, timeout=self._request_timeout)
+            res = client.read(self._dir, quorum=True, timeout=self._request_timeout)
             nodes = [n for n in res.leaves if n.key != self._dir] if res.dir else []
             index = res.etcd_index
         except etcd.EtcdKeyNotFound as e:
@@ -261,21 +183,22 @@ class EtcdRegistry:
             if name is not None:
                 table[name] = Record(name, node.value or "", node.createdIndex)
         self._table = table
-        self._index = index + 1
+        self._position = index + 1
 
     def _watch_once(self) -> None:
         """Wait for one event (or the watch timeout) and apply it."""
+        assert self._position is not None
         client = self._client()
         client.header_index = None
         try:
-            ev = client.watch(self._dir, index=self._index, timeout=self._watch_timeout,
-                              recursive=True)
+            ev = client.watch(self._dir, index=self._position, recursive=True,
+                              timeout=urllib3.Timeout(connect=self._request_timeout, read=self._watch_timeout))
         except etcd.EtcdWatchTimedOut:
             if client.header_index is not None:
-                self._index = max(self._index, client.header_index + 1)
+                self._position = max(self._position, client.header_index + 1)
             raise
         self._apply(ev)
-        self._index = ev.modifiedIndex + 1
+        self._position = ev.modifiedIndex + 1
         if ev.etcd_index - ev.modifiedIndex > CATCH_UP_READ:
             raise _ReadAgain()
 
@@ -303,26 +226,13 @@ class EtcdRegistry:
         if not key or not key.startswith(self._base):
             return None
         name = key[len(self._base):]
-        top = name.split("/", 1)[0]
         if "/" in name or is_dir:
-            if top not in self._ignored and len(self._ignored) < 10000:
-                self._ignored.add(top)
-                self._log.warning("etcd: %s%s is a directory; routes are the keys directly "
-                                  "under %s, ignoring it", self._base, top, self._base)
+            self._ignore(name.split("/", 1)[0], "etcd: %s%s is a directory; routes are the keys directly "
+                                                "under %s, ignoring it")
             return None
         if name.startswith("_"):
             return None  # etcd v2 hidden key: never listed by a read, so never a route
         return name
-
-
-def _parse_url(url: str) -> tuple[str, str, int, str]:
-    """(protocol, host, port, version prefix) for python-etcd's Client."""
-    u = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
-    if u.scheme not in ("http", "https") or not u.hostname:
-        raise ValueError(f"etcd URL must be http(s)://host[:port]: {url!r}")
-    # python-etcd builds "proto://host:port" itself: an IPv6 literal needs its brackets
-    host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
-    return u.scheme, host, u.port or 2379, u.path.rstrip("/") + "/v2"
 
 
 def _reason(e: BaseException) -> str:

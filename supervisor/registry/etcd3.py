@@ -34,14 +34,15 @@ adjustments, all local to this module:
   plain http: there the token travels in the metadata alone.
 * its exceptions drop etcd's message; the reason is taken from the gRPC
   error they were raised from.
+
+The loop, the failover between endpoints and the one-off operations are
+``etcd_base``'s; this module makes the v3 API calls.
 """
 from __future__ import annotations
 
 import logging
 import queue
-import threading
-import urllib.parse
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from typing import Any, Optional
 
 import grpc
 import pyetcd
@@ -49,18 +50,10 @@ import pyetcd.events
 import pyetcd.exceptions
 from pyetcd.client import Endpoint, MultiEndpointEtcd3Client
 
-from . import Changes, Publish, Record, RegistryError, in_order
-from .outage import Outage
-
-T = TypeVar("T")
+from . import Record
+from .etcd_base import EtcdRegistryBase, EtcdURL
 
 log = logging.getLogger("dnsrouter.registry.etcd3")
-
-# What a failed request or watch raises: gRPC's own error, or pyetcd's
-# translation of it (ConnectionFailedError, ConnectionTimeoutError, ...).
-_ETCD_ERRORS = (grpc.RpcError, pyetcd.exceptions.Etcd3Exception)
-# ... and a certificate file that cannot be read (made again at every new client)
-_FAILURES = (*_ETCD_ERRORS, OSError)
 
 # Codes (and pyetcd exceptions) that say "this member is away or busy": a
 # one-off operation tries the next endpoint. Anything else is etcd saying no.
@@ -91,193 +84,95 @@ class _WatchEnded(Exception):
             self.__cause__ = cause
 
 
-class Etcd3Registry:
+class Etcd3Registry(EtcdRegistryBase[MultiEndpointEtcd3Client]):
     """Routes from etcd keys under ``prefix`` (v3 API)."""
 
-    def __init__(
-        self,
-        urls: Sequence[str],
-        prefix: str = "/dnsrouter/",
-        *,
-        username: Optional[str] = None,
-        password: Optional[str] = None,
-        ca_cert: Optional[str] = None,
-        cert: Optional[str] = None,
-        key: Optional[str] = None,
-        watch_timeout: float = 1.0,
-        request_timeout: float = 2.0,
-        min_backoff: float = 0.1,
-        max_backoff: float = 5.0,
-        logger: Optional[logging.Logger] = None,
-    ) -> None:
-        """``urls``: etcd client URLs (``http://host:port`` or ``https://``),
-        tried in turn when one fails. ``watch_timeout`` bounds how long
-        ``stop`` may wait; ``request_timeout`` bounds every request.
-        ``cert`` without ``key`` is a PEM file holding both.
-        """
-        if not urls:
-            raise ValueError("at least one etcd URL is needed")
-        if (username is None) != (password is None):
-            raise ValueError("etcd username and password go together")
-        if key is not None and cert is None:
-            raise ValueError("an etcd client key needs its certificate")
-        self.urls = list(urls)
-        self._endpoints = [_parse_url(u) for u in self.urls]
-        # v3 keys are flat: the routes are the keys that start with '/dnsrouter/'
-        self._base = "/" + prefix.strip("/") + "/" if prefix.strip("/") else "/"
-        self._username, self._password = username, password
-        self._ca_cert, self._cert, self._key = ca_cert, cert, key
-        self._watch_timeout = watch_timeout
-        self._request_timeout = request_timeout
-        self._min_backoff, self._max_backoff = min_backoff, max_backoff
-        self._log = logger or log
-        self._clients: dict[int, MultiEndpointEtcd3Client] = {}
-        self._current = 0  # index into self._endpoints
-        self._table: dict[str, Record] = {}
-        self._revision: Optional[int] = None  # next revision to watch from; None: read first
-        self._events: Optional[queue.Queue[Any]] = None  # the live watch's responses
-        self._ignored: set[str] = set()
-        self._leases: dict[str, int] = {}  # name -> lease id, for refresh()
+    # A failed request or watch raises gRPC's own error, or pyetcd's
+    # translation of it (ConnectionFailedError, ConnectionTimeoutError, ...);
+    # a certificate file that cannot be read, OSError (read again for every
+    # new client); a watch that ends, _WatchEnded.
+    FAILURES = (grpc.RpcError, pyetcd.exceptions.Etcd3Exception, OSError, _WatchEnded)
+    default_log = log
+    _events: Optional[queue.Queue[Any]] = None  # the live watch's responses
 
-    # -- the loop ---------------------------------------------------------
+    def _check_url(self, url: EtcdURL, text: str) -> EtcdURL:
+        if url.path.strip("/"):
+            raise ValueError(f"etcd URL for the v3 API takes no path: {text!r}")
+        return url
 
-    def run(self, publish: Publish, stop: threading.Event) -> None:
-        """Publish the records until ``stop`` is set; never raise."""
+    def _connect(self, url: EtcdURL) -> MultiEndpointEtcd3Client:
+        secure = url.scheme == "https"
+        endpoint = Endpoint(url.host, url.port, secure=secure, creds=self._credentials() if secure else None,
+                            time_retry=0, opts=self._channel_options())
         try:
-            self._run(publish, stop)
-        finally:
-            self._close_all()
+            # authenticates now when a user is given (a token per client)
+            client = MultiEndpointEtcd3Client(endpoints=[endpoint], timeout=self._request_timeout,
+                                              user=self._username, password=self._password)
+        except BaseException:
+            endpoint.close()
+            raise
+        client.metadata = tuple(client.metadata or ()) + (("hasleader", "true"),)
+        if not secure:
+            # gRPC sends call credentials over TLS only and refuses the
+            # call otherwise; the token also travels in the metadata
+            # (that is how etcd reads it), which plain http allows
+            client.call_credentials = None
+        return client
 
-    def _run(self, publish: Publish, stop: threading.Event) -> None:
-        changes = Changes(publish, self._log)
-        outage = Outage(self.urls, self._min_backoff, self._max_backoff, self._log)
-        self._revision = None
-        while not stop.is_set():
-            error: Optional[BaseException] = None
-            try:
-                if self._revision is None:
-                    self._read_all()
-                elif self._events is None:
-                    self._start_watch()
-                else:
-                    self._wait_events()
-            except _Compacted as e:
-                self._log.info("etcd revision %s is compacted (history starts at %s); reading %s again",
-                               self._revision, e.revision, self._base)
-                self._revision = None
-                self._end_watch()
-            except _WatchEnded as e:
-                error = e.cause or e
-                self._drop_client()
-            except _FAILURES as e:
-                # unreachable, no leader, credentials refused, TLS refused
-                error = e
-                self._drop_client()
-            except Exception:  # a bug here must not end route updates for good
-                self._log.exception("etcd registry failed; reading %s again", self._base)
-                self._revision = None
-                self._drop_client()
-                stop.wait(self._max_backoff)
-                continue
+    def _close(self, client: MultiEndpointEtcd3Client) -> None:
+        self._end_watch()  # the watch runs on the current client's channel: it ends with it
+        try:
+            client.close()
+        except Exception:  # closing a broken channel: nothing left to do
+            pass
 
-            if error is None:
-                outage.over(self._current)
-                if self._revision is not None:
-                    changes.offer(self._records())
-                continue
-
-            # Keep the table we have (routes stay up) and the revision (no
-            # change is lost: the watch resumes from it), try the next endpoint;
-            # pause only once every endpoint has failed in a row.
-            self._current = outage.failed(self._current, _reason(error), len(self._table), stop)
-
-    def _records(self) -> tuple[Record, ...]:
-        return in_order(self._table)
-
-    # -- one-off operations (dnsrouterctl), on the same clients -----------
-
-    def read(self) -> tuple[Record, ...]:
-        """The records under the prefix now, in registration order."""
-        self._call(lambda client: self._read_all())
-        return self._records()
-
-    def put(self, name: str, value: str, ttl: Optional[int] = None) -> None:
-        """Write the key ``name`` under the prefix; with ``ttl``, on a new
-        lease of that many seconds (keep it with ``refresh``)."""
-        def operation(client: MultiEndpointEtcd3Client) -> None:
-            lease = client.lease(ttl).id if ttl is not None else 0
-            client.put(self._base + name, value, lease=lease)
-            if lease:
-                self._leases[name] = lease
+    def _step(self) -> None:
+        try:
+            if self._position is None:
+                self._read_all(self._client())
+            elif self._events is None:
+                self._start_watch()
             else:
-                self._leases.pop(name, None)
-        self._call(operation)
+                self._wait_events()
+        except _Compacted as e:
+            self._log.info("etcd revision %s is compacted (history starts at %s); reading %s again",
+                           self._position, e.revision, self._base)
+            self._position = None
+            self._end_watch()
 
-    def refresh(self, name: str, ttl: int) -> bool:
+    # -- talking to etcd --------------------------------------------------
+
+    def _put(self, client: MultiEndpointEtcd3Client, key: str, value: str, ttl: Optional[int]) -> None:
+        """With ``ttl``, on a new lease of that many seconds (kept by ``refresh``)."""
+        client.put(key, value, lease=client.lease(ttl).id if ttl is not None else 0)
+
+    def _refresh(self, client: MultiEndpointEtcd3Client, key: str, ttl: int) -> bool:
         """Keep the key's lease alive; False when the key or its lease is gone.
 
         A v3 lease keeps the TTL it was granted with: ``ttl`` is the v2
         signature's and changes nothing. A key without a lease never
         expires: True.
         """
-        def operation(client: MultiEndpointEtcd3Client) -> bool:
-            res = client.get_response(self._base + name)
-            if not res.kvs:
-                return False
-            lease = res.kvs[0].lease
-            if not lease:
-                return True
-            for answer in client.refresh_lease(lease):
-                return bool(answer.TTL > 0)  # 0: expired (its keys are going)
+        res = client.get_response(key)
+        if not res.kvs:
             return False
-        return self._call(operation)
+        lease = res.kvs[0].lease
+        if not lease:
+            return True
+        for answer in client.refresh_lease(lease):
+            return bool(answer.TTL > 0)  # 0: expired (its keys are going)
+        return False
 
-    def delete(self, name: str) -> bool:
-        """Remove the key; False when there was none."""
-        self._leases.pop(name, None)
-        return self._call(lambda client: bool(client.delete(self._base + name)))
+    def _delete(self, client: MultiEndpointEtcd3Client, key: str) -> bool:
+        return bool(client.delete(key))
 
-    def _call(self, operation: Callable[[MultiEndpointEtcd3Client], T]) -> T:
-        """``operation`` on each endpoint in turn until one answers.
+    @staticmethod
+    def _away(e: BaseException) -> bool:
+        return _away(e)
 
-        Every failure becomes one RegistryError that says where and why.
-        """
-        error: BaseException = RegistryError("no endpoint")
-        for _ in self._endpoints:
-            try:
-                return operation(self._client())
-            except _FAILURES as e:
-                self._drop_client()
-                if not _away(e):  # it answered, and said no
-                    raise RegistryError(f"etcd at {self.urls[self._current]}: {_reason(e)}") from None
-                error = e  # this member is away: the next one
-                self._current = (self._current + 1) % len(self._endpoints)
-        raise RegistryError(f"etcd at {', '.join(self.urls)}: {_reason(error)}")
-
-    # -- talking to etcd --------------------------------------------------
-
-    def _client(self) -> MultiEndpointEtcd3Client:
-        client = self._clients.get(self._current)
-        if client is None:
-            scheme, host, port = self._endpoints[self._current]
-            endpoint = Endpoint(host, port, secure=scheme == "https",
-                                creds=self._credentials() if scheme == "https" else None,
-                                time_retry=0, opts=self._channel_options())
-            try:
-                # authenticates now when a user is given (a token per client)
-                client = MultiEndpointEtcd3Client(endpoints=[endpoint], timeout=self._request_timeout,
-                                                  user=self._username, password=self._password)
-            except BaseException:
-                endpoint.close()
-                raise
-            client.metadata = tuple(client.metadata or ()) + (("hasleader", "true"),)
-            if scheme != "https":
-                # gRPC sends call credentials over TLS only and refuses the
-                # call otherwise; the token also travels in the metadata
-                # (that is how etcd reads it), which plain http allows
-                client.call_credentials = None
-            self._clients[self._current] = client
-        return client
+    @staticmethod
+    def _reason(e: BaseException) -> str:
+        return _reason(e.cause or e if isinstance(e, _WatchEnded) else e)
 
     def _credentials(self) -> grpc.ChannelCredentials:
         def read(path: Optional[str]) -> Optional[bytes]:
@@ -306,32 +201,19 @@ class Etcd3Registry:
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
         ]
 
-    def _drop_client(self) -> None:
-        """Close the current endpoint's client (and its watch); made again on use."""
-        self._end_watch()
-        client = self._clients.pop(self._current, None)
-        if client is not None:
-            _close(client)
-
-    def _close_all(self) -> None:
-        self._end_watch()
-        for client in self._clients.values():
-            _close(client)
-        self._clients.clear()
-
-    def _read_all(self) -> None:
+    def _read_all(self, client: MultiEndpointEtcd3Client) -> None:
         """Replace the table with etcd's state; watch from just after it."""
         self._end_watch()
         # linearizable (not serializable): a member cut off from the cluster
         # must not serve us an old table
-        res = self._client().get_prefix_response(self._base)
+        res = client.get_prefix_response(self._base)
         table = {}
         for kv in res.kvs:
             name = self._name(kv.key)
             if name is not None:
                 table[name] = Record(name, _text(kv.value), kv.create_revision)
         self._table = table
-        self._revision = res.header.revision + 1
+        self._position = res.header.revision + 1
 
     def _start_watch(self) -> None:
         events: queue.Queue[Any] = queue.Queue()
@@ -339,7 +221,7 @@ class Etcd3Registry:
         # a compacted start revision arrives as a RevisionCompactedError
         # either here or as the watch's first response
         try:
-            self._client().add_watch_prefix_callback(self._base, events.put, start_revision=self._revision,
+            self._client().add_watch_prefix_callback(self._base, events.put, start_revision=self._position,
                                                      progress_notify=True)
         except pyetcd.exceptions.RevisionCompactedError as e:
             raise _Compacted(e.compacted_revision) from None
@@ -371,7 +253,7 @@ class Etcd3Registry:
             self._apply(response)
 
     def _apply(self, response: Any) -> None:
-        assert self._revision is not None
+        assert self._position is not None
         for ev in response.events:
             name = self._name(ev.key)
             if name is None:
@@ -385,9 +267,9 @@ class Etcd3Registry:
         # header of a response with events may be ahead of them (etcd splits
         # a long catch-up): it is not a resume point.
         if response.events:
-            self._revision = max(self._revision, response.events[-1].mod_revision + 1)
+            self._position = max(self._position, response.events[-1].mod_revision + 1)
         else:
-            self._revision = max(self._revision, response.header.revision + 1)
+            self._position = max(self._position, response.header.revision + 1)
 
     def _name(self, key: bytes) -> Optional[str]:
         """The record name for an etcd key, or None when it is not a route."""
@@ -396,37 +278,15 @@ class Etcd3Registry:
             return None
         name = text[len(self._base):]
         if "/" in name:
-            top = name.split("/", 1)[0]
-            if top not in self._ignored and len(self._ignored) < 10000:
-                self._ignored.add(top)
-                self._log.warning("etcd: keys under %s%s/ are below the prefix; routes are the keys "
-                                  "directly under %s, ignoring them", self._base, top, self._base)
+            self._ignore(name.split("/", 1)[0], "etcd: keys under %s%s/ are below the prefix; routes are "
+                                                "the keys directly under %s, ignoring them")
             return None
         return name or None
-
-
-def _close(client: MultiEndpointEtcd3Client) -> None:
-    try:
-        client.close()
-    except Exception:  # closing a broken channel: nothing left to do
-        pass
 
 
 def _text(value: bytes) -> str:
     # an undecodable value is still published, and refused by the value parser
     return value.decode("utf-8", "replace")
-
-
-def _parse_url(url: str) -> tuple[str, str, int]:
-    """(scheme, host, port) of an etcd client URL."""
-    u = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
-    if u.scheme not in ("http", "https") or not u.hostname:
-        raise ValueError(f"etcd URL must be http(s)://host[:port]: {url!r}")
-    if u.path.strip("/"):
-        raise ValueError(f"etcd URL for the v3 API takes no path: {url!r}")
-    # gRPC targets spell an IPv6 literal with its brackets
-    host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
-    return u.scheme, host, u.port or 2379
 
 
 def _rpc_error(e: BaseException) -> Optional[grpc.RpcError]:

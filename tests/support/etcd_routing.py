@@ -15,7 +15,7 @@ from support.net import HOST, free_port
 PREFIX = "/dnsrouter/"
 
 # dnsrouterctl of this interpreter (cwd "/": the checkout must not shadow the package)
-CTL = [sys.executable, "-m", "dnsrouter.supervisor.ctl"]
+CTL = [sys.executable, "-m", "dnsrouter.supervisor.tools.ctl"]
 
 
 def _api_args(api: Optional[str]) -> list[str]:

@@ -2,7 +2,9 @@
 
 It operates the control plane, so it lives on the supervisor's side and uses
 the router's own registry code: the same etcd client, the same file scan,
-the same value parser and matcher.
+the same value parser and matcher. The registry is opened only by the
+commands that use it, and only the one configured: ``--routes-dir`` loads no
+etcd client.
 """
 from __future__ import annotations
 
@@ -21,10 +23,7 @@ from dnsrouter.routes import CLIENT_ADDRESS_MODES, Matcher, RouteValue, build_ro
 from dnsrouter.settings import SETTINGS, Config
 
 from . import shard
-from .registry import RegistryError, open_registry
-from .registry.etcd import EtcdRegistry
-from .registry.etcd3 import Etcd3Registry
-from .registry.files import FileRegistry
+from ..registry import ExpiringRegistry, RegistryError, open_etcd, open_registry
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,12 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _etcd(config: Config) -> EtcdRegistry | Etcd3Registry:
-    registry = open_registry(config)
-    if isinstance(registry, FileRegistry):
+def _etcd(config: Config) -> ExpiringRegistry:
+    if config.registry_routes_dir:
         raise _Refused("register and deregister write to etcd; with --routes-dir, "
                        "write or remove a file in the directory instead")
-    return registry
+    return open_etcd(config)
 
 
 class _Refused(Exception):

@@ -25,7 +25,7 @@ import dns.rdatatype
 
 from dnsrouter.address import Address
 
-from ..registry import RegistryError, open_registry
+from ...registry import RegistryError, open_registry
 from .settings import FeedConfig
 from .store import Store
 
