@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import dataclasses
 from typing import Any, Sequence
 
 from .address import Address
 from .errors import ConfigError
 from .settings import SETTINGS, Config, Setting
 
-__all__ = ["Config", "build_parser", "describe", "load", "read_file", "reload"]
+__all__ = ["Config", "build_parser", "defaults", "describe", "load", "read_file", "reload"]
+
 
 def build_parser(prog: str = "dnsrouter", settings: Sequence[Setting] = SETTINGS,
                  description: str = "Route DNS queries to the authoritative backend whose regexp "
@@ -108,6 +110,13 @@ def load(args: argparse.Namespace) -> Config:
     """Build the Config from parsed flags and the file they name."""
     from_file = read_file(args.config) if args.config else {}
     return Config(config_file=args.config, **parse_all(args, SETTINGS, from_file))
+
+
+def defaults(**changes: Any) -> Config:
+    """The built-in defaults with ``changes`` (parsed values, by setting name):
+    a Config with no file or flags behind it, for a part built on its own."""
+    config = Config(config_file=None, **parse_all(argparse.Namespace(), SETTINGS, {}))
+    return dataclasses.replace(config, **changes)
 
 
 def parse_all(args: argparse.Namespace, settings: Sequence[Setting], from_file: dict[str, str]) -> dict[str, Any]:
