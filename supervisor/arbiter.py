@@ -229,7 +229,7 @@ class Supervisor:
             handle.post(control.NewConfig(config))
         log.info("reloaded %s: applied %s%s", config.config_file, ", ".join(applied) or "nothing new",
                  f"; needs a restart: {', '.join(restart)}" if restart else "")
-        log.info("supervisor uses %s", _describe({name: read(self) for name, read in SUPERVISOR_LIVE.items()}))
+        self._check_applied("supervisor", {name: read(self) for name, read in SUPERVISOR_LIVE.items()})
 
     # -- news from the registry and health threads -----------------------------------
     def _drain_events(self) -> None:
@@ -290,12 +290,13 @@ class Supervisor:
         if address == self._metrics_address:
             return
         self.metrics.close()
-        self._metrics_address = address
+        self._metrics_address = None  # what is served: nothing, until the new address is bound
         if address is not None:
             try:
                 self.metrics.serve(address, self.routes, self.healthy)
             except OSError as e:
                 raise ConfigError(f"cannot serve metrics on {address}: {e.strerror or e}") from None
+            self._metrics_address = address
 
     def _metrics_state(self) -> dict:
         return {"health": dict(self.health.states), "invalid": len(self.table.invalid),
@@ -361,19 +362,18 @@ class Supervisor:
             for backend, streak in message.streaks.items():
                 self.health.passive_failures(parse_address(backend), streak)
         elif isinstance(message, control.ConfigApplied):
-            self._check_applied(handle, message.effective)
+            self._check_applied(f"worker {handle.spec.index}", message.effective)
         elif isinstance(message, control.BootFailed):
             raise BootError(message.reason)
 
-    def _check_applied(self, handle: workerset.WorkerHandle, effective: dict[str, Any]) -> None:
-        """Log the values a worker uses after a reload; one that differs
-        from the configuration is the worker's failure to apply it."""
-        index = handle.spec.index
-        log.info("worker %d uses %s", index, _describe(effective))
+    def _check_applied(self, who: str, effective: dict[str, Any]) -> None:
+        """Log the live settings' values ``who`` (a worker, the supervisor)
+        uses after a reload; one other than the configuration's was not applied."""
+        log.info("%s uses %s", who, _describe(effective))
         for name, value in effective.items():
             wanted = getattr(self.config, name)
             if value != wanted:
-                log.error("worker %d did not apply %s: uses %r", index, _describe({name: wanted}), value)
+                log.error("%s did not apply %s: uses %s", who, _describe({name: wanted}), value)
 
     def _reap(self, handle: workerset.WorkerHandle) -> None:
         handle.process.join(0)

@@ -116,3 +116,21 @@ def test_every_live_setting_changed_in_the_file_is_used_after_sighup(router, tmp
             current = configuration.load(configuration.build_parser().parse_args(["--config", str(conf)]))
             assert getattr(current, setting.name) == value
         assert r.proc.poll() is None
+
+
+def test_a_live_setting_that_cannot_be_applied_is_logged_as_not_applied(router, tmp_path):
+    """The supervisor reads back what it serves: a metrics address it cannot
+    bind is an error in the log, not "applied"; the next SIGHUP tries again."""
+    conf = tmp_path / "dnsrouter.ini"
+    conf.write_text("")
+    r = router(args=["--config", str(conf)])
+    metrics_listen = next(s for s in LIVE if s.name == "metrics_listen")
+    for address, applied in (("192.0.2.1:9153", False), (f"{HOST}:{free_port('tcp')}", True)):
+        # 192.0.2.1 (TEST-NET-1) is no address of this machine: no bind.
+        conf.write_text(f"[metrics]\nlisten = {address}\n")
+        start = len(r.log())
+        r.signal(signal.SIGHUP)
+        failed = f"supervisor did not apply [metrics] listen = {address}: uses None"
+        wait_until(lambda: _says(r.log()[start:], "supervisor", metrics_listen, address) if applied
+                   else failed in r.log()[start:], 5, message=f"{address}, applied {applied}: not in the log")
+    assert http_get(f"http://{address}/metrics")[0] == 200
