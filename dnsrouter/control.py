@@ -26,7 +26,7 @@ REPORT_INTERVAL = 1.0  # seconds between two reports (heartbeats) of a worker
 EVIDENCE_INTERVAL = 0.1  # seconds at least between two EVIDENCE messages of a worker
 
 
-@dataclass
+@dataclass(frozen=True)
 class WorkerSpec:
     """Everything a worker needs to start; the sockets are already bound.
 

@@ -163,6 +163,11 @@ class Setting:
         """The attribute of Config: ``section_key``."""
         return f"{self.section}_{self.key}"
 
+    @property
+    def label(self) -> str:
+        """How messages name it: ``[section] key``, as the INI file writes it."""
+        return f"[{self.section}] {self.key}"
+
 
 def declare(section: str, key: str, default: str, parse: Callable[[str], Any], help: str, *,
              flag: str | None = None, metavar: str | None = None, live: bool = False) -> Any:

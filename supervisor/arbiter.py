@@ -44,9 +44,9 @@ class BootError(Exception):
 
 
 def _describe(values: dict[str, Any]) -> str:
-    """``{"forward_timeout": 0.3}`` as ``[forward] timeout = 0.3``, as the INI file writes it."""
-    by_name = {s.name: s for s in SETTINGS}
-    return ", ".join(f"[{by_name[n].section}] {by_name[n].key} = {v}" for n, v in values.items()) or "nothing"
+    """``{"forward_timeout": 0.3}`` as ``[forward] timeout = 0.3``."""
+    labels = {s.name: s.label for s in SETTINGS}
+    return ", ".join(f"{labels[name]} = {value}" for name, value in values.items()) or "nothing"
 
 
 class Supervisor:

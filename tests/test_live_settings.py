@@ -63,7 +63,7 @@ def _ini(values: dict[Setting, str]) -> str:
 
 def _says(log: str, who: str, setting: Setting, value: Any) -> bool:
     """Whether ``who`` ("worker 0", "supervisor") logged that it uses ``value``."""
-    item = re.escape(f"[{setting.section}] {setting.key} = {value}")
+    item = re.escape(f"{setting.label} = {value}")
     return re.search(rf"\] INFO {who} uses (.*, )?{item}(,|$)", log, re.MULTILINE) is not None
 
 
