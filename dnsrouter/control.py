@@ -108,10 +108,12 @@ class Evidence:
 @dataclass(frozen=True)
 class ConfigApplied:
     """The answer to NewConfig: each live setting the worker applies, with
-    the value it now uses, read back from where it is used (not echoed)."""
+    the value it now uses, read back from where it is used (not echoed),
+    beside the value the NewConfig asked for (a later SIGHUP may ask another)."""
 
     TAG: ClassVar[str] = "config_applied"
     effective: dict[str, Any]  # setting name (Config field): value
+    wanted: dict[str, Any]
 
 
 @dataclass(frozen=True)

@@ -229,7 +229,8 @@ class Supervisor:
             handle.post(control.NewConfig(config))
         log.info("reloaded %s: applied %s%s", config.config_file, ", ".join(applied) or "nothing new",
                  f"; needs a restart: {', '.join(restart)}" if restart else "")
-        self._check_applied("supervisor", {name: read(self) for name, read in SUPERVISOR_LIVE.items()})
+        self._check_applied("supervisor", {name: read(self) for name, read in SUPERVISOR_LIVE.items()},
+                            {name: getattr(config, name) for name in SUPERVISOR_LIVE})
 
     # -- news from the registry and health threads -----------------------------------
     def _drain_events(self) -> None:
@@ -362,18 +363,17 @@ class Supervisor:
             for backend, streak in message.streaks.items():
                 self.health.passive_failures(parse_address(backend), streak)
         elif isinstance(message, control.ConfigApplied):
-            self._check_applied(f"worker {handle.spec.index}", message.effective)
+            self._check_applied(f"worker {handle.spec.index}", message.effective, message.wanted)
         elif isinstance(message, control.BootFailed):
             raise BootError(message.reason)
 
-    def _check_applied(self, who: str, effective: dict[str, Any]) -> None:
+    def _check_applied(self, who: str, effective: dict[str, Any], wanted: dict[str, Any]) -> None:
         """Log the live settings' values ``who`` (a worker, the supervisor)
-        uses after a reload; one other than the configuration's was not applied."""
+        uses after a reload; one other than ``wanted`` was not applied."""
         log.info("%s uses %s", who, _describe(effective))
         for name, value in effective.items():
-            wanted = getattr(self.config, name)
-            if value != wanted:
-                log.error("%s did not apply %s: uses %s", who, _describe({name: wanted}), value)
+            if value != wanted[name]:
+                log.error("%s did not apply %s: uses %s", who, _describe({name: wanted[name]}), value)
 
     def _reap(self, handle: workerset.WorkerHandle) -> None:
         handle.process.join(0)

@@ -150,7 +150,7 @@ class Worker:
             elif isinstance(message, control.NewConfig):
                 effective = live.apply(message.config, self.forwarder)
                 log.debug("worker %d: settings applied", self.spec.index)
-                self.send(control.ConfigApplied(effective))
+                self.send(control.ConfigApplied(effective, {n: getattr(message.config, n) for n in effective}))
             elif isinstance(message, control.ReopenLogs):
                 logs.reopen()
             elif isinstance(message, control.Stop):
