@@ -67,11 +67,11 @@ def _says(log: str, who: str, setting: Setting, value: Any) -> bool:
     return re.search(rf"\] INFO {who} uses (.*, )?{item}(,|$)", log, re.MULTILINE) is not None
 
 
-def test_every_live_setting_changed_in_the_file_is_used_after_sighup(router, tmp_path):
+def test_every_live_setting_changed_in_the_file_is_used_after_sighup(router, tmp_path, packet_path):
     """Walk the live settings of the table, one SIGHUP each, in a running
-    router with two workers: each worker (or the supervisor, for its own)
-    reports the new value as the one it uses, and where it is cheap to see,
-    the router behaves so."""
+    router with two workers, on either packet path: each worker (or the
+    supervisor, for its own) reports the new value as the one it uses, and
+    where it is cheap to see, the router behaves so."""
     by_name = {s.name: s for s in SETTINGS}
     # Start values that make each change visible: a timeout long enough to
     # tell from the new one, checks rare enough that more of them show.
