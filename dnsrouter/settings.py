@@ -156,7 +156,9 @@ class Setting:
     help: str
     flag: str | None = None  # the command-line flag, where there is one
     metavar: str | None = None  # how --help writes the flag's value
-    live: bool = False  # SIGHUP applies it without a restart
+    # SIGHUP applies it without a restart: the workers (workers/live.py) or the
+    # supervisor (arbiter.SUPERVISOR_LIVE) must say how, or test_live_settings fails.
+    live: bool = False
 
     @property
     def name(self) -> str:
