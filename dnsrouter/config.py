@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import dataclasses
 from typing import Any, Sequence
 
 from .address import Address
 from .errors import ConfigError
 from .settings import SETTINGS, Config, Setting
 
-__all__ = ["Config", "build_parser", "describe", "load", "read_file", "reload"]
+__all__ = ["Config", "build_parser", "defaults", "describe", "load", "read_file", "reload"]
+
 
 def build_parser(prog: str = "dnsrouter", settings: Sequence[Setting] = SETTINGS,
                  description: str = "Route DNS queries to the authoritative backend whose regexp "
@@ -21,7 +23,7 @@ def build_parser(prog: str = "dnsrouter", settings: Sequence[Setting] = SETTINGS
         if setting.flag is None:
             continue
         kwargs: dict[str, Any] = {"dest": setting.name, "metavar": setting.metavar, "help": f"{setting.help} "
-                                  f"([{setting.section}] {setting.key}, default {setting.default or 'none'})"}
+                                  f"({setting.label}, default {setting.default or 'none'})"}
         if setting.name == "server_listen":
             kwargs["action"] = "append"
         elif setting.parse.__name__ == "_bool":  # a switch: --allow-root means yes
@@ -110,6 +112,13 @@ def load(args: argparse.Namespace) -> Config:
     return Config(config_file=args.config, **parse_all(args, SETTINGS, from_file))
 
 
+def defaults(**changes: Any) -> Config:
+    """The built-in defaults with ``changes`` (parsed values, by setting name):
+    a Config with no file or flags behind it, for a part built on its own."""
+    config = Config(config_file=None, **parse_all(argparse.Namespace(), SETTINGS, {}))
+    return dataclasses.replace(config, **changes)
+
+
 def parse_all(args: argparse.Namespace, settings: Sequence[Setting], from_file: dict[str, str]) -> dict[str, Any]:
     """Each setting's value by name: its flag, else the file's, else the default."""
     values: dict[str, Any] = {}
@@ -121,7 +130,7 @@ def parse_all(args: argparse.Namespace, settings: Sequence[Setting], from_file: 
         elif setting.name in from_file:
             values[setting.name] = setting.parse(from_file[setting.name])
         else:
-            values[setting.name] = _parse(setting, setting.default, f"[{setting.section}] {setting.key}")
+            values[setting.name] = _parse(setting, setting.default, setting.label)
     return values
 
 
@@ -135,7 +144,7 @@ def reload(config: Config, args: argparse.Namespace) -> tuple[Config, list[str],
     restart: list[str] = []
     for setting in SETTINGS:
         if getattr(new, setting.name) != getattr(config, setting.name):
-            (applied if setting.live else restart).append(f"[{setting.section}] {setting.key}")
+            (applied if setting.live else restart).append(setting.label)
     # Keep the old values of what cannot change live, so the running state stays true.
     kept = {s.name: getattr(config if not s.live else new, s.name) for s in SETTINGS}
     return Config(config_file=config.config_file, **kept), applied, restart

@@ -1,28 +1,17 @@
 """What the supervisor and a worker say to each other over their pipe.
 
 Both sides import this module from the core; neither imports the other.
-Messages are small tuples ``(tag, payload)`` sent with ``Connection.send``.
+Each message is a frozen dataclass, sent whole with ``Connection.send``;
+the receiver dispatches on its class. ``TAG`` names a kind of message in
+logs and in ``dnsrouter_worker_messages_total{type}``.
 """
 from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
+from typing import Any, ClassVar, TypeAlias
 
-# supervisor -> worker
-SNAPSHOT = "snapshot"  # payload: Snapshot.to_wire() bytes
-SETTINGS = "settings"  # payload: dict of live settings (forward_timeout, retry_min, log_level, log_queries)
-REOPEN_LOGS = "reopen_logs"  # payload: None (SIGUSR1)
-STOP = "stop"  # payload: None; finish in-flight queries and exit 0
-
-# worker -> supervisor
-READY = "ready"  # payload: snapshot version applied; the worker serves
-# payload: {"delta": counter deltas, "version": snapshot served, "srtt": {"ip:port": s},
-# "fast_path": 1 if the compiled UDP path serves, else 0}; the heartbeat
-REPORT = "report"
-# payload: {"ip:port": failures in a row} of the backends whose unanswered
-# tries or ICMP errors grew since the last one; at most every EVIDENCE_INTERVAL
-EVIDENCE = "evidence"
-BOOT_FAILED = "boot_failed"  # payload: the reason, before exiting EXIT_BOOT_FAILED
+from .settings import Config
 
 # Worker exit codes. A worker that cannot boot must not be respawned in a
 # loop: the supervisor stops with the worker's message instead.
@@ -37,29 +26,103 @@ REPORT_INTERVAL = 1.0  # seconds between two reports (heartbeats) of a worker
 EVIDENCE_INTERVAL = 0.1  # seconds at least between two EVIDENCE messages of a worker
 
 
-@dataclass
+@dataclass(frozen=True)
 class WorkerSpec:
-    """Everything a worker needs to start; the sockets are already bound."""
+    """Everything a worker needs to start; the sockets are already bound.
+
+    ``config`` is the router's whole configuration, as gunicorn hands each
+    worker its whole ``cfg``: a worker reads its settings there, under the
+    names the settings table gives them, and keeps no defaults of its own.
+    """
 
     index: int
     cpu: int | None
     udp_sockets: list[socket.socket]
     tcp_sockets: list[socket.socket]
-    forward_timeout: float
-    tcp_connections: int
-    max_in_flight: int
-    allow: tuple  # ip_network objects; empty: everyone
-    deny_action: str
-    tcp_idle_timeout: float
-    tcp_output_limit: int
-    retry_min: float
-    tcp_fetches: int
-    client_address: str
-    proxy_tcp: bool
-    ecs_ipv4_prefix: int
-    ecs_ipv6_prefix: int
-    ecs_override: bool
-    log_level: str
-    log_target: str
-    log_queries: bool
-    fast_path: str  # [server] fast_path: auto or off
+    config: Config
+
+
+# -- supervisor -> worker ------------------------------------------------------
+
+@dataclass(frozen=True)
+class NewSnapshot:
+    """The routes to serve from now on; queued ones collapse to the newest."""
+
+    TAG: ClassVar[str] = "snapshot"
+    wire: bytes  # Snapshot.to_wire()
+
+
+@dataclass(frozen=True)
+class NewConfig:
+    """SIGHUP: the configuration re-read; the worker applies its live settings
+    (the ones marked ``live`` in the settings table) and answers ConfigApplied."""
+
+    TAG: ClassVar[str] = "config"
+    config: Config
+
+
+@dataclass(frozen=True)
+class ReopenLogs:
+    """SIGUSR1: reopen the log file."""
+
+    TAG: ClassVar[str] = "reopen_logs"
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Finish the queries in flight and exit EXIT_OK."""
+
+    TAG: ClassVar[str] = "stop"
+
+
+# -- worker -> supervisor ------------------------------------------------------
+
+@dataclass(frozen=True)
+class Ready:
+    """The worker serves, with the snapshot of ``version``."""
+
+    TAG: ClassVar[str] = "ready"
+    version: int
+
+
+@dataclass(frozen=True)
+class Report:
+    """The heartbeat, once a REPORT_INTERVAL."""
+
+    TAG: ClassVar[str] = "report"
+    delta: dict[tuple[str, object], float]  # counts since the last report, keyed (name, label)
+    version: int  # of the snapshot served
+    srtt: dict[str, float]  # "ip:port": each backend's smoothed round trip, in seconds
+    fast_path: bool  # the compiled UDP path serves
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Backends whose unanswered tries or ICMP errors grew since the last
+    one; at most every EVIDENCE_INTERVAL, one message for all of them."""
+
+    TAG: ClassVar[str] = "evidence"
+    streaks: dict[str, int]  # "ip:port": failures in a row
+
+
+@dataclass(frozen=True)
+class ConfigApplied:
+    """The answer to NewConfig: each live setting the worker applies, with
+    the value it now uses, read back from where it is used (not echoed),
+    beside the value the NewConfig asked for (a later SIGHUP may ask another)."""
+
+    TAG: ClassVar[str] = "config_applied"
+    effective: dict[str, Any]  # setting name (Config field): value
+    wanted: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BootFailed:
+    """Sent before exiting EXIT_BOOT_FAILED."""
+
+    TAG: ClassVar[str] = "boot_failed"
+    reason: str
+
+
+ToWorker: TypeAlias = NewSnapshot | NewConfig | ReopenLogs | Stop
+FromWorker: TypeAlias = Ready | Report | Evidence | ConfigApplied | BootFailed

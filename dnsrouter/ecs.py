@@ -121,7 +121,7 @@ _ADDED_OPT = Added(_OPT, NO_EDNS_PAYLOAD)
 
 
 @functools.lru_cache(maxsize=_CACHED)
-def option(client_ip: str, ipv4_prefix: int = 24, ipv6_prefix: int = 56) -> bytes:
+def option(client_ip: str, ipv4_prefix: int, ipv6_prefix: int) -> bytes:
     """The ECS option (code, length, data) for ``client_ip``, cut to the
     prefix of its family; ValueError for an address or prefix out of range.
 

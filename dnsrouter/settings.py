@@ -156,12 +156,19 @@ class Setting:
     help: str
     flag: str | None = None  # the command-line flag, where there is one
     metavar: str | None = None  # how --help writes the flag's value
-    live: bool = False  # SIGHUP applies it without a restart
+    # SIGHUP applies it without a restart: the workers (workers/live.py) or the
+    # supervisor (arbiter.SUPERVISOR_LIVE) must say how, or test_live_settings fails.
+    live: bool = False
 
     @property
     def name(self) -> str:
         """The attribute of Config: ``section_key``."""
         return f"{self.section}_{self.key}"
+
+    @property
+    def label(self) -> str:
+        """How messages name it: ``[section] key``, as the INI file writes it."""
+        return f"[{self.section}] {self.key}"
 
 
 def declare(section: str, key: str, default: str, parse: Callable[[str], Any], help: str, *,

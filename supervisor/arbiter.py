@@ -21,7 +21,7 @@ import setproctitle
 from dnsrouter import control, logs
 from dnsrouter.address import Address, parse_address
 from dnsrouter.errors import ConfigError
-from dnsrouter.settings import Config
+from dnsrouter.settings import SETTINGS, Config
 
 from . import privileges, sockets, workerset
 from .health import HealthChecker, HealthSettings
@@ -41,6 +41,12 @@ APPLY_WAIT = 3 * control.REPORT_INTERVAL
 
 class BootError(Exception):
     """a worker failed to start"""
+
+
+def _describe(values: dict[str, Any]) -> str:
+    """``{"forward_timeout": 0.3}`` as ``[forward] timeout = 0.3``."""
+    labels = {s.name: s.label for s in SETTINGS}
+    return ", ".join(f"{labels[name]} = {value}" for name, value in values.items()) or "nothing"
 
 
 class Supervisor:
@@ -137,20 +143,8 @@ class Supervisor:
 
     def spawn(self, index: int) -> None:
         udp, tcp = self.sockets[index]
-        spec = control.WorkerSpec(
-            index=index, cpu=self._cpu(index), udp_sockets=udp, tcp_sockets=tcp,
-            forward_timeout=self.config.forward_timeout,
-            tcp_connections=self.config.server_tcp_connections,
-            max_in_flight=self.config.server_max_in_flight,
-            allow=self.config.server_allow, deny_action=self.config.server_deny_action,
-            tcp_idle_timeout=self.config.server_tcp_idle_timeout,
-            tcp_output_limit=self.config.server_tcp_output_limit,
-            retry_min=self.config.forward_retry_min, tcp_fetches=self.config.forward_tcp_fetches,
-            client_address=self.config.forward_client_address, proxy_tcp=self.config.forward_proxy_tcp,
-            ecs_ipv4_prefix=self.config.forward_ecs_ipv4_prefix, ecs_ipv6_prefix=self.config.forward_ecs_ipv6_prefix,
-            ecs_override=self.config.forward_ecs_override,
-            log_level=self.config.log_level, log_target=self.config.log_target,
-            log_queries=self.config.log_queries, fast_path=self.config.server_fast_path)
+        # The current config: a worker replaced after a SIGHUP starts with the live settings applied.
+        spec = control.WorkerSpec(index, self._cpu(index), udp, tcp, self.config)
         handle = workerset.spawn(spec, self.worker_main)
         self.workers[index] = handle
         self._send_routes([handle])
@@ -210,7 +204,7 @@ class Supervisor:
     def handle_usr1(self) -> None:
         logs.reopen()
         for handle in self.workers.values():
-            handle.post(control.REOPEN_LOGS)
+            handle.post(control.ReopenLogs())
         log.info("log files reopened")
 
     def handle_hup(self) -> None:
@@ -228,13 +222,15 @@ class Supervisor:
             self._serve_metrics()
         except ConfigError as e:
             log.error("%s", e)
+        # Each worker applies the live settings it uses and says which values
+        # it now uses (ConfigApplied): the log below is the supervisor's word,
+        # the workers' answers are theirs.
         for handle in self.workers.values():
-            handle.post(control.SETTINGS, {"forward_timeout": config.forward_timeout,
-                                           "retry_min": config.forward_retry_min,
-                                           "log_level": config.log_level,
-                                           "log_queries": config.log_queries})
+            handle.post(control.NewConfig(config))
         log.info("reloaded %s: applied %s%s", config.config_file, ", ".join(applied) or "nothing new",
                  f"; needs a restart: {', '.join(restart)}" if restart else "")
+        self._check_applied("supervisor", {name: read(self) for name, read in SUPERVISOR_LIVE.items()},
+                            {name: getattr(config, name) for name in SUPERVISOR_LIVE})
 
     # -- news from the registry and health threads -----------------------------------
     def _drain_events(self) -> None:
@@ -274,7 +270,7 @@ class Supervisor:
     def _send_routes(self, handles) -> None:
         if self.serving:
             for handle in handles:
-                handle.post(control.SNAPSHOT, self._wire)
+                handle.post(control.NewSnapshot(self._wire))
 
     def _serve_when_ready(self) -> None:
         if self.serving:
@@ -295,12 +291,13 @@ class Supervisor:
         if address == self._metrics_address:
             return
         self.metrics.close()
-        self._metrics_address = address
+        self._metrics_address = None  # what is served: nothing, until the new address is bound
         if address is not None:
             try:
                 self.metrics.serve(address, self.routes, self.healthy)
             except OSError as e:
                 raise ConfigError(f"cannot serve metrics on {address}: {e.strerror or e}") from None
+            self._metrics_address = address
 
     def _metrics_state(self) -> dict:
         return {"health": dict(self.health.states), "invalid": len(self.table.invalid),
@@ -345,28 +342,38 @@ class Supervisor:
     def _read_worker(self, handle: workerset.WorkerHandle) -> None:
         try:
             while handle.conn.poll():
-                tag, payload = handle.conn.recv()
+                message = handle.conn.recv()
                 handle.last_seen = time.monotonic()
-                self.metrics.add({("worker_messages", tag): 1})
-                self.on_worker_message(handle, tag, payload)
+                self.metrics.add({("worker_messages", message.TAG): 1})
+                self.on_worker_message(handle, message)
         except (EOFError, OSError):
             pass  # it died; the sentinel tells the loop
 
-    def on_worker_message(self, handle: workerset.WorkerHandle, tag: str, payload: Any) -> None:
-        if tag == control.READY:
+    def on_worker_message(self, handle: workerset.WorkerHandle, message: control.FromWorker) -> None:
+        if isinstance(message, control.Ready):
             handle.ready = True
             handle.ready_at = time.monotonic()
-            handle.version = payload
-        elif tag == control.REPORT:
-            handle.version = payload["version"]
-            handle.srtt = payload.get("srtt", {})
-            handle.fast_path = payload.get("fast_path")
-            self.metrics.add(payload["delta"])
-        elif tag == control.EVIDENCE:
-            for backend, streak in payload.items():
+            handle.version = message.version
+        elif isinstance(message, control.Report):
+            handle.version = message.version
+            handle.srtt = message.srtt
+            handle.fast_path = message.fast_path
+            self.metrics.add(message.delta)
+        elif isinstance(message, control.Evidence):
+            for backend, streak in message.streaks.items():
                 self.health.passive_failures(parse_address(backend), streak)
-        elif tag == control.BOOT_FAILED:
-            raise BootError(payload)
+        elif isinstance(message, control.ConfigApplied):
+            self._check_applied(f"worker {handle.spec.index}", message.effective, message.wanted)
+        elif isinstance(message, control.BootFailed):
+            raise BootError(message.reason)
+
+    def _check_applied(self, who: str, effective: dict[str, Any], wanted: dict[str, Any]) -> None:
+        """Log the live settings' values ``who`` (a worker, the supervisor)
+        uses after a reload; one other than ``wanted`` was not applied."""
+        log.info("%s uses %s", who, _describe(effective))
+        for name, value in effective.items():
+            if value != wanted[name]:
+                log.error("%s did not apply %s: uses %s", who, _describe({name: wanted[name]}), value)
 
     def _reap(self, handle: workerset.WorkerHandle) -> None:
         handle.process.join(0)
@@ -422,7 +429,7 @@ class Supervisor:
     # -- stop ------------------------------------------------------------------------
     def shutdown(self) -> int:
         for handle in self.workers.values():
-            handle.post(control.STOP)
+            handle.post(control.Stop())
         deadline = time.monotonic() + 2 * self.config.forward_timeout + 3
         while self.workers and time.monotonic() < deadline:
             handles = list(self.workers.values())
@@ -450,3 +457,16 @@ class Supervisor:
             handle.process.join(2)
             handle.close()
         self.workers.clear()
+
+
+# The live settings the supervisor applies itself (handle_hup), and how to
+# read back the value it uses; the workers apply theirs (workers/live.py).
+# tests/test_live_settings.py: these and the workers' are exactly the live ones.
+SUPERVISOR_LIVE: dict[str, Callable[[Supervisor], Any]] = {
+    "health_interval": lambda s: s.health.settings.interval,
+    "health_timeout": lambda s: s.health.settings.timeout,
+    "health_fall": lambda s: s.health.settings.fall,
+    "health_rise": lambda s: s.health.settings.rise,
+    "metrics_listen": lambda s: s._metrics_address,
+    "log_level": lambda s: logging.getLevelName(logging.getLogger().level).lower(),
+}

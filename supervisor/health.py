@@ -92,7 +92,10 @@ class HealthChecker:
         self._loop.call_soon_threadsafe(self._set_backends, backends)
 
     def configure(self, settings: HealthSettings) -> None:
-        self._loop.call_soon_threadsafe(self._configure, settings)
+        # Set here, not on the health thread: the supervisor reads back the
+        # settings in use as soon as this returns. The tasks read them at each use.
+        self.settings = settings
+        self._loop.call_soon_threadsafe(self._wake)
 
     def passive_failures(self, backend: Address, streak: int) -> None:
         """A worker saw ``streak`` unanswered tries or ICMP errors in a row for ``backend``."""
@@ -105,8 +108,7 @@ class HealthChecker:
         return frozenset(b for b, s in list(self.states.items()) if s.checked)
 
     # -- the health thread ----------------------------------------------------
-    def _configure(self, settings: HealthSettings) -> None:
-        self.settings = settings
+    def _wake(self) -> None:
         # Wake every task from its sleep: a shorter interval applies now,
         # not after the longer one runs out.
         self._wakeup.set()

@@ -36,8 +36,8 @@ class WorkerHandle:
         self.ready_at = 0.0
         self.version = -1  # of the snapshot it serves, as its READY and REPORTs say
         self.srtt: dict[str, float] = {}  # its backends' smoothed round trips, from its last REPORT
-        self.fast_path: int | None = None  # 1 if its UDP path runs compiled, as its last REPORT says
-        self._outbox: list[tuple[str, object]] = []
+        self.fast_path: bool | None = None  # its UDP path runs compiled, as its last REPORT says
+        self._outbox: list[control.ToWorker] = []
         self._cond = threading.Condition()
         self._closed = False
         threading.Thread(target=self._sender, name=f"to-worker-{spec.index}", daemon=True).start()
@@ -46,11 +46,11 @@ class WorkerHandle:
     def pid(self) -> int | None:
         return self.process.pid
 
-    def post(self, tag: str, payload: object = None) -> None:
+    def post(self, message: control.ToWorker) -> None:
         with self._cond:
-            if tag == control.SNAPSHOT:
-                self._outbox = [m for m in self._outbox if m[0] != control.SNAPSHOT]
-            self._outbox.append((tag, payload))
+            if isinstance(message, control.NewSnapshot):
+                self._outbox = [m for m in self._outbox if not isinstance(m, control.NewSnapshot)]
+            self._outbox.append(message)
             self._cond.notify()
 
     def _sender(self) -> None:

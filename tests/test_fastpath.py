@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from dnsrouter import wire
 from dnsrouter.errors import WireError
 from dnsrouter.address import parse_address
+from dnsrouter.config import defaults
 from dnsrouter.control import LATENCY_BUCKETS
 from dnsrouter.routes import Matcher, Pool, Route
 from dnsrouter.workers.forwarder import Forwarder
@@ -169,7 +170,7 @@ def test_one_thread_relays_the_replies_of_each_upstream_socket_until_each_is_clo
     a reply goes back with the client's ID (rewritten in the slot it came in),
     whichever socket it came on; a closed socket is closed by that thread and
     the others go on; the thread ends when the last one is closed."""
-    forwarder = Forwarder(2.0, Stats(), fast=compiled)
+    forwarder = Forwarder(defaults(forward_timeout=2.0), Stats(), compiled)
     upstreams = [Upstream(socket.AF_INET, forwarder, forwarder.stats.for_thread(), fast=compiled,
                           counters=forwarder.stats.add(compiled.Counters(len(LATENCY_BUCKETS))))
                  for _ in range(3)]
@@ -216,7 +217,7 @@ def test_the_udp_thread_serves_the_upstreams_it_adopted_and_hands_them_on_when_i
     sockets too (Forwarder.start(adopted=True)). A shut-down listening socket
     ends the thread at once (the drain waits for it), and the replies to the
     queries still in flight are relayed all the same."""
-    forwarder = Forwarder(2.0, Stats(), fast=compiled)
+    forwarder = Forwarder(defaults(forward_timeout=2.0), Stats(), compiled)
     forwarder.start(adopted=True)
     listening = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     listening.bind(("127.0.0.1", 0))

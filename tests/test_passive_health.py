@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from dnsrouter.address import Address
 from dnsrouter.workers.forwarder import Forwarder
+from dnsrouter.config import defaults
 from dnsrouter.workers.stats import Stats
 
 
 def test_a_burst_of_lost_packets_from_a_live_backend_is_no_evidence():
-    forwarder = Forwarder(1.0, Stats())
+    forwarder = Forwarder(defaults(forward_timeout=1.0), Stats())
     backend, counts = Address("127.0.0.1", 5300), Stats().for_thread()
     forwarder.answered(backend, 10.0, 0.001, counts)  # it answered a query sent at t=10
     for sent in (9.0, 9.1, 9.2, 9.3):  # four lost before that: a full buffer, not a dead server
@@ -17,7 +18,7 @@ def test_a_burst_of_lost_packets_from_a_live_backend_is_no_evidence():
 
 
 def test_unanswered_tries_after_the_last_answer_count_in_a_row():
-    forwarder = Forwarder(1.0, Stats())
+    forwarder = Forwarder(defaults(forward_timeout=1.0), Stats())
     backend, counts = Address("127.0.0.1", 5300), Stats().for_thread()
     forwarder.answered(backend, 10.0, 0.001, counts)
     forwarder.unanswered(backend, 10.5, counts)
@@ -28,7 +29,7 @@ def test_unanswered_tries_after_the_last_answer_count_in_a_row():
 
 
 def test_the_retry_time_follows_the_round_trips_within_its_bounds():
-    forwarder = Forwarder(1.0, Stats(), retry_min=0.02)
+    forwarder = Forwarder(defaults(forward_timeout=1.0, forward_retry_min=0.02), Stats())
     fast, slow, new = Address("127.0.0.1", 1), Address("127.0.0.1", 2), Address("127.0.0.1", 3)
     counts = Stats().for_thread()
     for _ in range(50):

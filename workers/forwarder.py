@@ -7,18 +7,18 @@ import struct
 import threading
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable
 
 from dnsrouter import ecs, wire
 from dnsrouter.address import Address
 from dnsrouter.control import LATENCY_BUCKETS
 from dnsrouter.routes import Matcher
+from dnsrouter.settings import Config
 from dnsrouter.snapshot import Snapshot
 
 from .stats import Stats, observe_latency
 from .types import Client, Counts, Outbox
 from .upstream import Pending, RandomIds, Upstream, serve_together
-from . import mmsg, tcp_fetch
+from . import acl, mmsg, tcp_fetch
 from .rtt import Rtt
 
 log = logging.getLogger("dnsrouter.worker")
@@ -32,11 +32,16 @@ class ClientAddress:
     """How backends learn the client's address: ``[forward] client_address``
     (the default of members whose registry value names none) and its options."""
 
-    mode: str = "none"
-    proxy_tcp: bool = False
-    ecs_ipv4_prefix: int = 24
-    ecs_ipv6_prefix: int = 56
-    ecs_override: bool = False
+    mode: str
+    proxy_tcp: bool
+    ecs_ipv4_prefix: int
+    ecs_ipv6_prefix: int
+    ecs_override: bool
+
+    @classmethod
+    def from_config(cls, config: Config) -> ClientAddress:
+        return cls(config.forward_client_address, config.forward_proxy_tcp, config.forward_ecs_ipv4_prefix,
+                   config.forward_ecs_ipv6_prefix, config.forward_ecs_override)
 
 
 class Forwarder:
@@ -50,23 +55,24 @@ class Forwarder:
     # random: the source port an off-path spoofer must guess, beside the ID.
     SOCKETS = 4
 
-    def __init__(self, timeout: float, stats: Stats, max_in_flight: int = 20000,
-                 allow: Callable[[str], bool] | None = None, deny_action: str = "refuse",
-                 retry_min: float = 0.02, tcp_fetches: int = 32,
-                 client_address: ClientAddress = ClientAddress(), fast: ModuleType | None = None) -> None:
-        self.timeout = timeout
-        self.fast = fast  # the compiled UDP path (workers/fastpath.py), or None: all in Python
+    def __init__(self, config: Config, stats: Stats, fast: ModuleType | None = None) -> None:
+        """Every value from ``config``; ``fast``: the compiled UDP path
+        (workers/fastpath.py, as ``[server] fast_path`` allows), or None: all in Python."""
+        # timeout, retry_min and query_log change on SIGHUP (workers/live.py);
+        # the packet path reads them where it uses them.
+        self.timeout = config.forward_timeout
+        self.fast = fast
         # The pending entries' class: the compiled loops read the fields of theirs directly.
         self.Pending: type[Pending] = fast.Pending if fast else Pending
-        self.client_address = client_address
-        self.retry_min = retry_min
+        self.client_address = ClientAddress.from_config(config)
+        self.retry_min = config.forward_retry_min
         self.stats = stats
-        self.allowed = allow
-        self.deny_action = deny_action
-        self._per_socket = -(-max_in_flight // self.SOCKETS)
+        self.allowed = acl.make(config.server_allow)
+        self.deny_action = config.server_deny_action
+        self._per_socket = -(-config.server_max_in_flight // self.SOCKETS)
         self.matcher = Matcher(())
         self.version = -1
-        self.query_log = False
+        self.query_log = config.log_queries
         # Passive health evidence: unanswered tries and ICMP errors in a row
         # per backend, "in a row" by the order queries were sent. A backend
         # that answered a query sent after the lost one is alive; a burst of
@@ -87,7 +93,8 @@ class Forwarder:
         self._adopted: list[Upstream] = []  # see start
         self._random = RandomIds()
         # Truncated replies fetched again over TCP: a bounded pool, never a thread per reply.
-        self.tcp_fetches: tcp_fetch.Fetches[Pending] = tcp_fetch.Fetches(tcp_fetches, stats, self._fetch_tcp)
+        self.tcp_fetches: tcp_fetch.Fetches[Pending] = tcp_fetch.Fetches(
+            config.forward_tcp_fetches, stats, self._fetch_tcp)
 
     # -- snapshots -------------------------------------------------------
     def apply(self, snapshot: Snapshot) -> None:
@@ -103,6 +110,12 @@ class Forwarder:
             if backend not in self.rtts:
                 self.rtts[backend] = Rtt(seconds)
                 self.rtos[backend] = self.rtts[backend].timeout(self.retry_min, self.timeout / 2)
+
+    def retune(self) -> None:
+        """Each backend's retry time again, after ``timeout`` or ``retry_min``
+        changed (SIGHUP): a backend that never answers would keep its old one."""
+        for backend, estimate in list(self.rtts.items()):
+            self.rtos[backend] = estimate.timeout(self.retry_min, self.timeout / 2)
 
     # -- threads ---------------------------------------------------------
     def start(self, adopted: bool = False) -> None:

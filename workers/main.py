@@ -16,23 +16,22 @@ import threading
 import time
 from multiprocessing.connection import Connection
 from types import FrameType
-from typing import Any, NoReturn, TypeAlias
+from typing import NoReturn, TypeAlias
 
 import setproctitle
 
 from dnsrouter import control, logs
 from dnsrouter.snapshot import Snapshot
 
-from . import acl, fastpath, tcp, udp
-from .forwarder import ClientAddress, Forwarder
+from . import fastpath, live, tcp, udp
+from .forwarder import Forwarder
 from .stats import Stats
 
 log = logging.getLogger("dnsrouter.worker")
 
-# The pipe to the supervisor carries (tag, payload) both ways (dnsrouter.control).
-# Any: a payload's type depends on its tag (bytes, a dict of settings, None).
+# The pipe to the supervisor carries the messages of dnsrouter.control.
 # A string: Connection is generic to type checkers only.
-_Pipe: TypeAlias = "Connection[tuple[str, object], tuple[str, Any]]"
+_Pipe: TypeAlias = "Connection[control.FromWorker, control.ToWorker]"
 
 
 class _Stop(Exception):
@@ -67,29 +66,22 @@ class Worker:
         self.send_lock = threading.Lock()
         self.stats = Stats()
         self.stopping = threading.Event()
-        self.fast, why = fastpath.load(spec.fast_path)
+        self.fast, why = fastpath.load(spec.config.server_fast_path)
         log.debug("worker %d: fast path %s", spec.index, why)
-        self.forwarder = Forwarder(spec.forward_timeout, self.stats, spec.max_in_flight,
-                                   acl.make(spec.allow), spec.deny_action, spec.retry_min,
-                                   tcp_fetches=spec.tcp_fetches,
-                                   client_address=ClientAddress(spec.client_address, spec.proxy_tcp,
-                                                                spec.ecs_ipv4_prefix, spec.ecs_ipv6_prefix,
-                                                                spec.ecs_override),
-                                   fast=self.fast)
-        self.forwarder.query_log = spec.log_queries
+        self.forwarder = Forwarder(spec.config, self.stats, self.fast)
         self.snapshot: Snapshot | None = None
         self.udp_threads: list[threading.Thread] = []
 
-    def send(self, tag: str, payload: object) -> None:
+    def send(self, message: control.FromWorker) -> None:
         with self.send_lock:
             try:
-                self.conn.send((tag, payload))
+                self.conn.send(message)
             except (OSError, ValueError):
                 pass  # the supervisor is gone; the control loop will notice
 
     def _report(self) -> None:
-        self.send(control.REPORT, {"delta": self.stats.delta(), "version": self.forwarder.version,
-                                   "srtt": self.forwarder.srtts(), "fast_path": int(self.fast is not None)})
+        self.send(control.Report(delta=self.stats.delta(), version=self.forwarder.version,
+                                 srtt=self.forwarder.srtts(), fast_path=self.fast is not None))
 
     def _send_evidence(self) -> None:
         """Unanswered tries and ICMP errors since the last call, one message
@@ -97,7 +89,7 @@ class Worker:
         forwarder = self.forwarder
         if forwarder.evidence:
             evidence, forwarder.evidence = forwarder.evidence, {}
-            self.send(control.EVIDENCE, {str(b): streak for b, streak in evidence.items()})
+            self.send(control.Evidence({str(b): streak for b, streak in evidence.items()}))
 
     def _reporter(self) -> None:
         next_report = time.monotonic() + control.REPORT_INTERVAL
@@ -117,6 +109,7 @@ class Worker:
 
     def serve(self) -> None:
         spec = self.spec
+        config = spec.config
         for sock in spec.udp_sockets:
             thread = threading.Thread(target=udp.serve, name="udp",
                                       args=(sock, self.forwarder, self.stats.for_thread(), self.stopping),
@@ -128,23 +121,22 @@ class Worker:
             writer.start()
         for sock in spec.tcp_sockets:
             threading.Thread(target=tcp.serve, name="tcp-accept",
-                             args=(sock, self.forwarder, self.stats, self.stopping, spec.tcp_connections,
-                                   spec.tcp_idle_timeout, spec.tcp_output_limit, writer),
+                             args=(sock, self.forwarder, self.stats, self.stopping, config, writer),
                              daemon=True).start()
         threading.Thread(target=self._reporter, name="reporter", daemon=True).start()
-        self.send(control.READY, self.forwarder.version)
+        self.send(control.Ready(self.forwarder.version))
 
     def control_loop(self) -> None:
         """Apply what the supervisor says until it says stop or disappears."""
         serving = False
         while True:
             try:
-                tag, payload = self.conn.recv()
+                message = self.conn.recv()
             except (EOFError, OSError):
                 log.warning("supervisor gone, worker %d exits", self.spec.index)
                 raise SystemExit(control.EXIT_OK)
-            if tag == control.SNAPSHOT:
-                snapshot = Snapshot.from_wire(payload, self.snapshot)
+            if isinstance(message, control.NewSnapshot):
+                snapshot = Snapshot.from_wire(message.wire, self.snapshot)
                 self.forwarder.apply(snapshot)
                 self.snapshot = snapshot
                 # The routes live until the next snapshot: freeze them out of the
@@ -155,14 +147,13 @@ class Worker:
                 if not serving:  # answer nothing before the first routes are known
                     self.serve()
                     serving = True
-            elif tag == control.SETTINGS:
-                self.forwarder.timeout = payload["forward_timeout"]
-                self.forwarder.retry_min = payload["retry_min"]
-                self.forwarder.query_log = payload["log_queries"]
-                logging.getLogger().setLevel(payload["log_level"].upper())
-            elif tag == control.REOPEN_LOGS:
+            elif isinstance(message, control.NewConfig):
+                effective = live.apply(message.config, self.forwarder)
+                log.debug("worker %d: settings applied", self.spec.index)
+                self.send(control.ConfigApplied(effective, {n: getattr(message.config, n) for n in effective}))
+            elif isinstance(message, control.ReopenLogs):
                 logs.reopen()
-            elif tag == control.STOP:
+            elif isinstance(message, control.Stop):
                 return
 
     def drain(self) -> None:
@@ -187,7 +178,7 @@ class Worker:
 def run(spec: control.WorkerSpec, conn: _Pipe) -> NoReturn:
     """The worker's entry point (the target of its Process); exits with a
     ``control.EXIT_*`` code."""
-    logs.setup(spec.log_target, spec.log_level, f"worker {spec.index}")
+    logs.setup(spec.config.log_target, spec.config.log_level, f"worker {spec.index}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C reaches the whole group; the supervisor decides
 
     def on_term(signum: int, frame: FrameType | None) -> NoReturn:
@@ -200,7 +191,7 @@ def run(spec: control.WorkerSpec, conn: _Pipe) -> NoReturn:
         worker.boot()
     except Exception as e:
         log.error("worker %d failed to start: %s", spec.index, e)
-        worker.send(control.BOOT_FAILED, f"worker {spec.index} failed to start: {e}")
+        worker.send(control.BootFailed(f"worker {spec.index} failed to start: {e}"))
         raise SystemExit(control.EXIT_BOOT_FAILED)
     try:
         worker.control_loop()

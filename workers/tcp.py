@@ -21,6 +21,7 @@ import threading
 import time
 
 from dnsrouter import proxy
+from dnsrouter.settings import Config
 
 from . import mmsg
 from .forwarder import Forwarder
@@ -219,7 +220,7 @@ def _read_timeout(conn: socket.socket, seconds: float) -> None:
                     struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
 
 
-def _connection(conn: socket.socket, forwarder: Forwarder, stats: Stats, idle: float, grace: float,
+def _connection(conn: socket.socket, forwarder: Forwarder, stats: Stats, idle: float,
                 slots: threading.BoundedSemaphore, writer: Writer, output_limit: int) -> None:
     counts = stats.for_thread()
     client = TcpClient(conn, writer, output_limit)
@@ -248,6 +249,8 @@ def _connection(conn: socket.socket, forwarder: Forwarder, stats: Stats, idle: f
             if chunk is None:
                 # Idle: close, unless answers are still on their way to a
                 # client that waits for them (and is not half way through a message).
+                # The grace is read here, not at the start: [forward] timeout changes on SIGHUP.
+                grace = 2 * forwarder.timeout + 1
                 if buffer or (client.outstanding <= 0 and not client.out) or now - last >= idle + grace:
                     counts["tcp_closed", "idle"] += 1
                     break
@@ -279,12 +282,13 @@ def _connection(conn: socket.socket, forwarder: Forwarder, stats: Stats, idle: f
 
 
 def serve(listener: socket.socket, forwarder: Forwarder, stats: Stats, stopping: threading.Event,
-          max_connections: int, idle: float, output_limit: int, writer: Writer) -> None:
+          config: Config, writer: Writer) -> None:
     """Accept connections until the listener is shut down; ``writer`` (started)
-    is the worker's one, shared by all its listeners."""
+    is the worker's one, shared by all its listeners. ``config``: the
+    ``[server] tcp_*`` limits."""
     counts = stats.for_thread()
-    slots = threading.BoundedSemaphore(max_connections)
-    grace = 2 * forwarder.timeout + 1
+    slots = threading.BoundedSemaphore(config.server_tcp_connections)
+    idle, output_limit = config.server_tcp_idle_timeout, config.server_tcp_output_limit
     while True:
         try:
             conn, peer = listener.accept()
@@ -306,5 +310,5 @@ def serve(listener: socket.socket, forwarder: Forwarder, stats: Stats, stopping:
         # queue, where tcp_output_limit sees it. Room for a whole reply.
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         threading.Thread(target=_connection,
-                         args=(conn, forwarder, stats, idle, grace, slots, writer, output_limit),
+                         args=(conn, forwarder, stats, idle, slots, writer, output_limit),
                          name="tcp-client", daemon=True).start()

@@ -21,11 +21,12 @@ class Router:
 
     def __init__(self, routes_dir: str | None = None, workers: int = 1,
                  args: Sequence[str] = (), port: int | None = None, *,
-                 executable: Sequence[str] | None = None, log_level: str = "debug",
+                 executable: Sequence[str] | None = None, log_level: str | None = "debug",
                  workdir: str | None = None) -> None:
         """executable: the command that runs dnsrouter (default ``python -m
         dnsrouter`` of this interpreter); workdir: the router's cwd, log and
-        default routes dir (default a new temporary directory)."""
+        default routes dir (default a new temporary directory); log_level:
+        None passes no --log-level, so the config file's level counts."""
         self.port = port or free_port()
         self.workers = workers
         self.executable = list(executable) if executable else [sys.executable, "-m", "dnsrouter"]
@@ -56,8 +57,9 @@ class Router:
         (self.routes_dir / key).unlink()
 
     def command(self) -> list[str]:
-        cmd = [*self.executable, "--listen", self.addr,
-               "--workers", str(self.workers), "--log-level", self.log_level]
+        cmd = [*self.executable, "--listen", self.addr, "--workers", str(self.workers)]
+        if self.log_level is not None:
+            cmd += ["--log-level", self.log_level]
         if "--etcd" not in self.args:
             cmd += ["--routes-dir", str(self.routes_dir)]
         return cmd + self.args
