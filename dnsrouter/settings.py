@@ -295,7 +295,7 @@ class Config:
         "with ecs: replace a client's own ECS option (no: forward the client's as it is)")
     metrics_listen: Address | None = declare(
         "metrics", "listen", "", _optional(parse_address),
-        "serve /metrics and /routes over HTTP at ip:port", flag="--metrics", metavar="ADDR:PORT", live=True)
+        "serve /metrics, /routes and /healthz over HTTP at ip:port", flag="--metrics", metavar="ADDR:PORT", live=True)
     log_level: str = declare(
         "log", "level", "info", _level,
         "log level: debug, info, warning, error", flag="--log-level", metavar="LEVEL", live=True)
@@ -304,7 +304,7 @@ class Config:
         "where the log goes: stderr, syslog, or a file path (reopened on SIGUSR1)")
     log_queries: bool = declare(
         "log", "queries", "no", _bool,
-        "log every query (client, name, type, backend); costs nothing when off", live=True)
+        "log every query (transport, client, name, type, and the route's pattern or SERVFAIL); costs nothing when off", live=True)
     # Not a setting: the file the configuration was read from, if any.
     config_file: str | None = None
 

@@ -1,8 +1,8 @@
 """Fuzzing the packet path: hostile datagrams against the running router, and
 the wire parsers under atheris (tests/fuzz_wire.py).
 
-The contract checked for every datagram (README, "Answers the router makes
-itself"):
+The contract checked for every datagram (docs/operating.md, "Answers the router
+makes itself"):
 
 * at most one answer per query, and exactly one unless the table says the
   query is dropped (fewer than 12 bytes, or QR set);

@@ -115,12 +115,11 @@ class FileRegistry:
         while not stop.is_set():
             # A file added, removed or renamed into place (an atomic write)
             # changes the directory: scanned at the next poll. An edit in
-            # place changes only the file: every file is stat'ed once a
-            # second, not every poll (at 10,000 routes, polling them all five
-            # times a second took a fifth of a CPU), and with thousands of
-            # files less often still: the README asks for atomic writes, and
-            # a supervisor idle at 7 % of a CPU for edits nobody should make
-            # took it from the workers (bench/RESULTS.md, seventh pass).
+            # place changes only the file, so every file is stat'ed at most
+            # once a second, and with thousands of files only as often as
+            # costs FULL_SCAN_SHARE of the time: stat'ing them all at every
+            # poll would take a large share of a CPU from the workers, for
+            # edits docs/registries.md asks operators not to make.
             now, before = time.monotonic(), directory
             directory = self._directory()
             if first or directory != before or directory is None or now - scanned >= every:
