@@ -60,6 +60,8 @@ from support.etcd import EtcdServer, put
 from support.knot import KnotServer
 from support.net import HOST, rcode_of, wait_until
 
+pytestmark = pytest.mark.system
+
 DURATION = float(os.environ.get("DNSROUTER_CHAOS_SECONDS", "60"))
 RATE = int(os.environ.get("DNSROUTER_CHAOS_RATE", "300"))
 CLIENT_TIMEOUT = 3.0

@@ -17,7 +17,7 @@ from support.metrics import http_get, samples, value
 from support.net import HOST, free_port, raw_udp, wait_until
 
 # Every test here runs against both UDP packet paths (conftest.PACKET_PATHS).
-pytestmark = pytest.mark.usefixtures("packet_path")
+pytestmark = [pytest.mark.system, pytest.mark.usefixtures("packet_path")]
 
 
 def configured(router, tmp_path, text: str, answers: bool = True, **kw):

@@ -14,7 +14,7 @@ from support.metrics import http_get, samples, value
 from support.net import HOST, free_port, wait_until
 
 # Every test here runs against both UDP packet paths (conftest.PACKET_PATHS).
-pytestmark = pytest.mark.usefixtures("packet_path")
+pytestmark = [pytest.mark.system, pytest.mark.usefixtures("packet_path")]
 
 
 def test_counters_match_the_traffic_sent(router, packet_path):

@@ -21,7 +21,7 @@ from support.net import HOST, raw_udp, routed, wait_until
 from support.processes import gone
 
 # Every test here runs against both UDP packet paths (conftest.PACKET_PATHS).
-pytestmark = pytest.mark.usefixtures("packet_path")
+pytestmark = [pytest.mark.system, pytest.mark.usefixtures("packet_path")]
 
 
 def route_halves(r, knots):
