@@ -125,7 +125,7 @@ def _by_dnspython(packet: bytes) -> dns.message.Message | None:
     """The message as dnspython reads it (TSIG not verified), None if it cannot."""
     try:
         return dns.message.from_wire(packet, keyring=False)
-    except Exception:  # noqa: BLE001 - any refusal: FormError, a bad rdata's ValueError...
+    except Exception:  # any refusal: FormError, a bad rdata's ValueError...
         return None
 
 
@@ -150,10 +150,10 @@ def test_parse_question_agrees_with_dnspython(case):
     if expected is None:
         with pytest.raises(WireError):
             wire.parse_question(packet)
-        return
-    assert wire.parse_question(packet) == expected
-    lowered = expected[0].lower()
-    assert wire.name_to_text(lowered) == dns.name.from_wire(lowered, 0)[0].to_text()
+    else:
+        assert wire.parse_question(packet) == expected
+        lowered = expected[0].lower()
+        assert wire.name_to_text(lowered) == dns.name.from_wire(lowered, 0)[0].to_text()
 
 
 @FAST
@@ -231,28 +231,27 @@ def test_find_opt_agrees_with_dnspython(case):
         event(f"mutation: {kind}")
     message = _by_dnspython(packet)
     try:
-        found = wire.find_opt(packet)
+        found: tuple[int, int] | None | str = wire.find_opt(packet)
     except WireError:
-        event("find_opt: malformed")
-        assert message is None, "find_opt refused a message dnspython reads"
-        return
-    if message is None:
-        # Only what find_opt reads must be sound: an OPT record, whole, in the packet.
-        event("dnspython refuses it, find_opt " + ("finds an OPT" if found else "finds none"))
-        if found is not None:
-            start, end = found
-            after_name = wire.skip_name(packet, start)
-            assert packet[after_name:after_name + 2] == b"\x00\x29"
-            assert end == after_name + 10 + int.from_bytes(packet[after_name + 8:after_name + 10], "big")
-            assert end <= len(packet)
-        return
-    event(f"dnspython reads it, {'with' if message.edns >= 0 else 'without'} EDNS")
-    assert (found is not None) == (message.edns >= 0)
-    question = _question_by_dnspython(packet)
-    if len(message.question) == 1 and question is not None:
-        assert wire.has_opt(packet, question[3]) == (message.edns >= 0)
-    if found is not None:
-        # Cut out, the record found is the message's OPT: all else is kept.
+        found = "malformed"
+    if message is not None:
+        event(f"dnspython reads it, {'with' if message.edns >= 0 else 'without'} EDNS")
+        assert found != "malformed", "find_opt refused a message dnspython reads"
+        assert (found is not None) == (message.edns >= 0)
+        question = _question_by_dnspython(packet)
+        if len(message.question) == 1 and question is not None:
+            assert wire.has_opt(packet, question[3]) == (message.edns >= 0)
+    else:
+        event(f"dnspython refuses it; find_opt: {'no OPT' if found is None else found if found == 'malformed' else 'an OPT'}")
+    if isinstance(found, tuple):
+        # What find_opt found is an OPT record, whole, in the packet...
+        start, end = found
+        after_name = wire.skip_name(packet, start)
+        assert packet[after_name:after_name + 2] == b"\x00\x29"
+        assert end == after_name + 10 + int.from_bytes(packet[after_name + 8:after_name + 10], "big")
+        assert end <= len(packet)
+    if isinstance(found, tuple) and message is not None:
+        # ...and in a message dnspython reads, its OPT: cut out, all else is kept.
         rest = dns.message.from_wire(wire.without_opt(packet), keyring=False)
         assert rest.edns == -1
         assert (rest.id, rest.flags, rest.sections, rest.keyname) == \
