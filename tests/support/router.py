@@ -140,7 +140,7 @@ class Router:
         says = wait_until(lambda: len(paths := self.fast_paths()) >= self.workers and paths, timeout,
                           message=f"not every worker said which fast path it runs:\n{self.log()[-2000:]}")
         want = _FAST_PATH_SAYS[self.fast_path]
-        wrong = {number: why for number, why in says.items() if why != want}
+        wrong = {number: why for number, why in sorted(says.items()) if why != want}
         assert not wrong, (f"asked for --fast-path {self.fast_path} (fast path {want!r}), but workers "
                            f"say {wrong}; command: {' '.join(self.command())}")
 
