@@ -53,8 +53,9 @@ def fewer_examples(items: Iterable[pytest.Item], most: int = QUICK_EXAMPLES) -> 
     """Cap every property test among items at ``most`` examples.
 
     A test's own ``@settings(max_examples=...)`` wins over any hypothesis
-    profile, so the cap replaces the settings that decorator (or @given)
-    left on the test function, derived from them.
+    profile, so no profile can do this: the cap replaces the settings that
+    decorator (or @given) stored on the test function, which hypothesis
+    reads again at each run, with a copy that differs only in the count.
     """
     for item in items:
         test = getattr(getattr(item, "obj", None), "__func__", getattr(item, "obj", None))
