@@ -1,16 +1,45 @@
 """Shared fixtures: real Knot DNS backends, the router as a subprocess, etcd and registries in threads."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from typing import Iterator
 
 import pytest
 
+from support import quick_loop
 from support.etcd import EtcdServer
 from support.knot import KnotServer
-from support.net import wait_until
-from support.router import Router
+from support.router import PACKET_PATHS, Router, packet_paths
 from support.zones import make_split_zone
+
+
+# -- the quick loop and the system marker (support/quick_loop.py). Setup and
+# call are guarded; teardown is not, where a session's servers may be
+# stopped after any test.
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.option.markexpr.strip() == quick_loop.QUICK:
+        quick_loop.fewer_examples(items)
+
+
+def _guard(item: pytest.Item) -> contextlib.AbstractContextManager[None]:
+    if item.get_closest_marker(quick_loop.MARKER):
+        return contextlib.nullcontext()
+    return quick_loop.refused(item.nodeid)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    with _guard(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with _guard(item):
+        return (yield)
 
 
 @pytest.fixture(scope="session")
@@ -29,15 +58,22 @@ def knots(split_zone):
 
 # The UDP packet path both ways: compiled (workers/_fastpath.pyx) and the
 # pure-Python reference. A test module (or test) that uses ``packet_path``
-# runs once per way, its routers started with ``--fast-path`` set so.
+# runs once per way, its routers started with ``--fast-path`` set so, and
+# each router's start checks its workers run that path.
 # DNSROUTER_PACKET_PATHS=compiled keeps one (scripts/asan.sh: the ASan build).
-PACKET_PATHS = {path: setting for path, setting in {"compiled": "auto", "python": "off"}.items()
-                if path in os.environ.get("DNSROUTER_PACKET_PATHS", "compiled,python").split(",")}
+_PACKET_PATHS = pytest.StashKey[dict[str, str]]()
 
 
-@pytest.fixture(params=list(PACKET_PATHS))
-def packet_path(request) -> str:
-    return request.param
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        config.stash[_PACKET_PATHS] = packet_paths(os.environ.get("DNSROUTER_PACKET_PATHS", "compiled,python"))
+    except ValueError as e:
+        raise pytest.UsageError(f"DNSROUTER_PACKET_PATHS: {e}") from None
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "packet_path" in metafunc.fixturenames:
+        metafunc.parametrize("packet_path", list(metafunc.config.stash[_PACKET_PATHS]))
 
 
 @pytest.fixture
@@ -48,17 +84,10 @@ def router(request):
 
     def make(workers: int = 1, args=(), start: bool = True, **kw) -> Router:
         if path is not None:
-            args = [*args, "--fast-path", PACKET_PATHS[path]]
+            kw["fast_path"] = PACKET_PATHS[path]
         r = Router(workers=workers, args=args, **kw)
         instances.append(r)
-        if not start:
-            return r
-        r.start()
-        if path is not None and r.log_level == "debug":  # the way asked for is the way that runs
-            want = "fast path on" if path == "compiled" else "fast path off: [server] fast_path = off"
-            wait_until(lambda: r.log().count(want) >= r.workers, 5,
-                       message=f"workers did not say {want!r}:\n{r.log()[-2000:]}")
-        return r
+        return r.start() if start else r
 
     yield make
     for r in instances:

@@ -29,6 +29,8 @@ from support.knot import KnotServer, geoip_subnets
 from support.net import HOST, answered, wait_until
 from support.zones import zone_text
 
+pytestmark = pytest.mark.system
+
 WHOAMI = "whoami.test."  # mod-whoami, Knot takes PROXY headers
 PLAIN = "plain.test."  # mod-whoami, Knot without a proxy-allowlist
 GEO = "geo.test."

@@ -328,6 +328,7 @@ def _run(tmp_path, *argv: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.system
 def test_check_config_subprocess(tmp_path):
     (tmp_path / "routes").mkdir()
     _ini(tmp_path, """
@@ -358,6 +359,7 @@ def test_check_config_subprocess(tmp_path):
     assert bad.stdout == ""
 
 
+@pytest.mark.system
 def test_version_subprocess(tmp_path):
     result = _run(tmp_path, "--version")
     assert result.returncode == 0

@@ -14,6 +14,7 @@ import dns.query
 import psutil
 
 from dnsrouter.supervisor import sockets
+import pytest
 
 from support.fake_backend import FakeBackend
 from support.net import HOST, wait_until
@@ -42,6 +43,7 @@ def upstream_ports(pid: int) -> set[int]:
     return {c.laddr.port for c in psutil.Process(pid).net_connections(kind="udp4")}
 
 
+@pytest.mark.system
 def test_each_cpu_s_datagrams_go_to_the_worker_pinned_to_it(router, tmp_path):
     cpus = sorted(os.sched_getaffinity(0))[:2]
     assert len(cpus) == 2, "this test needs two CPUs"
@@ -73,6 +75,7 @@ def test_no_program_unless_each_worker_has_a_cpu_of_its_own():
         (0x06, 0, 0, 0xFFFFFFFF)]  # any other: past the group, so by hash
 
 
+@pytest.mark.system
 def test_socket_affinity_without_pinned_workers_says_so_and_hashes(router, tmp_path):
     conf = tmp_path / "dnsrouter.ini"
     conf.write_text("[server]\ncpu_affinity = off\nsocket_affinity = on\n")

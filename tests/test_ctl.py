@@ -8,6 +8,8 @@ import pytest
 from support.net import HOST, free_port
 from support.processes import program
 
+pytestmark = pytest.mark.system
+
 
 def ctl(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(program("dnsrouterctl")), *args], capture_output=True, text=True, timeout=60)

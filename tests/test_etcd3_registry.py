@@ -14,6 +14,8 @@ from support.etcd import (EtcdCluster, EtcdServer, compact, delete3, enable_auth
 from support.registry import Running as RunningRegistry
 from support.net import wait_until
 
+pytestmark = pytest.mark.system
+
 PREFIX = "/dnsrouter/"
 LOGGER = "dnsrouter.registry.etcd3"
 VALUE = r"127.0.0.1:5300,^[ab]*\.example\.com\.$"

@@ -26,6 +26,8 @@ from support.etcd_routing import CTL, PREFIX, ctl, etcd_router
 from support.net import rcode_of, routed, wait_until
 from support.processes import program, spawn, stop
 
+pytestmark = pytest.mark.system
+
 A_ZONE = r"\.a\.example\.com\.$"
 B_ZONE = r"\.b\.example\.com\.$"
 

@@ -13,6 +13,8 @@ from support.etcd import (EtcdCluster, EtcdServer, delete, enable_auth, make_tls
 from support.registry import Running as RunningRegistry
 from support.net import wait_until
 
+pytestmark = pytest.mark.system
+
 PREFIX = "/dnsrouter/"
 LOGGER = "dnsrouter.registry.etcd"
 VALUE = r"127.0.0.1:5300,^[ab]*\.example\.com\.$"

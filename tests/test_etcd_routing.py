@@ -19,6 +19,8 @@ from support.etcd_routing import PREFIX, ctl as _ctl, ctl_command, etcd_router a
 from support.net import rcode_of, routed, wait_until
 from support.processes import spawn, stop
 
+pytestmark = pytest.mark.system
+
 API = "v2"  # these tests are about the v2 keys API; test_etcd3_routing.py has the v3 ones
 
 

@@ -29,7 +29,7 @@ from support.unbound import UnboundServer
 from support.zones import zone_text
 
 # Every test here runs against both UDP packet paths (conftest.PACKET_PATHS).
-pytestmark = pytest.mark.usefixtures("packet_path")
+pytestmark = [pytest.mark.system, pytest.mark.usefixtures("packet_path")]
 
 WORKERS = 2
 ZONE_RE = r"(^|\.)a\.example\.com\.$"  # the apex too: Unbound's probe asks it

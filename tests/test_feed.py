@@ -47,6 +47,8 @@ from support.net import HOST, free_port, raw_udp, wait_until
 from support.router import Router
 from support.zones import zone_text
 
+pytestmark = pytest.mark.system
+
 ORIGIN = "feed.test."
 APEX = dns.name.from_text(ORIGIN)
 SHARDS = 3

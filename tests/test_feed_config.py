@@ -120,6 +120,7 @@ KILLED_MIDWAY = textwrap.dedent("""
 """)
 
 
+@pytest.mark.system
 def test_a_sigkill_in_the_middle_of_a_transfer_leaves_the_last_serial(tmp_path):
     def run(kind: str, serial: int, end: str) -> int:
         return subprocess.run([sys.executable, "-c", KILLED_MIDWAY, str(tmp_path), kind, str(serial), end],

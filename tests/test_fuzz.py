@@ -47,6 +47,8 @@ from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 from support.fake_backend import ANSWER_ADDRESS, FakeBackend
 from support.net import HOST, ask, wait_until
 
+pytestmark = pytest.mark.system
+
 FORWARD_TIMEOUT = 0.3
 ROUTE = re.compile(r"\.test\.$")  # the route's regexp, applied as RE2 would (search)
 NOERROR, FORMERR, SERVFAIL, NOTIMP = (dns.rcode.NOERROR, dns.rcode.FORMERR, dns.rcode.SERVFAIL,

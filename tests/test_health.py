@@ -13,6 +13,8 @@ from support.knot import KnotServer
 from support.load import Load
 from support.net import ask, rcode_of, wait_until
 
+pytestmark = pytest.mark.system
+
 INTERVAL, RISE, FALL = 0.2, 2, 2
 
 

@@ -17,16 +17,16 @@ from support.metrics import http_get, samples, value
 from support.net import HOST, free_port, raw_udp, wait_until
 
 # Every test here runs against both UDP packet paths (conftest.PACKET_PATHS).
-pytestmark = pytest.mark.usefixtures("packet_path")
+pytestmark = [pytest.mark.system, pytest.mark.usefixtures("packet_path")]
 
 
-def configured(router, tmp_path, text: str, answers: bool = True, **kw):
-    """A router with this INI text and metrics; ready when it answers, or when
-    /healthz says so for one that answers nobody (an ACL that drops)."""
+def configured(router, tmp_path, text: str, answers: bool = True, args=(), **kw):
+    """A router with this INI text (and these flags) and metrics; ready when it
+    answers, or when /healthz says so for one that answers nobody (an ACL that drops)."""
     conf = tmp_path / "dnsrouter.ini"
     conf.write_text(text)
     mport = free_port("tcp")
-    r = router(args=["--config", str(conf), "--metrics", f"{HOST}:{mport}"], start=answers, **kw)
+    r = router(args=["--config", str(conf), "--metrics", f"{HOST}:{mport}", *args], start=answers, **kw)
     r.mport = mport
     if not answers:
         r.start(wait=False)
@@ -188,10 +188,18 @@ def test_tcp_connection_cap_idle_timeout_and_slow_clients(router, tmp_path):
 @pytest.mark.parametrize("action", ["refuse", "drop"])
 def test_acl_denies_others(router, tmp_path, action):
     with FakeBackend("ok") as fake:
-        r = configured(router, tmp_path, f"[server]\nallow = 10.0.0.0/8 192.0.2.1\ndeny_action = {action}\n",
-                       answers=action == "refuse")
+        # Listening on ::1 too, which the ACL allows: the same worker then shows
+        # it forwards to the backend, so that what 127.0.0.1 gets is the ACL's doing.
+        port = free_port()
+        r = configured(router, tmp_path, f"[server]\nallow = 10.0.0.0/8 192.0.2.1 ::1\ndeny_action = {action}\n",
+                       answers=action == "refuse", port=port, args=["--listen", f"[::1]:{port}"])
         r.route("a", rf"{fake.addr},\.test\.$")
         query = dns.message.make_query("x.test.", "A")
+        wait_until(lambda: (m := raw_udp(r.port, query.to_wire(), 0.3, host="::1"))
+                   and dns.message.from_wire(m).rcode() == dns.rcode.NOERROR, 5,
+                   message="the allowed client on ::1 was not forwarded to")
+        forwarded = fake.count("udp")
+        assert forwarded >= 1
         reply = raw_udp(r.port, query.to_wire(), timeout=0.5)
         if action == "refuse":
             assert dns.message.from_wire(reply).rcode() == dns.rcode.REFUSED
@@ -199,7 +207,7 @@ def test_acl_denies_others(router, tmp_path, action):
             assert reply is None
         with pytest.raises((ConnectionError, EOFError, dns.exception.DNSException, OSError)):
             dns.query.tcp(query, HOST, port=r.port, timeout=1)
-        assert fake.count("udp") == 0
+        assert fake.count("udp") == forwarded
 
 
 def test_acl_allows_listed_clients(router, tmp_path):

@@ -10,7 +10,7 @@ from support.fake_backend import FakeBackend
 from support.net import wait_until
 
 # Every test here runs against both UDP packet paths (conftest.PACKET_PATHS).
-pytestmark = pytest.mark.usefixtures("packet_path")
+pytestmark = [pytest.mark.system, pytest.mark.usefixtures("packet_path")]
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def v6_backend():
 
 def test_ipv6_listener_and_ipv6_backend(router, v6_backend):
     r = router(start=False)
-    r.args = ["--listen", f"[::1]:{r.port}"]  # the IPv4 listener's port, on ::1 too
+    r.args += ["--listen", f"[::1]:{r.port}"]  # the IPv4 listener's port, on ::1 too
     r.route("v6", rf"[::1]:{v6_backend.port},\.six\.$")
     r.start()
     query = dns.message.make_query("host.six.", "AAAA")

@@ -54,6 +54,7 @@ def test_missing_knot_tool_is_an_error_not_a_skip(monkeypatch):
         support.knot_xfr.tool("knsupdate", "knot-dnsutils")
 
 
+@pytest.mark.system
 def test_update_reaches_a_tsig_secondary_by_notify_and_ixfr_and_validates(tmp_path):
     key = tsig_key("xfr")
     primary_port = free_port()
@@ -92,6 +93,7 @@ def test_update_reaches_a_tsig_secondary_by_notify_and_ixfr_and_validates(tmp_pa
                 assert (nodata.validated, nodata.kind) == (True, "nodata"), nodata.describe()
 
 
+@pytest.mark.system
 def test_switch_to_nsec3_keeps_updates_and_validates(tmp_path):
     primary_port = free_port()
     with KnotSecondary(ORIGIN, HOST, primary_port) as secondary:  # no TSIG this time
@@ -121,6 +123,7 @@ def test_switch_to_nsec3_keeps_updates_and_validates(tmp_path):
             assert (missing.validated, missing.kind) == (True, "nxdomain"), missing.describe()
 
 
+@pytest.mark.system
 def test_restarts_keep_the_zone_and_the_secondary_catches_up_by_ixfr():
     primary_port = free_port()
     with KnotSecondary(ORIGIN, HOST, primary_port) as secondary, \
@@ -154,6 +157,7 @@ def test_restarts_keep_the_zone_and_the_secondary_catches_up_by_ixfr():
         assert secondary.zone_records() == primary.zone_records()
 
 
+@pytest.mark.system
 def test_secondary_with_a_wrong_tsig_key_gets_no_zone():
     key = tsig_key("xfr")
     wrong = tsig_key("xfr")  # the same name, another secret
@@ -176,6 +180,7 @@ def test_secondary_with_a_wrong_tsig_key_gets_no_zone():
             assert right.wait_serial(primary.serial(), timeout=15) == primary.serial()
 
 
+@pytest.mark.system
 def test_nsec3_primary_from_the_start_and_a_refused_update(tmp_path):
     with KnotPrimary(ORIGIN, ZONE, nsec3=True) as primary:
         params = query(ORIGIN, "NSEC3PARAM", port=primary.port, transport="tcp").answer

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import dns.rcode
+import pytest
 
 from support.fake_backend import FakeBackend
 from support.net import HOST, free_port, query, wait_until
@@ -88,6 +89,7 @@ def test_the_rule_sees_absolute_relative_and_from_imports():
                                                 "dnsrouter.cli", False)) == []
 
 
+@pytest.mark.system
 def test_the_source_tree_is_the_package_from_the_checkout_root():
     # An editable install: from the root, the folder dnsrouter/ must not hide
     # dnsrouter.workers and dnsrouter.supervisor, and they are the sources.
@@ -97,6 +99,7 @@ def test_the_source_tree_is_the_package_from_the_checkout_root():
     assert out.stdout.split() == [str(REPO / "workers" / "__init__.py"), str(REPO / "supervisor" / "tools" / "ctl.py")]
 
 
+@pytest.mark.system
 def test_python_m_dnsrouter_from_the_checkout_root_answers(tmp_path):
     routes = tmp_path / "routes"
     routes.mkdir()

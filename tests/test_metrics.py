@@ -14,7 +14,7 @@ from support.metrics import http_get, samples, value
 from support.net import HOST, free_port, wait_until
 
 # Every test here runs against both UDP packet paths (conftest.PACKET_PATHS).
-pytestmark = pytest.mark.usefixtures("packet_path")
+pytestmark = [pytest.mark.system, pytest.mark.usefixtures("packet_path")]
 
 
 def test_counters_match_the_traffic_sent(router, packet_path):
@@ -37,15 +37,23 @@ def test_counters_match_the_traffic_sent(router, packet_path):
 
         base = wait_until(settled, 10, interval=0.3, message="counters never settled")
 
+        # The router's latency of a forwarded query lies within the client's round trip.
+        round_trips = 0.0
+
+        def forwarded(exchange, name: str) -> None:
+            nonlocal round_trips
+            sent = time.monotonic()
+            assert exchange(dns.message.make_query(name, "A"), HOST, port=r.port,
+                            timeout=2).rcode() == dns.rcode.NOERROR
+            round_trips += time.monotonic() - sent
+
         for i in range(50):
-            assert dns.query.udp(dns.message.make_query(f"q{i}.test.", "A"), HOST, port=r.port,
-                                 timeout=2).rcode() == dns.rcode.NOERROR
+            forwarded(dns.query.udp, f"q{i}.test.")
         for i in range(20):
             assert dns.query.udp(dns.message.make_query(f"q{i}.other.", "A"), HOST, port=r.port,
                                  timeout=2).rcode() == dns.rcode.SERVFAIL
         for i in range(10):
-            assert dns.query.tcp(dns.message.make_query(f"t{i}.test.", "A"), HOST, port=r.port,
-                                 timeout=2).rcode() == dns.rcode.NOERROR
+            forwarded(dns.query.tcp, f"t{i}.test.")
 
         def grown():
             now = samples(mport)
@@ -66,7 +74,8 @@ def test_counters_match_the_traffic_sent(router, packet_path):
         assert d("dnsrouter_responses_total", rcode="SERVFAIL") == 20
         assert d("dnsrouter_backend_queries_total", backend=fake.addr) == 60
         assert d("dnsrouter_backend_latency_seconds_count") == 60
-        assert 0 < d("dnsrouter_backend_latency_seconds_sum") < 60 * 2  # seconds, kept in C on the compiled path
+        # Seconds, kept in C on the compiled path: a unit or a sum gone wrong leaves these bounds.
+        assert 0 < d("dnsrouter_backend_latency_seconds_sum") <= round_trips
         assert d("dnsrouter_backend_latency_seconds_bucket", le="+Inf") == 60
         assert value(now, "dnsrouter_backend_up", backend=fake.addr) == 1
         assert value(now, "dnsrouter_registry_invalid_values") == 1

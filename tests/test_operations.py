@@ -21,6 +21,8 @@ from support.net import HOST, ask, free_port, free_privileged_port, routed, wait
 from support.processes import gone, program
 from support.router import Router
 
+pytestmark = pytest.mark.system
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -12,6 +12,8 @@ import pytest
 
 from support.net import HOST, free_port
 
+pytestmark = pytest.mark.system
+
 
 @pytest.fixture
 def workdir():

@@ -41,6 +41,8 @@ from support.net import HOST, free_port, wait_until
 from support.processes import program
 from support.zones import zone_text
 
+pytestmark = pytest.mark.system
+
 ORIGIN = "shard.test."
 APEX = dns.name.from_text(ORIGIN)
 SHARDS = 3

@@ -20,6 +20,8 @@ from support.metrics import samples, value
 from support.net import HOST, free_port, routed, wait_until
 from support.zones import zone_text
 
+pytestmark = pytest.mark.system
+
 # Five TXT strings of 200 characters: a 1.1 KB answer, under Knot's 1232-byte
 # UDP limit, so it comes back over UDP and an upstream socket's thread relays
 # it, the thread that also relays every other client's answers.

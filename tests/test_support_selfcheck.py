@@ -71,6 +71,7 @@ def test_wait_until_returns_value_and_fails_at_deadline():
 
 # -- processes -------------------------------------------------------------------
 
+@pytest.mark.system
 def test_stop_escalates_to_sigkill_and_kills_the_group():
     # A shell that ignores SIGTERM, with a child of its own in its group.
     proc = spawn(["sh", "-c", "trap '' TERM; sleep 60 & echo $!; wait"], stdout=subprocess.PIPE, text=True)
@@ -82,6 +83,7 @@ def test_stop_escalates_to_sigkill_and_kills_the_group():
     assert stop(proc) == -signal.SIGKILL  # idempotent
 
 
+@pytest.mark.system
 def test_a_spawned_process_dies_with_its_parent():
     # The parent, SIGKILLed, has no chance to clean up: the kernel must.
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from support.processes import spawn; "
@@ -130,6 +132,7 @@ def test_split_zone_shape():
     assert SPLIT.big_txt[ZONE_B] == "big.b.example.com."
 
 
+@pytest.mark.system
 def test_knot_answers_its_zone(knots):
     a, b = knots
     for server, zone in ((a, ZONE_A), (b, ZONE_B)):
@@ -142,18 +145,21 @@ def test_knot_answers_its_zone(knots):
     assert a.addr == f"127.0.0.1:{a.port}"
 
 
+@pytest.mark.system
 def test_knot_refuses_names_outside_its_zones(knots):
     a, _ = knots
     r = query(SPLIT.names[ZONE_B][0], "A", port=a.port)
     assert r.rcode() == dns.rcode.REFUSED
 
 
+@pytest.mark.system
 def test_knot_identity_over_tcp_tells_servers_apart(knots):
     a, b = knots
     assert identity_of(a.port) == a.identity == f"knot-{a.port}"
     assert identity_of(b.port) == b.identity != a.identity
 
 
+@pytest.mark.system
 def test_big_txt_truncated_over_udp_whole_over_tcp(knots):
     a, _ = knots
     big = SPLIT.big_txt[ZONE_A]
@@ -169,6 +175,7 @@ def test_big_txt_truncated_over_udp_whole_over_tcp(knots):
     assert 1232 < len(r.to_wire()) < 4000
 
 
+@pytest.mark.system
 def test_knot_kill_restart_same_port_then_stop():
     with KnotServer({ZONE_A: SPLIT.zones[ZONE_A]}) as k:
         port, pid = k.port, k.pid
@@ -197,6 +204,7 @@ def test_missing_knotd_is_an_error_not_a_skip(monkeypatch):
         support.knot.knotd_path()
 
 
+@pytest.mark.system
 def test_knot_listens_on_extra_ports_too():
     extra = free_port()
     with KnotServer({ZONE_A: SPLIT.zones[ZONE_A]}, extra_ports=[extra]) as k:
@@ -205,6 +213,7 @@ def test_knot_listens_on_extra_ports_too():
                 [SPLIT.addresses[SPLIT.names[ZONE_A][0]]]
 
 
+@pytest.mark.system
 def test_bad_zone_fails_fast_with_log():
     k = KnotServer({"bad.example.": "this is not a zone file\n"}, startup_timeout=5)
     start = time.monotonic()
@@ -227,6 +236,7 @@ def a_addresses(wire: bytes | None) -> list[str]:
     return [rd.address for rrset in dns.message.from_wire(wire).answer for rd in rrset]
 
 
+@pytest.mark.system
 def test_knot_whoami_believes_a_proxy_header_from_its_allowlist_only():
     zone = "whoami.test."
     q = dns.message.make_query(zone, "A").to_wire()
@@ -243,6 +253,7 @@ def test_knot_whoami_believes_a_proxy_header_from_its_allowlist_only():
         assert raw_udp(k.port, proxy_v2("127.1.2.3", 4000, "127.0.0.1", 53) + q, timeout=0.3) is None
 
 
+@pytest.mark.system
 def test_knot_geoip_answers_by_ecs_else_by_source_and_echoes_the_scope():
     zone, owner = "geo.test.", "where.geo.test."
     views = {owner: [("127.0.0.0/24", {"A": "198.51.100.10"}), ("127.0.0.1/32", {"A": "198.51.100.1"}),
@@ -264,6 +275,7 @@ def test_knot_geoip_answers_by_ecs_else_by_source_and_echoes_the_scope():
         assert sorted(rd.address for rd in r.answer[0]) == ["198.51.100.11", "198.51.100.12"]
 
 
+@pytest.mark.system
 def test_knot_bad_module_config_fails_before_knotd_starts():
     zone = "geo.test."
     k = KnotServer({zone: zone_text(zone, [])}, geoip={zone: "where.geo.test.:\n  - subnet: 127.0.0.0/24\n    A: [192.0.2.1]\n"})
@@ -277,6 +289,7 @@ def test_knot_bad_module_config_fails_before_knotd_starts():
 
 # -- fake_backend --------------------------------------------------------------
 
+@pytest.mark.system
 def test_fake_ok_answers_and_records():
     with FakeBackend("ok") as b:
         for transport in ("udp", "tcp"):
@@ -293,12 +306,14 @@ def test_fake_ok_answers_and_records():
         assert b.addr == f"127.0.0.1:{b.port}"
 
 
+@pytest.mark.system
 def test_fake_records_unparsable_queries_without_answering():
     with FakeBackend("ok") as b:
         assert raw_udp(b.port, b"\x01\x02\x03", timeout=0.3) is None  # no answer
         assert b.received[0].message is None and b.received[0].wire == b"\x01\x02\x03"
 
 
+@pytest.mark.system
 def test_fake_drop_never_answers_udp_or_tcp():
     with FakeBackend("drop") as b:
         with pytest.raises(dns.exception.Timeout):
@@ -308,6 +323,7 @@ def test_fake_drop_never_answers_udp_or_tcp():
         wait_until(lambda: b.count() == 2, timeout=2, message="drop mode did not record both queries")
 
 
+@pytest.mark.system
 def test_fake_delay_answers_late_without_serialising():
     with FakeBackend("delay", delay=0.4) as b:
         start = time.monotonic()
@@ -322,6 +338,7 @@ def test_fake_delay_answers_late_without_serialising():
         assert all(r.answer for r in replies)
 
 
+@pytest.mark.system
 def test_fake_wrong_id_refused_garbage():
     q = dns.message.make_query("x.example.", "A")
     with FakeBackend("wrong_id") as b:
@@ -345,6 +362,7 @@ def test_fake_wrong_id_refused_garbage():
             assert 1 <= length <= 64
 
 
+@pytest.mark.system
 def test_fake_mode_switch_at_runtime_and_stop_frees_port():
     b = FakeBackend("ok").start()
     try:
@@ -362,6 +380,7 @@ def test_fake_mode_switch_at_runtime_and_stop_frees_port():
     assert port_is_free(b.port)
 
 
+@pytest.mark.system
 def test_fake_udp_only():
     with FakeBackend("ok", transports=("udp",)) as b:
         assert query("x.example.", port=b.port).answer
@@ -369,6 +388,7 @@ def test_fake_udp_only():
             query("x.example.", port=b.port, transport="tcp", timeout=1)
 
 
+@pytest.mark.system
 def test_fake_on_the_ipv6_loopback():
     with FakeBackend("ok", host="::1") as b:
         assert b.addr == f"[::1]:{b.port}"

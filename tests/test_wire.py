@@ -4,6 +4,7 @@ from __future__ import annotations
 import struct
 
 import dns.edns
+import dns.exception
 import dns.flags
 import dns.message
 import dns.name
@@ -15,7 +16,7 @@ import dns.rrset
 import dns.tsig
 import dns.tsigkeyring
 import pytest
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import assume, event, given, settings, strategies as st
 
 from dnsrouter import wire
 from dnsrouter.errors import WireError
@@ -45,6 +46,89 @@ _rdtypes = st.sampled_from([dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.T
 _rdclasses = st.sampled_from([dns.rdataclass.IN, dns.rdataclass.CH, dns.rdataclass.ANY])
 
 
+_KEYRING = dns.tsigkeyring.from_text({"k.": "MTIzNDU2Nzg5MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTI="})
+_options = st.lists(st.builds(dns.edns.GenericOption, st.sampled_from([65001, 65002]), st.binary(max_size=16)),
+                    max_size=2)
+
+
+@st.composite
+def _rrsets(draw, qname: dns.name.Name) -> dns.rrset.RRset:
+    owner = draw(st.one_of(st.just(qname), names()))  # the question's name: compressed to a pointer
+    rdtype, text = draw(st.sampled_from([("A", "192.0.2.1"), ("TXT", '"x"'), ("NS", "ns.example.com.")]))
+    return dns.rrset.from_text(owner, draw(st.integers(0, 86400)), "IN", rdtype, text)
+
+
+@st.composite
+def messages(draw) -> dns.message.Message:
+    """A query, or a reply with records in each section; with EDNS (and
+    options) or not, signed with a TSIG or not."""
+    qname = draw(names())
+    message = dns.message.make_query(qname, draw(_rdtypes), draw(_rdclasses), use_edns=False)
+    message.id = draw(st.integers(0, 0xFFFF))
+    if draw(st.booleans()):
+        message.use_edns(0, draw(st.integers(0, 1)) * dns.flags.DO, draw(st.integers(512, 65535)),
+                         options=draw(_options))
+    if draw(st.booleans()):
+        message = dns.message.make_response(message)  # keeps the query's EDNS
+        for section in message.sections[1:]:
+            section.extend(draw(st.lists(_rrsets(qname), max_size=2)))
+    if draw(st.booleans()):
+        message.use_tsig(_KEYRING, keyname="k.")
+    return message
+
+
+_mutations = st.lists(st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 1 << 16), st.integers(1, 255)),  # at, xor mask
+    # at (after the header), a value that is a label length's edge or type
+    st.tuples(st.just("set"), st.integers(0, 1 << 16), st.sampled_from([0, 1, 63, 64, 127, 191, 192, 255])),
+    st.tuples(st.just("cut"), st.integers(0, 1 << 16)),                        # at
+    st.tuples(st.just("insert"), st.integers(0, 1 << 16), st.binary(min_size=1, max_size=3)),
+), max_size=2)
+
+
+@st.composite
+def mutated(draw) -> tuple[bytes, list[str]]:
+    """(the wire form of messages(), changed by up to two mutations; what they were)."""
+    packet = bytearray(draw(messages()).to_wire())
+    kinds = []
+    for kind, at, *arg in draw(_mutations):
+        at %= len(packet) + 1
+        if kind == "flip" and at < len(packet):
+            packet[at] ^= arg[0]
+        elif kind == "set" and len(packet) > 12:
+            packet[12 + at % (len(packet) - 12)] = arg[0]
+        elif kind == "cut":
+            del packet[at:]
+        elif kind == "insert":
+            packet[at:at] = arg[0]
+        kinds.append(kind)
+    return bytes(packet), kinds
+
+
+def _question_by_dnspython(packet: bytes) -> tuple[bytes, int, int, int] | None:
+    """parse_question() as dnspython reads the question at 12, or None where
+    the router refuses it: dnspython cannot read the name, it is compressed
+    (a query's first name has nothing before it to point to), or the type
+    and class are cut off."""
+    try:
+        name, used = dns.name.from_wire(packet, 12)
+    except dns.exception.DNSException:
+        return None
+    raw = packet[12:12 + used]
+    if raw != name.to_wire() or 12 + used + 4 > len(packet):
+        return None
+    qtype, qclass = struct.unpack_from("!HH", packet, 12 + used)
+    return raw, qtype, qclass, 12 + used + 4
+
+
+def _by_dnspython(packet: bytes) -> dns.message.Message | None:
+    """The message as dnspython reads it (TSIG not verified), None if it cannot."""
+    try:
+        return dns.message.from_wire(packet, keyring=False)
+    except Exception:  # any refusal: FormError, a bad rdata's ValueError...
+        return None
+
+
 def _header(qid=0x1234, flags=0x0100, qd=1, an=0, ns=0, ar=0) -> bytes:
     return struct.pack("!HHHHHH", qid, flags, qd, an, ns, ar)
 
@@ -56,31 +140,20 @@ def _question(name=b"\x03www\x07example\x03com\x00", qtype=1, qclass=1) -> bytes
 # -- parse_question ---------------------------------------------------------------
 
 @FAST
-@given(st.binary(max_size=300))
-def test_parse_question_arbitrary_bytes(packet):
-    try:
-        name, qtype, qclass, end = wire.parse_question(packet)
-    except WireError:
-        return
-    assert name.endswith(b"\x00")
-    assert len(name) <= 255
-    assert end == 12 + len(name) + 4 <= len(packet)
-    assert (qtype, qclass) == struct.unpack("!HH", packet[end - 4:end])
-
-
-@FAST
-@given(st.binary(min_size=12, max_size=12), st.binary(max_size=300))
-def test_parse_question_structured_tail(header, tail):
-    # Random bytes rarely look like a name; a run of small label lengths does.
-    packet = header + tail
-    try:
-        name, qtype, qclass, end = wire.parse_question(packet)
-    except WireError:
-        return
-    assert packet[12:end - 4] == name
-    # Whatever parses is a name dnspython agrees with, and name_to_text copes.
-    lowered = name.lower()
-    assert wire.name_to_text(lowered) == dns.name.from_wire(lowered, 0)[0].to_text()
+@given(mutated())
+def test_parse_question_agrees_with_dnspython(case):
+    packet, mutations = case
+    for kind in mutations or ["none"]:
+        event(f"mutation: {kind}")
+    expected = _question_by_dnspython(packet)
+    event("dnspython reads the question" if expected else "dnspython refuses the question")
+    if expected is None:
+        with pytest.raises(WireError):
+            wire.parse_question(packet)
+    else:
+        assert wire.parse_question(packet) == expected
+        lowered = expected[0].lower()
+        assert wire.name_to_text(lowered) == dns.name.from_wire(lowered, 0)[0].to_text()
 
 
 @FAST
@@ -150,36 +223,39 @@ def test_parse_question_longest_name():
 # -- find_opt / has_opt ---------------------------------------------------------------
 
 @FAST
-@given(st.binary(min_size=12, max_size=400))
-def test_find_opt_arbitrary_bytes(packet):
-    # find_opt is only called on packets of at least 12 bytes (shorter ones
-    # are dropped first); below that, HEADER.unpack_from raises struct.error.
+@given(mutated())
+def test_find_opt_agrees_with_dnspython(case):
+    packet, mutations = case
+    assume(len(packet) >= 12)  # shorter packets are dropped before find_opt is asked
+    for kind in mutations or ["none"]:
+        event(f"mutation: {kind}")
+    message = _by_dnspython(packet)
     try:
-        found = wire.find_opt(packet)
+        found: tuple[int, int] | None | str = wire.find_opt(packet)
     except WireError:
-        assert wire.has_opt(packet, 12) in (True, False)
-        return
-    if found is not None:
+        found = "malformed"
+    if message is not None:
+        event(f"dnspython reads it, {'with' if message.edns >= 0 else 'without'} EDNS")
+        assert found != "malformed", "find_opt refused a message dnspython reads"
+        assert (found is not None) == (message.edns >= 0)
+        question = _question_by_dnspython(packet)
+        if len(message.question) == 1 and question is not None:
+            assert wire.has_opt(packet, question[3]) == (message.edns >= 0)
+    else:
+        event(f"dnspython refuses it; find_opt: {'no OPT' if found is None else found if found == 'malformed' else 'an OPT'}")
+    if isinstance(found, tuple):
+        # What find_opt found is an OPT record, whole, in the packet...
         start, end = found
-        assert 12 <= start < end <= len(packet)
-    wire.has_opt(packet, 12)
-
-
-@FAST
-@given(st.integers(0, 3), st.integers(0, 3), st.integers(0, 3), st.integers(0, 3),
-       st.binary(max_size=200))
-def test_find_opt_small_counts_random_records(qd, an, ns, ar, tail):
-    packet = _header(qd=qd, an=an, ns=ns, ar=ar) + tail
-    try:
-        found = wire.find_opt(packet)
-    except WireError:
-        return
-    if found is not None:
-        start, end = found
-        assert 12 <= start < end <= len(packet)
         after_name = wire.skip_name(packet, start)
         assert packet[after_name:after_name + 2] == b"\x00\x29"
         assert end == after_name + 10 + int.from_bytes(packet[after_name + 8:after_name + 10], "big")
+        assert end <= len(packet)
+    if isinstance(found, tuple) and message is not None:
+        # ...and in a message dnspython reads, its OPT: cut out, all else is kept.
+        rest = dns.message.from_wire(wire.without_opt(packet), keyring=False)
+        assert rest.edns == -1
+        assert (rest.id, rest.flags, rest.sections, rest.keyname) == \
+            (message.id, message.flags, message.sections, message.keyname)
 
 
 @pytest.mark.parametrize("packet", [b"", b"\x00" * 11])
@@ -316,9 +392,6 @@ def test_with_large_buffer_patches_existing_opt():
     assert [o.to_wire() for o in parsed.options] == [o.to_wire() for o in query.options]
     assert parsed.question == query.question
     assert parsed.id == query.id
-
-
-_KEYRING = dns.tsigkeyring.from_text({"k.": "MTIzNDU2Nzg5MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTI="})
 
 
 def test_with_large_buffer_leaves_tsig_query_alone():

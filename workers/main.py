@@ -67,7 +67,7 @@ class Worker:
         self.stats = Stats()
         self.stopping = threading.Event()
         self.fast, why = fastpath.load(spec.config.server_fast_path)
-        log.debug("worker %d: fast path %s", spec.index, why)
+        log.info("worker %d: fast path %s", spec.index, why)  # the operator sees which path serves
         self.forwarder = Forwarder(spec.config, self.stats, self.fast)
         self.snapshot: Snapshot | None = None
         self.udp_threads: list[threading.Thread] = []
