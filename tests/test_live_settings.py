@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import dns.rcode
+import pytest
 
 from dnsrouter import config as configuration
 from dnsrouter.settings import SETTINGS, Setting
@@ -67,6 +68,7 @@ def _says(log: str, who: str, setting: Setting, value: Any) -> bool:
     return re.search(rf"\] INFO {who} uses (.*, )?{item}(,|$)", log, re.MULTILINE) is not None
 
 
+@pytest.mark.system
 def test_every_live_setting_changed_in_the_file_is_used_after_sighup(router, tmp_path, packet_path):
     """Walk the live settings of the table, one SIGHUP each, in a running
     router with two workers, on either packet path: each worker (or the
@@ -118,6 +120,7 @@ def test_every_live_setting_changed_in_the_file_is_used_after_sighup(router, tmp
         assert r.proc.poll() is None
 
 
+@pytest.mark.system
 def test_a_live_setting_that_cannot_be_applied_is_logged_as_not_applied(router, tmp_path):
     """The supervisor reads back what it serves: a metrics address it cannot
     bind is an error in the log, not "applied"; the next SIGHUP tries again."""

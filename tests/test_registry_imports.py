@@ -11,6 +11,8 @@ import pytest
 
 from support.net import HOST, free_port
 
+pytestmark = pytest.mark.system  # every test runs a tool or the router in a process of its own
+
 ETCD_CLIENTS = ("etcd", "pyetcd", "grpc", "urllib3")
 
 # dnsrouterctl's main in this interpreter, then the etcd client modules it loaded.

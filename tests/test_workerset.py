@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import socket
 
+import pytest
+
 from dnsrouter import control
 from dnsrouter.config import defaults
 from dnsrouter.supervisor import workerset
 from support.net import wait_until
+
+pytestmark = pytest.mark.system  # spawns a worker process
 
 
 def _record(spec: control.WorkerSpec, conn) -> None:
