@@ -118,13 +118,13 @@ def test_a_question_not_cached_gets_the_pool_the_python_matcher_picks(compiled, 
         name = b"".join(bytes([len(x)]) + x for x in labels) + b"\0"
         question = name + qtype.to_bytes(2, "big") + b"\0\1"
         want = python.lookup_wire(name, wire.name_to_text)
-        got_question, got = cache.lookup(fast, question, wire.name_to_text)
+        got_question, got = cache.lookup(fast, question)
         assert got_question == question
         assert (fast.pools.index(got) if got else None) == (python.pools.index(want) if want else None)
         assert held.setdefault(question, got_question) is got_question  # one object per question: a hit
     for bad in (b"\x05ab\0\0\1\0\1", b"\x01a\0\0\1\0", b"\0\1\0\1", b"\x01a\x01b\0\1\0\1"):
         with pytest.raises(ValueError):  # a label longer than the name, no type and class: never read past it
-            cache.lookup(fast, bad, wire.name_to_text)
+            cache.lookup(fast, bad)
 
 
 def test_the_route_cache_holds_one_matcher_and_stays_right_past_its_room(compiled):
@@ -135,14 +135,14 @@ def test_the_route_cache_holds_one_matcher_and_stays_right_past_its_room(compile
     up, one_down = Matcher(routes), Matcher(routes, down=[a])
     cache = compiled.RouteCache()
     question = b"\x01x\x03one\0\0\1\0\1"
-    first, pool = cache.lookup(up, question, wire.name_to_text)
-    assert pool is up.pools[0] and cache.lookup(up, question, wire.name_to_text)[0] is first
-    again, pool = cache.lookup(one_down, question, wire.name_to_text)
+    first, pool = cache.lookup(up, question)
+    assert pool is up.pools[0] and cache.lookup(up, question)[0] is first
+    again, pool = cache.lookup(one_down, question)
     assert pool is one_down.pools[1] and again is not first  # looked up anew in the new table
     for i in range(100_000):  # six times the room
         label = b"%s%d" % (b"y" if i % 2 else b"x", i)
         question = bytes([len(label)]) + label + b"\x03one\0\0\1\0\1"
-        _, pool = cache.lookup(one_down, question, wire.name_to_text)
+        _, pool = cache.lookup(one_down, question)
         assert pool is (None if i % 2 else one_down.pools[1])  # .one. is down: x.. goes to ^x, y.. nowhere
 
 
