@@ -870,7 +870,8 @@ cdef class Replies:
         if now < self.due and not rang:
             return False
         self.due = now + tick
-        self.upstream.tick(now, self.counts, outbox, self.got >= _batch)
+        if self.pending:  # tested here too: an idle worker's tick makes no Python call
+            self.upstream.tick(now, self.counts, outbox, self.got >= _batch)
         return True
 
 
