@@ -45,17 +45,17 @@ def main() -> None:
 
     start = time.perf_counter()
     for name in names:
-        lookup(cache, matcher, name, wire.name_to_text)
+        lookup(cache, matcher, name)
     miss = (time.perf_counter() - start) / len(names)
 
     cache = fast.RouteCache()
     for name in cached:
-        lookup(cache, matcher, name, wire.name_to_text)
+        lookup(cache, matcher, name)
     rounds = max(1, len(names) // len(cached))
     start = time.perf_counter()
     for _ in range(rounds):
         for name in cached:
-            lookup(cache, matcher, name, wire.name_to_text)
+            lookup(cache, matcher, name)
     hit = (time.perf_counter() - start) / (rounds * len(cached))
 
     texts = [wire.name_to_text(name[:-4]).encode() for name in names]

@@ -125,25 +125,27 @@ class Pool:
     worker share a pool without a lock.
     """
 
-    __slots__ = ("route", "backends", "_cycle", "modes")
+    __slots__ = ("route", "backends", "rotation", "modes")
 
     def __init__(self, route: Route, backends: Sequence[Address], default_mode: str = "none") -> None:
         self.route = route
         self.backends = tuple(backends)
-        self._cycle = itertools.cycle(self.backends)
+        # The round robin itself: ``next(pool.rotation)`` is ``pool.next()``
+        # without the method call, for the compiled packet path.
+        self.rotation = itertools.cycle(self.backends)
         # The members that learn the client's address, and how; empty for a
         # pool that needs nothing (the packet path tests this, and only this).
         self.modes = {b: m for b, m in route.modes(default_mode).items() if m != "none"}
 
     def next(self) -> Address:
-        return next(self._cycle)
+        return next(self.rotation)
 
     def other(self, tried: Address) -> Address | None:
         """A backend other than ``tried``, for the one retry; None if alone."""
         if len(self.backends) < 2:
             return None
-        backend = next(self._cycle)
-        return backend if backend != tried else next(self._cycle)
+        backend = next(self.rotation)
+        return backend if backend != tried else next(self.rotation)
 
 
 class Matcher:

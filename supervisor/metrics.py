@@ -20,32 +20,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from dnsrouter.address import Address
+from dnsrouter.counters import COUNTERS, LATENCY_BUCKET, LATENCY_SUM
 
 log = logging.getLogger("dnsrouter.metrics")
-
-# Worker counter kinds (the first element of their keys) and how they are exposed.
-LABELLED_COUNTERS = {
-    "queries": ("dnsrouter_queries_total", "Queries received from clients", "transport"),
-    "responses": ("dnsrouter_responses_total", "Responses sent to clients", "rcode"),
-    "dropped": ("dnsrouter_dropped_total", "Packets dropped without an answer", "reason"),
-    "backend_queries": ("dnsrouter_backend_queries_total", "Queries forwarded to a backend", "backend"),
-    "backend_timeouts": ("dnsrouter_backend_timeouts_total", "Forwarded queries a backend did not answer in time", "backend"),
-    "ignored_replies": ("dnsrouter_ignored_replies_total", "Replies from backends ignored (wrong source, ID or question)", "reason"),
-    "tcp_closed": ("dnsrouter_tcp_closed_total", "TCP client connections closed by the router", "reason"),
-    "backend_retries": ("dnsrouter_backend_retries_total",
-                        "Queries also sent to another backend because this one had not answered within its "
-                        "retry time, or was unreachable", "backend"),
-    "late_replies": ("dnsrouter_backend_late_replies_total",
-                     "Replies dropped because the query was already answered (or had timed out)", "backend"),
-    "backend_icmp_errors": ("dnsrouter_backend_icmp_errors_total",
-                            "ICMP errors (port or host unreachable) for queries sent to a backend", "backend"),
-    "client_address_failed": ("dnsrouter_client_address_failed_total",
-                              "Queries forwarded without the client's address (one no header or option can carry)",
-                              "mode"),
-    "worker_messages": ("dnsrouter_worker_messages_total", "Messages the supervisor received from workers",
-                        "type"),
-}
-
 
 def _label(kind: str, label: Any) -> str:
     if kind == "responses":
@@ -76,21 +53,20 @@ class Metrics:
         with self.lock:
             totals = dict(self.totals)
         state = self.state()
-        families = {k: CounterMetricFamily(name, text, labels=[label])
-                    for k, (name, text, label) in LABELLED_COUNTERS.items()}
+        families = {c.kind: CounterMetricFamily(c.name, c.help, labels=[c.label]) for c in COUNTERS}
         for (kind, label), value in sorted(totals.items(), key=str):
             if kind in families:
                 families[kind].add_metric([_label(kind, label)], value)
         yield from families.values()
 
-        counts = [totals.get(("latency_bucket", i), 0) for i in range(len(self.buckets) + 1)]
+        counts = [totals.get((LATENCY_BUCKET, i), 0) for i in range(len(self.buckets) + 1)]
         cumulative, running = [], 0
         for bound, count in zip(list(self.buckets) + [float("inf")], counts):
             running += count
             cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
         yield HistogramMetricFamily("dnsrouter_backend_latency_seconds",
                                     "Time from forwarding a query to its reply",
-                                    buckets=cumulative, sum_value=totals.get(("latency_sum", ""), 0.0))
+                                    buckets=cumulative, sum_value=totals.get((LATENCY_SUM, ""), 0.0))
 
         up = GaugeMetricFamily("dnsrouter_backend_up", "1 when the backend takes queries", labels=["backend"])
         check = GaugeMetricFamily("dnsrouter_health_check_seconds", "Latency of the last passing health check",

@@ -1,19 +1,22 @@
-"""The compiled UDP path (workers/_fastpath.pyx) against the Python reference:
-it takes exactly the queries the Python path would forward as they are, keyed
-as the Python path keys them, and is optional to build."""
+"""The compiled UDP path (workers/_fastpath.pyx) against the Python path
+itself: it takes exactly the queries the Python path forwards as they came,
+keyed as the Python path keys them, and is optional to build."""
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
 import socket
-import struct
 import sys
 import threading
+from collections import defaultdict
+from pathlib import Path
 
 import dns.exception
 import dns.message
 import dns.name
-import dns.rdatatype
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
 from dnsrouter import wire
@@ -24,6 +27,7 @@ from dnsrouter.control import LATENCY_BUCKETS
 from dnsrouter.routes import Matcher, Pool, Route
 from dnsrouter.workers.forwarder import Forwarder
 from dnsrouter.workers.stats import Stats
+from dnsrouter.workers.types import Counts
 from dnsrouter.workers.upstream import Upstream, serve_together
 from dnsrouter.workers import fastpath, mmsg, udp
 from support.fake_backend import FakeBackend
@@ -37,40 +41,99 @@ def compiled():
     return module
 
 
-def reference(packet: bytes):
-    """What the Python path decides for the same bytes: (end of the question,
-    lower-cased question) for a query it forwards as it came, else None."""
-    if len(packet) < 12 or packet[2] & 0xF8 or struct.unpack_from("!H", packet, 4)[0] != 1:
-        return None  # a response, an opcode other than QUERY, QDCOUNT other than 1
-    try:
-        qname, qtype, _, end = wire.parse_question(packet)
-    except WireError:
-        return None
-    if qtype in (dns.rdatatype.AXFR, dns.rdatatype.IXFR):
-        return None
-    return end, packet[12:end - 4].lower() + packet[end - 4:end]  # forwarder: the name lower-cased, not the type
+class _Recorder(Forwarder):
+    """The Python path itself, stopped where it would send: what it forwards
+    (the entry's question, lower-cased as the reply is checked against it)
+    and what it answers."""
+
+    def __init__(self) -> None:
+        super().__init__(2.0, Stats())
+        self.matcher = Matcher([Route("^", (parse_address("127.0.0.1:53"),))])  # every name has a route
+        self.forwarded: list[bytes] = []
+        self.answered: list[bytes] = []
+
+    def _send(self, entry, counts, outbox=None) -> None:
+        self.forwarded.append(entry.question)
+
+    def send(self, data: bytes, addr: bytes | None, outbox=None) -> None:  # the client the answers go to
+        self.answered.append(data)
 
 
-labels = st.binary(min_size=1, max_size=70)  # past 63: what a label may not be
-names = st.lists(labels, max_size=8).map(lambda ls: b"".join(bytes([len(x) & 0xFF]) + x for x in ls) + b"\0")
+@functools.cache
+def _recorder() -> _Recorder:
+    return _Recorder()
+
+
+def python_path(packet: bytes) -> tuple[tuple[int, bytes] | None, str]:
+    """What Forwarder.handle does with ``packet``: (end of the question,
+    lower-cased question) when it forwards it as it came, else None; and
+    what happened, in a few words."""
+    forwarder = _recorder()
+    forwarder.forwarded.clear()
+    forwarder.answered.clear()
+    counts: Counts = defaultdict(int)
+    forwarder.handle(packet, b"peer", forwarder, counts)
+    if forwarder.forwarded:
+        question = forwarder.forwarded[0]
+        return (12 + len(question), question), "forwarded"
+    if forwarder.answered:
+        return None, f"answered rcode {forwarder.answered[0][3] & 0xF}"
+    return None, "dropped " + ",".join(str(label) for kind, label in counts if kind == "dropped")
+
+
+labels = st.binary(min_size=1, max_size=63)
 
 
 @st.composite
-def queries(draw) -> bytes:
-    """Header fields and a question near the edges the checks guard."""
-    header = struct.pack("!HBBHHHH", draw(st.integers(0, 0xFFFF)), draw(st.integers(0, 255)),
-                         draw(st.integers(0, 255)), draw(st.sampled_from([0, 1, 1, 1, 2, 0x100, 0x101])),
-                         *draw(st.tuples(st.integers(0, 2), st.integers(0, 2), st.integers(0, 2))))
-    qtype = draw(st.sampled_from([1, 28, 65, 97, 251, 252, 255, 0x4142, 0xFFFF]))
-    tail = struct.pack("!HH", qtype, draw(st.sampled_from([1, 3, 255, 0x4141])))
-    packet = header + draw(names) + tail + draw(st.binary(max_size=20))
-    return packet[:draw(st.integers(0, len(packet)))] if draw(st.booleans()) else packet
+def valid_queries(draw) -> bytes:
+    """A query dnspython makes: any name of up to 255 bytes, any type and class, EDNS or not."""
+    parts = draw(st.lists(labels, max_size=6))
+    try:
+        name = dns.name.Name([*parts, b""])
+    except dns.name.NameTooLong:
+        assume(False)
+    query = dns.message.make_query(name, draw(st.integers(1, 0xFFFF)), draw(st.sampled_from([1, 3, 255, 0x4141])),
+                                   use_edns=draw(st.sampled_from([None, 0])))
+    query.id = draw(st.integers(0, 0xFFFF))
+    return query.to_wire()
+
+
+def _set(packet: bytes, at: int, value: bytes) -> bytes:
+    return packet[:at] + value + packet[at + len(value):]
+
+
+def _qtype(packet: bytes, draw) -> bytes:
+    try:
+        end = wire.parse_question(packet)[3]
+    except WireError:
+        end = 0
+    assume(end)  # a question to change the type of
+    return _set(packet, end - 4, draw(st.sampled_from([b"\0\xfb", b"\0\xfc", b"\0\xff", b"\0\x41"])))
+
+
+# Changes to a valid query, each near an edge the compiled checks guard.
+MUTATIONS = {
+    "flags": lambda p, draw: _set(p, 2, bytes([draw(st.integers(0, 255))])),  # QR, opcode, AA, TC, RD
+    "qdcount": lambda p, draw: _set(p, 4, draw(st.sampled_from([b"\0\0", b"\0\2", b"\1\1", b"\1\0"]))),
+    "truncated": lambda p, draw: p[:draw(st.integers(0, len(p) - 1))],
+    "byte": lambda p, draw: _set(p, draw(st.integers(12, len(p) - 1)), bytes([draw(st.integers(0, 255))])),
+    "first label": lambda p, draw: _set(p, 12, bytes([draw(st.sampled_from([63, 64, 0xC0, 0xFF]))])),
+    "qtype": _qtype,  # AXFR, IXFR: the Python path answers them
+    "upper case": lambda p, draw: p[:12] + p[12:].upper(),
+    "tail": lambda p, draw: p + draw(st.binary(min_size=1, max_size=8)),
+}
 
 
 @settings(max_examples=3000, deadline=None)
-@given(st.one_of(queries(), st.binary(max_size=300)))
-def test_classify_takes_what_the_python_path_forwards_as_it_came(compiled, packet):
-    assert compiled.classify(packet) == reference(packet)
+@given(valid_queries(), st.lists(st.sampled_from(sorted(MUTATIONS)), max_size=2), st.data())
+def test_classify_takes_exactly_what_the_python_path_forwards_as_it_came(compiled, packet, mutations, data):
+    for mutation in mutations:
+        assume(len(packet) > 12)
+        packet = MUTATIONS[mutation](packet, data.draw)
+        event(f"mutated: {mutation}")
+    want, outcome = python_path(packet)
+    event(outcome)
+    assert compiled.classify(packet) == want
 
 
 @settings(max_examples=300, deadline=None)
@@ -80,7 +143,8 @@ def test_a_name_in_any_case_gets_the_lower_cased_key(compiled, parts, rdtype):
     try:
         name = dns.name.from_text(".".join(parts).strip(".") or "x")
     except dns.exception.DNSException:  # an empty or too long label or name: not a query dnspython makes
-        return
+        name = None
+    assume(name is not None)
     packet = dns.message.make_query(name, rdtype, use_edns=0).to_wire()
     end, key = compiled.classify(packet)
     assert end == len(packet) - 11  # the EDNS OPT record (11 bytes) follows the question
@@ -119,13 +183,13 @@ def test_a_question_not_cached_gets_the_pool_the_python_matcher_picks(compiled, 
         name = b"".join(bytes([len(x)]) + x for x in labels) + b"\0"
         question = name + qtype.to_bytes(2, "big") + b"\0\1"
         want = python.lookup_wire(name, wire.name_to_text)
-        got_question, got = cache.lookup(fast, question, wire.name_to_text)
+        got_question, got = cache.lookup(fast, question)
         assert got_question == question
         assert (fast.pools.index(got) if got else None) == (python.pools.index(want) if want else None)
         assert held.setdefault(question, got_question) is got_question  # one object per question: a hit
     for bad in (b"\x05ab\0\0\1\0\1", b"\x01a\0\0\1\0", b"\0\1\0\1", b"\x01a\x01b\0\1\0\1"):
         with pytest.raises(ValueError):  # a label longer than the name, no type and class: never read past it
-            cache.lookup(fast, bad, wire.name_to_text)
+            cache.lookup(fast, bad)
 
 
 def test_the_route_cache_holds_one_matcher_and_stays_right_past_its_room(compiled):
@@ -136,14 +200,14 @@ def test_the_route_cache_holds_one_matcher_and_stays_right_past_its_room(compile
     up, one_down = Matcher(routes), Matcher(routes, down=[a])
     cache = compiled.RouteCache()
     question = b"\x01x\x03one\0\0\1\0\1"
-    first, pool = cache.lookup(up, question, wire.name_to_text)
-    assert pool is up.pools[0] and cache.lookup(up, question, wire.name_to_text)[0] is first
-    again, pool = cache.lookup(one_down, question, wire.name_to_text)
+    first, pool = cache.lookup(up, question)
+    assert pool is up.pools[0] and cache.lookup(up, question)[0] is first
+    again, pool = cache.lookup(one_down, question)
     assert pool is one_down.pools[1] and again is not first  # looked up anew in the new table
     for i in range(100_000):  # six times the room
         label = b"%s%d" % (b"y" if i % 2 else b"x", i)
         question = bytes([len(label)]) + label + b"\x03one\0\0\1\0\1"
-        _, pool = cache.lookup(one_down, question, wire.name_to_text)
+        _, pool = cache.lookup(one_down, question)
         assert pool is (None if i % 2 else one_down.pools[1])  # .one. is down: x.. goes to ^x, y.. nowhere
 
 
@@ -284,3 +348,23 @@ def test_without_the_build_the_python_path_runs_and_says_why(monkeypatch):
     monkeypatch.setitem(sys.modules, "dnsrouter.workers._fastpath", None)  # what a failed import looks like
     module, why = fastpath.load("auto")
     assert module is None and why.startswith("off: not built (") and "_fastpath" in why
+
+
+def test_the_stub_mypy_reads_names_what_the_module_has(compiled):
+    """workers/_fastpath.pyi, which types every call into the module, and the
+    built module agree: its functions' parameters, its classes' methods, its constants."""
+    stub = ast.parse((Path(__file__).resolve().parent.parent / "workers/_fastpath.pyi").read_text())
+    checked = 0
+    for node in stub.body:
+        if isinstance(node, ast.FunctionDef):
+            assert list(inspect.signature(getattr(compiled, node.name)).parameters) == \
+                [a.arg for a in node.args.args], node.name
+        elif isinstance(node, ast.ClassDef):
+            methods = [item.name for item in node.body if isinstance(item, ast.FunctionDef)]
+            assert all(hasattr(getattr(compiled, node.name), m) for m in methods), node.name
+        elif isinstance(node, ast.AnnAssign):
+            assert hasattr(compiled, node.target.id), node.target.id
+        else:
+            continue
+        checked += 1
+    assert checked >= 12

@@ -235,7 +235,7 @@ def test_the_retry_never_shares_its_first_try_s_id():
     try:
         entry = entry_for(Address(HOST, 9), Address(HOST, 10))
         assert upstream.send(entry)
-        upstream._retry(entry, time.monotonic(), upstream.counts, _NoOutbox())
+        upstream.retry(entry, time.monotonic(), upstream.counts, _NoOutbox())
         assert (entry.uid, entry.retry_uid) == (1234, 4321)
         assert set(upstream.pending) == {1234, 4321}
     finally:

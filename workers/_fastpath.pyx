@@ -16,6 +16,21 @@ no query log, whose route is a pool of members that all get the query as it
 is (``client_address = none``). A reply: from the member asked, with our ID
 and the question asked, to a UDP client whose query was not changed.
 
+Each packet handed to the Python code is counted by why
+(``HANDOFF_REASONS``, ``dnsrouter_fast_path_handoffs_total``): a worker
+whose ACL or query log sends every query there shows it.
+
+The contract with the Python modules: this one reads and calls only their
+public names (``Forwarder.handle``, ``upstreams``, ``upstreams_for``,
+``rtos``, ``matcher``, ``allowed``, ``query_log``, ``timeout``;
+``Pool.rotation``, ``modes``, ``backends``; ``Upstream.pending``,
+``waiting``, ``limit``, ``fd``, ``sock``, ``policy``, ``counts``, ``tick``,
+``errors``, ``retry``, ``closing``; the policy's ``rtts``, ``rtos``,
+``last_answered``, ``retry_min``, ``timeout``, ``answered``, ``reply``),
+which tests/test_fastpath_seam.py holds it to, and it takes every constant
+it shares with them (batch and slot sizes, stale errnos, RTT gains, the
+escape table, counter keys) from them at import.
+
 Safety: every length read from a packet is checked against the datagram's
 length before the byte it counts is read; the datagrams live in slots of
 64 KiB (the largest UDP payload fits), and the parse of a question never
@@ -23,95 +38,52 @@ writes more than ``KEY`` bytes.
 """
 from cpython cimport array
 import array
+import collections
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memcmp, memset, strerror
 from libc.errno cimport errno, EINTR
-from posix.uio cimport iovec
-from posix.time cimport clock_gettime, timespec, itimerspec, CLOCK_MONOTONIC
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem, PyDict_DelItem
-from cpython.ref cimport PyObject
 
-cdef extern from "Python.h":
-    PyObject *PyDict_SetDefault(object d, object key, object default) except NULL
-    # What a dict hashes bytes with: keyed SipHash, so that nobody outside can
-    # choose names that fall into one set of the route cache.
-    Py_hash_t _Py_HashBytes(const void *data, Py_ssize_t n) nogil
-    void Py_INCREF(PyObject *o)
-    void Py_XDECREF(PyObject *o)
+# The C declarations. Included, not found by name: Cython looks for a
+# module's own .pxd by its dotted name (dnsrouter/workers/_fastpath.pxd),
+# which no directory of the checkout spells (package_dir in setup.cfg).
+include "_fastpath.pxd"
 
-cdef extern from "<sys/random.h>" nogil:
-    ssize_t getrandom(void *buf, size_t n, unsigned int flags)
+# The rules and sizes this module shares with the Python path, read from
+# there. The Python API is typed in _fastpath.pyi.
+from dnsrouter import counters as _counters, wire
+from dnsrouter.control import LATENCY_BUCKETS
+from dnsrouter.workers import mmsg, rtt
+from dnsrouter.workers.upstream import TICK
 
-cdef extern from "<sys/socket.h>" nogil:
-    ctypedef unsigned int socklen_t
-    cdef struct msghdr:
-        void *msg_name
-        socklen_t msg_namelen
-        iovec *msg_iov
-        size_t msg_iovlen
-        void *msg_control
-        size_t msg_controllen
-        int msg_flags
-    cdef struct mmsghdr:
-        msghdr msg_hdr
-        unsigned int msg_len
-    int recvmmsg(int fd, mmsghdr *vec, unsigned int n, int flags, void *timeout)
-    int sendmmsg(int fd, mmsghdr *vec, unsigned int n, int flags)
-    ssize_t sendto(int fd, const void *buf, size_t n, int flags, const void *addr, socklen_t len)
-    enum: MSG_WAITFORONE
-    enum: MSG_DONTWAIT
-    enum: AF_INET6
-
-cdef extern from "<sys/epoll.h>" nogil:
-    ctypedef union epoll_data_t:
-        unsigned int u32
-    cdef struct epoll_event:
-        unsigned int events
-        epoll_data_t data
-    int epoll_create1(int flags)
-    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
-    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
-    enum: EPOLL_CLOEXEC
-    enum: EPOLL_CTL_ADD
-    enum: EPOLL_CTL_DEL
-    enum: EPOLLIN
-    enum: EPOLLERR
-
-cdef extern from "<unistd.h>" nogil:
-    int close(int fd)
-    ssize_t read(int fd, void *buf, size_t n)
-
-cdef extern from "<sys/timerfd.h>" nogil:
-    int timerfd_create(int clockid, int flags)
-    int timerfd_settime(int fd, int flags, const itimerspec *new_value, itimerspec *old_value)
-    enum: TFD_CLOEXEC
-    enum: TFD_NONBLOCK
-
-cdef extern from "<errno.h>":
-    enum: EAGAIN
-    enum: ECONNREFUSED
-    enum: EHOSTUNREACH
-    enum: ENETUNREACH
-    enum: EHOSTDOWN
-
-cdef enum:
-    BATCH = 32  # datagrams per call, either way (mmsg.BATCH)
-    SLOT = 65536  # room per received datagram
-    NAME = 28  # room for a peer address: sizeof(struct sockaddr_in6)
-    KEY = 260  # a question, lower-cased: a name of at most 255 bytes, its type and class
-    OUT = 256  # datagrams an Outbox holds before it sends on its own
-    IDS = 4096  # random IDs drawn from the kernel at a time
-    SETS = 4096  # the route cache: SETS x WAYS questions (a power of two)
-    WAYS = 4
+cdef int _batch = mmsg.BATCH  # datagrams per call, either way
+cdef size_t _slot = mmsg.MAX_DATAGRAM  # room per received datagram
+if not 1 <= _batch <= OUT:
+    raise ImportError(f"mmsg.BATCH must be within 1..{OUT}")
+cdef double _tick = TICK  # the upstreams' clocks
+cdef double _ALPHA = rtt.ALPHA, _BETA = rtt.BETA, _K = rtt.K  # RFC 6298's gains, as Rtt.sample uses them
+_deque = collections.deque  # of the retry queues
+_raw_address = mmsg.raw_address
+_peer_key = mmsg.peer_key
+_name_to_text = wire.name_to_text
 
 BUILT = True  # what the loader checks
 cdef object _UNSET = object()  # no value yet, where None is a value
 
 
+# mmsg.STALE_ERRORS as a table: an ICMP error taken by this send, meant for an earlier one.
+cdef bint _STALE[ERRNOS]
+memset(_STALE, 0, sizeof(_STALE))
+for _e in mmsg.STALE_ERRORS:
+    if not 0 < _e < ERRNOS:
+        raise ImportError(f"errno {_e} is past the table of stale errnos")
+    _STALE[_e] = True
+
+
 cdef inline bint _stale(int e) noexcept nogil:
-    # mmsg.STALE_ERRORS: an ICMP error taken by this send, meant for an earlier one
-    return e == ECONNREFUSED or e == EHOSTUNREACH or e == ENETUNREACH or e == EHOSTDOWN
+    return 0 < e < ERRNOS and _STALE[e]
 
 
 cdef inline double _monotonic() noexcept nogil:
@@ -166,14 +138,14 @@ cdef inline bint _same_question(const unsigned char *p, const unsigned char *q, 
     return memcmp(p + n - 4, q + n - 4, 4) == 0
 
 
-# What wire.name_to_text writes as it is (wire._PLAIN); any other byte is escaped there.
+# What wire.name_to_text writes as it is (wire.PLAIN); any other byte is escaped there.
 cdef bint _PLAIN[256]
 memset(_PLAIN, 0, sizeof(_PLAIN))
-for _c in range(0x21, 0x7F):
-    _PLAIN[_c] = chr(_c) not in '"().;\\@$'
+for _c in wire.PLAIN:
+    _PLAIN[_c] = True
 
 
-cdef object _route(RouteCache cache, const unsigned char *key, Py_ssize_t n, name_to_text):
+cdef object _route(RouteCache cache, const unsigned char *key, Py_ssize_t n):
     """``matcher.lookup`` for the lower-cased wire name ``key`` (``n`` bytes,
     the root label's included): the text made here and one pass of the
     matcher's RE2 set, the first registered pool with a usable backend. A
@@ -183,12 +155,12 @@ cdef object _route(RouteCache cache, const unsigned char *key, Py_ssize_t n, nam
     cdef unsigned char text[256]  # a wire name of at most 255 bytes has as many characters, less one
     cdef Py_ssize_t pos = 0, out = 0, label, i, best = -1, index
     if key[0] == 0:
-        return cache.matcher.lookup(name_to_text(PyBytes_FromStringAndSize(<char *>key, n)))
+        return cache.matcher.lookup(_name_to_text(PyBytes_FromStringAndSize(<char *>key, n)))
     while key[pos]:
         label = key[pos]
         for i in range(pos + 1, pos + 1 + label):
             if not _PLAIN[key[i]]:
-                return cache.matcher.lookup(name_to_text(PyBytes_FromStringAndSize(<char *>key, n)))
+                return cache.matcher.lookup(_name_to_text(PyBytes_FromStringAndSize(<char *>key, n)))
             text[out] = key[i]
             out += 1
         text[out] = 46  # '.'
@@ -202,12 +174,6 @@ cdef object _route(RouteCache cache, const unsigned char *key, Py_ssize_t n, nam
         if (best < 0 or index < best) and pools[index].backends:
             best = index
     return pools[best] if best >= 0 else None
-
-
-cdef struct _Way:
-    Py_hash_t hash
-    PyObject *question  # bytes, owned; NULL: an empty way
-    PyObject *pool  # owned: a Pool, or None (no route)
 
 
 cdef class RouteCache:
@@ -252,7 +218,7 @@ cdef class RouteCache:
             self.pools = matcher.pools
         return 0
 
-    cdef _Way *find(self, const unsigned char *key, Py_ssize_t n, Py_hash_t hash, name_to_text) except NULL:
+    cdef _Way *find(self, const unsigned char *key, Py_ssize_t n, Py_hash_t hash) except NULL:
         """The entry of question ``key`` (``n`` bytes from _classify, its hash
         ``hash``), found or made."""
         cdef _Way *ways = self.ways + (<size_t>hash & (SETS - 1)) * WAYS
@@ -264,7 +230,7 @@ cdef class RouteCache:
                     and memcmp(PyBytes_AS_STRING(<object>way.question), key, n) == 0):
                 return way
         question = PyBytes_FromStringAndSize(<char *>key, n)
-        pool = _route(self, key, n - 4, name_to_text)
+        pool = _route(self, key, n - 4)
         for i in range(WAYS):
             if ways[i].question == NULL:
                 way = ways + i
@@ -280,7 +246,7 @@ cdef class RouteCache:
         Py_INCREF(way.pool)
         return way
 
-    def lookup(self, matcher, bytes question, name_to_text):
+    def lookup(self, matcher, bytes question):
         """(question, pool) for a lower-cased question, as ``serve`` looks it
         up, for the tests: the question object is the cached one on a hit."""
         cdef Py_ssize_t pos = 0, n = PyBytes_GET_SIZE(question)
@@ -290,7 +256,7 @@ cdef class RouteCache:
             raise ValueError("not a question")
         cdef const unsigned char *key = <const unsigned char *>PyBytes_AS_STRING(question)
         self.use(matcher)
-        cdef _Way *way = self.find(key, n, _Py_HashBytes(key, n), name_to_text)
+        cdef _Way *way = self.find(key, n, _Py_HashBytes(key, n))
         return <object>way.question, <object>way.pool
 
 
@@ -305,7 +271,7 @@ def classify(bytes packet):
 
 
 cdef class Receiver:
-    """Blocking reads of up to ``BATCH`` datagrams from one socket
+    """Blocking reads of up to ``mmsg.BATCH`` datagrams from one socket
     (``mmsg.Receiver``, with the GIL released while the thread waits)."""
 
     cdef object _sock
@@ -315,26 +281,27 @@ cdef class Receiver:
     cdef unsigned int n
     cdef unsigned char *buffer
     cdef unsigned char *names
-    cdef iovec iov[BATCH]
-    cdef mmsghdr hdrs[BATCH]
+    cdef iovec *iov
+    cdef mmsghdr *hdrs
 
-    def __cinit__(self, sock, unsigned int n=BATCH, bint wait=True):
+    def __cinit__(self, sock, unsigned int n=0, bint wait=True):  # n=0: mmsg.BATCH
         self._sock = sock  # keeps the descriptor open while we use its number
         self.fd = sock.fileno()
         # wait=False: what is there now, EAGAIN if nothing (a socket epoll said is readable)
         self.flags = MSG_WAITFORONE if wait else MSG_DONTWAIT
         self.name_size = NAME if sock.family == AF_INET6 else 16
-        self.n = min(max(n, 1), BATCH)
+        self.n = min(n, <unsigned int>_batch) if n else <unsigned int>_batch
         # malloc of 2 MiB maps anonymous memory: a slot's pages are backed only once touched
-        self.buffer = <unsigned char *>malloc(<size_t>self.n * SLOT)
+        self.buffer = <unsigned char *>malloc(<size_t>self.n * _slot)
         self.names = <unsigned char *>malloc(<size_t>self.n * NAME)
-        if self.buffer == NULL or self.names == NULL:
+        self.iov = <iovec *>calloc(self.n, sizeof(iovec))
+        self.hdrs = <mmsghdr *>calloc(self.n, sizeof(mmsghdr))
+        if self.buffer == NULL or self.names == NULL or self.iov == NULL or self.hdrs == NULL:
             raise MemoryError()
-        memset(self.hdrs, 0, sizeof(self.hdrs))
         cdef unsigned int i
         for i in range(self.n):
-            self.iov[i].iov_base = self.buffer + <size_t>i * SLOT
-            self.iov[i].iov_len = SLOT
+            self.iov[i].iov_base = self.buffer + <size_t>i * _slot
+            self.iov[i].iov_len = _slot
             self.hdrs[i].msg_hdr.msg_name = self.names + i * NAME
             self.hdrs[i].msg_hdr.msg_iov = &self.iov[i]
             self.hdrs[i].msg_hdr.msg_iovlen = 1
@@ -342,6 +309,8 @@ cdef class Receiver:
     def __dealloc__(self):
         free(self.buffer)
         free(self.names)
+        free(self.iov)
+        free(self.hdrs)
 
     cdef int wait(self) except -1:
         """The number of datagrams read; OSError (EINTR included) on failure."""
@@ -358,7 +327,7 @@ cdef class Receiver:
         return got
 
     cdef inline const unsigned char *data(self, int i) noexcept nogil:
-        return self.buffer + <size_t>i * SLOT
+        return self.buffer + <size_t>i * _slot
 
     cdef inline Py_ssize_t length(self, int i) noexcept nogil:
         return self.hdrs[i].msg_len
@@ -446,9 +415,9 @@ cdef class Outbox:
 
 
 cdef void _send_grouped(int *fds, mmsghdr *hdrs, int count) noexcept nogil:
-    """Each socket's datagrams in sendmmsg calls of up to BATCH, in order;
-    a datagram the kernel refuses is lost, as a datagram may be."""
-    cdef mmsghdr run[BATCH]
+    """Each socket's datagrams in sendmmsg calls of up to mmsg.BATCH, in
+    order; a datagram the kernel refuses is lost, as a datagram may be."""
+    cdef mmsghdr run[OUT]  # mmsg.BATCH is at most OUT (checked at import)
     cdef bint sent[OUT]
     cdef int start, i, n, fd
     memset(sent, 0, sizeof(sent))
@@ -462,7 +431,7 @@ cdef void _send_grouped(int *fds, mmsghdr *hdrs, int count) noexcept nogil:
                 run[n] = hdrs[i]
                 sent[i] = True
                 n += 1
-                if n == BATCH:
+                if n == _batch:
                     _send_run(fd, run, n)
                     n = 0
         if n:
@@ -493,19 +462,15 @@ cdef inline void _count(object counts, object key, long n=1):
     counts[key] = (<object>old if old != NULL else 0) + n
 
 
-cdef enum:
-    RCODES = 16  # the header's 4 bits
-    BUCKETS = 32  # room for len(control.LATENCY_BUCKETS) + 1
-    BACKENDS = 1024  # backends one thread counts in C; past them (months of churn) its dict counts
-
-cdef enum:  # the counters with a fixed key: indexes into Counters.fixed and _FIXED_KEYS
-    SHORT = 0
-    UNKNOWN, WRONG_SOURCE, WRONG_QUESTION, IN_FLIGHT, ERROR, QUERIES, FIXED
-
-_FIXED_KEYS = (("ignored_replies", "short"), ("ignored_replies", "unknown_id"),
-               ("ignored_replies", "wrong_source"), ("ignored_replies", "wrong_question"),
-               ("dropped", "in_flight_limit"), ("dropped", "error"), ("queries", "udp"))
-assert len(_FIXED_KEYS) == FIXED  # snapshot reads the keys unchecked
+_key = _counters.key  # a kind not declared in dnsrouter.counters fails the import
+_FIXED_KEYS = (_key("ignored_replies", "short"), _key("ignored_replies", "unknown_id"),
+               _key("ignored_replies", "wrong_source"), _key("ignored_replies", "wrong_question"),
+               _key("dropped", "in_flight_limit"), _key("dropped", "error"), _key("queries", "udp"))
+# Why the compiled loop hands a query to Python (Forwarder.handle), in the order of the enum in the .pxd.
+HANDOFF_REASONS = ("not_simple", "acl", "query_log", "no_route", "client_address")
+_HANDOFF_KEYS = tuple(_key("fast_path_handoffs", reason) for reason in HANDOFF_REASONS)
+if len(_FIXED_KEYS) != FIXED or len(HANDOFF_REASONS) != REASONS:  # snapshot reads the keys unchecked
+    raise ImportError("the counter keys and their indexes in _fastpath.pxd differ")
 
 
 cdef class Counters:
@@ -516,6 +481,7 @@ cdef class Counters:
     the GIL, which the counting thread holds whenever it counts."""
 
     cdef long long fixed[FIXED]
+    cdef long long handoffs[REASONS]
     cdef long long responses[RCODES]
     cdef long long buckets[BUCKETS]
     cdef int nbuckets
@@ -551,6 +517,9 @@ cdef class Counters:
         for i in range(FIXED):
             if self.fixed[i]:
                 out[_FIXED_KEYS[i]] = self.fixed[i]
+        for i in range(REASONS):
+            if self.handoffs[i]:
+                out[_HANDOFF_KEYS[i]] = self.handoffs[i]
         for i in range(RCODES):
             if self.responses[i]:
                 out["responses", i] = self.responses[i]
@@ -607,31 +576,39 @@ cdef class _Queries:
     compiled): its receiver and what its loop reads of the forwarder."""
 
     cdef Receiver receiver
-    cdef object forwarder, counts, stopping, client, deque, raw_address, name_to_text, failed, handle
+    cdef object forwarder, counts, stopping, client, failed, handle
     cdef dict upstreams, rtos  # the forwarder's tables: filled in place, never replaced
     cdef Counters counters
     cdef dict peers
     cdef RouteCache routes
-    cdef int ends[BATCH]
-    cdef Py_hash_t hashes[BATCH]
-    cdef unsigned char keys[BATCH][KEY]
+    # Per datagram of a batch: the end of its question (or -1), the question's hash, the question lower-cased.
+    cdef int *ends
+    cdef Py_hash_t *hashes
+    cdef unsigned char *keys
 
-    def __cinit__(self, sock, forwarder, counts, Counters counters, stopping, client, deque, raw_address,
-                  name_to_text, failed):
+    def __cinit__(self, sock, forwarder, counts, Counters counters, stopping, client, failed):
         self.receiver = Receiver(sock, wait=False)
         self.forwarder = forwarder
         self.counts = counts
         self.counters = counters
         self.stopping = stopping
         self.client = client
-        self.deque = deque
-        self.raw_address = raw_address
-        self.name_to_text = name_to_text
         self.failed = failed
         self.handle = forwarder.handle
         self.upstreams, self.rtos = forwarder.upstreams, forwarder.rtos
         self.peers = {}  # backend -> (raw address, family), for the worker's few backends
         self.routes = RouteCache()
+        cdef size_t n = self.receiver.n
+        self.ends = <int *>malloc(n * sizeof(int))
+        self.hashes = <Py_hash_t *>malloc(n * sizeof(Py_hash_t))
+        self.keys = <unsigned char *>malloc(n * KEY)
+        if self.ends == NULL or self.hashes == NULL or self.keys == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.ends)
+        free(self.hashes)
+        free(self.keys)
 
     cdef bint take(self, Outbox outbox) except -1:
         """Forward what waits on the socket (a batch at most); False once the
@@ -652,9 +629,9 @@ cdef class _Queries:
             return e.errno == EINTR or not self.stopping.is_set()
         with nogil:
             for i in range(got):
-                end = self.ends[i] = _classify(receiver.data(i), receiver.length(i), self.keys[i])
+                end = self.ends[i] = _classify(receiver.data(i), receiver.length(i), self.keys + i * KEY)
                 if end >= 0:
-                    self.hashes[i] = _Py_HashBytes(self.keys[i], end - 12)
+                    self.hashes[i] = _Py_HashBytes(self.keys + i * KEY, end - 12)
         forwarder = self.forwarder
         handle = self.handle
         client = self.client
@@ -662,7 +639,8 @@ cdef class _Queries:
         peers = self.peers
         # Read once a batch: a new table or setting takes effect from the next batch.
         self.routes.use(forwarder.matcher)
-        python_only = forwarder.allowed is not None or forwarder.query_log
+        # Every query goes to Python while the worker has an ACL or logs queries (counted: see HANDOFF_REASONS).
+        python_only = ACL if forwarder.allowed is not None else QUERY_LOG if forwarder.query_log else -1
         by_family = self.upstreams
         rtos = self.rtos
         last_pool = last_upstream = _UNSET  # None is a pool (no route) and gets its check
@@ -672,28 +650,30 @@ cdef class _Queries:
             data = receiver.payload(i)
             addr = receiver.peer(i)
             end = self.ends[i]
-            if end < 0 or python_only:
+            if end < 0 or python_only >= 0:
+                counters.handoffs[NOT_SIMPLE if end < 0 else python_only] += 1
                 handle(data, addr, client, counts, outbox=outbox)
                 continue
             try:
-                way = self.routes.find(self.keys[i], end - 12, self.hashes[i], self.name_to_text)
+                way = self.routes.find(self.keys + i * KEY, end - 12, self.hashes[i])
                 question, pool = <object>way.question, <object>way.pool  # ours: a later miss may reuse the way
                 if pool is not last_pool:  # a batch is mostly one pool's: its attributes read once
                     if pool is None or pool.modes:  # SERVFAIL, or a member that learns the client's address
+                        counters.handoffs[NO_ROUTE if pool is None else CLIENT_ADDRESS] += 1
                         handle(data, addr, client, counts, outbox=outbox)
                         continue
-                    last_pool, cycle = pool, pool._cycle
+                    last_pool, cycle = pool, pool.rotation
                 taken += 1
                 backend = next(cycle)  # Pool.next
                 found = PyDict_GetItem(peers, backend)
                 if found == NULL:
                     if len(peers) >= BACKENDS:
                         peers.clear()  # backends come and go over months: bounded
-                    peers[backend] = peer = (self.raw_address(backend), backend.family)
+                    peers[backend] = peer = (_raw_address(backend), backend.family)
                 else:
                     peer = <tuple>found
                 found = PyDict_GetItem(by_family, peer[1])
-                upstreams = <object>found if found != NULL else forwarder._family(peer[1])
+                upstreams = <object>found if found != NULL else forwarder.upstreams_for(peer[1])
                 upstream = upstreams[outbox.pick % len(upstreams)]
                 if upstream is not last_upstream:  # one per batch, unless the outbox filled up
                     last_upstream = upstream
@@ -712,7 +692,7 @@ cdef class _Queries:
                     if PyDict_SetDefault(pending, uid, entry) == <PyObject *>entry:
                         break
                 found = PyDict_GetItem(waiting_by, backend)
-                waiting = <object>found if found != NULL else waiting_by.setdefault(backend, self.deque())
+                waiting = <object>found if found != NULL else waiting_by.setdefault(backend, _deque())
                 waiting.append(entry)
                 raw = peer[0]
                 slot_data = <unsigned char *>receiver.data(i)  # our ID in the slot: entry.query keeps the client's
@@ -732,21 +712,16 @@ cdef class _Queries:
         return True
 
 
-def serve(sock, forwarder, counts, Counters counters, stopping, client, deque, raw_address, name_to_text, failed,
-          replies=(), stale_errors=(), double tick=0.0):
+def serve(sock, forwarder, counts, Counters counters, stopping, client, failed, replies=()):
     """``udp.serve`` for one listening socket: forward every datagram until
     the socket is shut down. ``counts`` are the thread's own (for the
     Python path's work), ``counters`` what this loop counts itself, both
     read by the reporter. ``client`` is the socket's ``udp.UdpClient``;
-    the rest is what the Python modules use for the same work (passed in:
-    this module imports nothing of ours): ``deque``, of the retry queues;
-    ``raw_address`` and ``name_to_text`` as in mmsg and wire; ``failed()``,
-    which logs the exception being handled. With ``replies`` (``Replies``
-    of upstream sockets, ``stale_errors`` and ``tick`` as for
-    ``serve_upstreams``), the same thread serves those sockets too, until
-    the listening socket is shut down; it returns the upstreams still open."""
-    return _loop(_Queries(sock, forwarder, counts, counters, stopping, client, deque, raw_address, name_to_text,
-                          failed), list(replies), stale_errors, tick)
+    ``failed()`` logs the exception being handled. With ``replies``
+    (``Replies`` of upstream sockets), the same thread serves those sockets
+    too, until the listening socket is shut down; it returns the upstreams
+    still open."""
+    return _loop(_Queries(sock, forwarder, counts, counters, stopping, client, failed), list(replies))
 
 
 # -- the reply side ------------------------------------------------------------
@@ -754,10 +729,9 @@ def serve(sock, forwarder, counts, Counters counters, stopping, client, deque, r
 cdef class Replies:
     """The reply side of one upstream socket (``Upstream.serve``'s batch,
     compiled): its receiver and what its loop reads of the upstream.
-    ``counters``, this socket's (``Upstream.counters``); ``peer_key`` as in
-    mmsg; ``latency_buckets``, control.LATENCY_BUCKETS."""
+    ``counters``, this socket's (``Upstream.counters``)."""
 
-    cdef object upstream, pending, policy, counts, peer_key
+    cdef object upstream, pending, policy, counts
     cdef dict rtts, last_answered, rtos  # the policy's tables: filled in place, never replaced
     cdef double retry_min, half_timeout
     cdef Counters counters
@@ -768,13 +742,12 @@ cdef class Replies:
     cdef int got
     cdef bint closed
 
-    def __cinit__(self, upstream, Counters counters, peer_key, latency_buckets):
-        self.buckets = array.array("d", latency_buckets)
+    def __cinit__(self, upstream, Counters counters):
+        self.buckets = array.array("d", LATENCY_BUCKETS)
         if counters.nbuckets != self.buckets.shape[0] + 1:
             raise ValueError("the counters were made for other latency buckets")
         self.upstream = upstream
         self.counters = counters
-        self.peer_key = peer_key
         self.receiver = Receiver(upstream.sock, wait=False)
         self.pending = upstream.pending
         self.policy = upstream.policy
@@ -799,13 +772,13 @@ cdef class Replies:
         self.counters.buckets[i] += 1
         self.counters.latency_sum += rtt
         cdef double srtt = estimate.srtt, rttvar = estimate.rttvar
-        rttvar = 0.75 * rttvar + 0.25 * abs(srtt - rtt)  # RFC 6298: beta 1/4, alpha 1/8
-        srtt = 0.875 * srtt + 0.125 * rtt
+        rttvar = (1 - _BETA) * rttvar + _BETA * abs(srtt - rtt)  # Rtt.sample
+        srtt = (1 - _ALPHA) * srtt + _ALPHA * rtt
         estimate.rttvar = rttvar
         estimate.srtt = srtt
-        self.rtos[backend] = min(max(srtt + 4 * rttvar, self.retry_min), self.half_timeout)
+        self.rtos[backend] = min(max(srtt + _K * rttvar, self.retry_min), self.half_timeout)  # Rtt.timeout
 
-    cdef int take(self, double now, Outbox outbox, stale_errors) except -1:
+    cdef int take(self, double now, Outbox outbox) except -1:
         """Read what waits on the socket (a batch at most) and relay the replies."""
         cdef Receiver receiver = self.receiver
         cdef Counters counters = self.counters
@@ -821,8 +794,8 @@ cdef class Replies:
         try:  # self.got is 0 here: the loop resets it after the clocks
             got = receiver.wait()
         except OSError as e:
-            if e.errno in stale_errors:
-                self.upstream._errors(self.counts, outbox)
+            if e.errno in mmsg.STALE_ERRORS:
+                self.upstream.errors(self.counts, outbox)
             return 0  # EAGAIN: someone read it first, or an error taken by a send
         self.got = got
         policy = self.policy
@@ -846,7 +819,7 @@ cdef class Replies:
             if found == NULL:
                 if len(keys) >= BACKENDS:
                     keys.clear()  # backends come and go over months: bounded
-                keys[backend] = key = self.peer_key(backend)
+                keys[backend] = key = _peer_key(backend)
             else:
                 key = <object>found
             size = PyBytes_GET_SIZE(key)
@@ -890,27 +863,23 @@ cdef class Replies:
         return got
 
     cdef bint clocks(self, double now, double tick, bint rang, Outbox outbox) except -1:
-        """Upstream.serve's clocks, every tick: errors, retries, timeouts.
-        ``rang``: the loop's timer says a tick has passed (it keeps its own
-        time, a little ahead of ours or behind). True when the tick was due
-        (then the loop looks at ``_closing``)."""
+        """``Upstream.tick``, every tick. ``rang``: the loop's timer says a
+        tick has passed (it keeps its own time, a little ahead of ours or
+        behind). True when the tick was due (then the loop looks at
+        ``closing``)."""
         if now < self.due and not rang:
             return False
         self.due = now + tick
-        upstream = self.upstream
-        if upstream.pending:  # see Upstream.serve: nothing in flight, nothing to do
-            upstream._errors(self.counts, outbox)  # see Upstream.serve: a send may have taken the error
-            if self.got < BATCH:
-                _retries(upstream, now, self.counts, outbox)
-            if now >= upstream._scan_at:
-                upstream._timeouts(now, self.counts)
+        if self.pending:  # tested here too: an idle worker's tick makes no Python call
+            self.upstream.tick(now, self.counts, outbox, self.got >= _batch)
         return True
 
 
-cdef void _retries(upstream, double now, counts, outbox) except *:
-    """``Upstream._retries``: every first try comes through its backend's
-    queue once, most of them answered by then; only a try past its retry
-    time goes to the Python method that sends the retry."""
+def due_retries(upstream, double now, counts, outbox):
+    """``upstream.due_retries``, which ``Upstream.tick`` calls: every first
+    try comes through its backend's queue once, most of them answered by
+    then; only a try past its retry time goes to the Python method that
+    sends the retry."""
     cdef Pending entry
     for waiting in list(upstream.waiting.values()):
         popleft = waiting.popleft
@@ -919,24 +888,18 @@ cdef void _retries(upstream, double now, counts, outbox) except *:
             if not (entry.done or entry.retry_uid >= 0):
                 if entry.retry_at > now:
                     break
-                upstream._retry(entry, now, counts, outbox)
+                upstream.retry(entry, now, counts, outbox)
             popleft()
 
 
-cdef enum:
-    SOURCES = 64  # sockets one loop serves at most
-    CLIENT = SOURCES  # the epoll tag of the listening socket
-    TIMER = SOURCES + 1  # the epoll tag of the clocks' timer
-
-
-def serve_upstreams(replies, stale_errors, double tick):
+def serve_upstreams(replies):
     """``Upstream.serve`` for several upstream sockets (their ``Replies``)
     in one thread: receive replies and run the clocks until every one is
-    closed. ``stale_errors`` as in mmsg; ``tick``, upstream.TICK."""
-    _loop(None, list(replies), stale_errors, tick)
+    closed."""
+    _loop(None, list(replies))
 
 
-cdef list _loop(_Queries queries, list replies, stale_errors, double tick):
+cdef list _loop(_Queries queries, list replies):
     """One thread's sockets in one epoll set: the listening socket of
     ``queries``, if any, and the upstream sockets of ``replies``, each read
     a batch at a time when ready, the upstreams' clocks every ``tick``. One
@@ -947,6 +910,7 @@ cdef list _loop(_Queries queries, list replies, stale_errors, double tick):
     ``upstream.counts``; the batches count in the counters. Until the
     listening socket is shut down (then: the upstreams still open, for a
     thread of their own) or, without one, until every upstream is closed."""
+    cdef double tick = _tick
     cdef Replies each
     cdef Outbox outbox = Outbox()
     cdef epoll_event events[SOURCES + 2]
@@ -995,8 +959,8 @@ cdef list _loop(_Queries queries, list replies, stale_errors, double tick):
                 if each.closed:
                     continue
                 if events[j].events & EPOLLERR:  # an ICMP error: its queue drained, or epoll says so again at once
-                    each.upstream._errors(each.counts, outbox)
-                each.take(now, outbox, stale_errors)
+                    each.upstream.errors(each.counts, outbox)
+                each.take(now, outbox)
             outbox.flush()  # what woke us goes out before the clocks' work, not after it
             for each in replies:
                 if each.closed:
@@ -1004,7 +968,7 @@ cdef list _loop(_Queries queries, list replies, stale_errors, double tick):
                 due = each.clocks(now, tick, rang, outbox)
                 each.got = 0
                 # Upstream.close (within a tick): the socket closed by its reader, here
-                if due and each.upstream._closing:
+                if due and each.upstream.closing:
                     epoll_ctl(epfd, EPOLL_CTL_DEL, each.receiver.fd, NULL)
                     each.upstream.sock.close()
                     each.closed = True

@@ -6,7 +6,7 @@ import socket
 import struct
 import threading
 from dataclasses import dataclass
-from types import ModuleType
+from typing import TYPE_CHECKING
 
 from dnsrouter import ecs, wire
 from dnsrouter.address import Address
@@ -21,10 +21,13 @@ from .upstream import Pending, RandomIds, Upstream, serve_together
 from . import acl, mmsg, tcp_fetch
 from .rtt import Rtt
 
+if TYPE_CHECKING:
+    from .fastpath import FastPath
+
 log = logging.getLogger("dnsrouter.worker")
 qlog = logging.getLogger("dnsrouter.queries")
 
-_FORMERR, _SERVFAIL, _NOTIMP, _REFUSED = wire.FORMERR, wire.SERVFAIL, wire.NOTIMP, wire.REFUSED
+_FORMERR, _SERVFAIL, _REFUSED = wire.FORMERR, wire.SERVFAIL, wire.REFUSED
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class Forwarder:
     # random: the source port an off-path spoofer must guess, beside the ID.
     SOCKETS = 4
 
-    def __init__(self, config: Config, stats: Stats, fast: ModuleType | None = None) -> None:
+    def __init__(self, config: Config, stats: Stats, fast: FastPath | None = None) -> None:
         """Every value from ``config``; ``fast``: the compiled UDP path
         (workers/fastpath.py, as ``[server] fast_path`` allows), or None: all in Python."""
         # timeout, retry_min and query_log change on SIGHUP (workers/live.py);
@@ -123,7 +126,7 @@ class Forwarder:
         backend). ``adopted``: on the compiled path, no thread of their own;
         the first ``udp`` thread serves them beside its listening socket
         (``adopt``), so that a query and its reply take no hand-over."""
-        self._family(socket.AF_INET, thread=not (adopted and self.fast))
+        self.upstreams_for(socket.AF_INET, thread=not (adopted and self.fast))
 
     def adopt(self) -> list[Upstream]:
         """The upstreams ``start`` left for a udp thread to serve: to the first that asks."""
@@ -131,7 +134,10 @@ class Forwarder:
             adopted, self._adopted = self._adopted, []
         return adopted
 
-    def _family(self, family: int, thread: bool = True) -> list[Upstream]:
+    def upstreams_for(self, family: int, thread: bool = True) -> list[Upstream]:
+        """The upstream sockets of an address family, made (and given their
+        threads) at the family's first query; the compiled path calls this
+        too, on a family it has not seen in ``upstreams``."""
         with self._upstreams_lock:
             if family not in self.upstreams:
                 fast = self.fast
@@ -180,25 +186,14 @@ class Forwarder:
                 counts["dropped", "acl"] += 1
                 return
             return self._answer(data, _REFUSED, None, 0, addr, client, counts, outbox)
-        question = None
-        try:
-            qname, qtype, qclass, end = wire.parse_question(data)
-            question = (qname, qtype, qclass)
-        except wire.WireError:
-            end = 0
-        if (flags >> 3) & 0xF:  # opcode
-            return self._answer(data, _NOTIMP, question, end, addr, client, counts, outbox)
-        if data[4] or data[5] != 1 or question is None:  # QDCOUNT must be 1
-            return self._answer(data, _FORMERR, question if data[5] == 1 and not data[4] else None,
-                                end, addr, client, counts, outbox)
-        if qtype == wire.TYPE_AXFR or qtype == wire.TYPE_IXFR:
-            return self._answer(data, _NOTIMP, question, end, addr, client, counts, outbox)
-        name = data[12:end - 4].lower()  # the name's case is the client's, its type is not: 65 is no 97
-        lower = name + data[end - 4:end]
-        pool = self.matcher.lookup_wire(name, wire.name_to_text)
+        rcode, question, end, lower = wire.check_query(data)
+        if rcode:
+            return self._answer(data, rcode, question, end, addr, client, counts, outbox)
+        pool = self.matcher.lookup_wire(lower[:-4], wire.name_to_text)
         if self.query_log:
+            assert question is not None  # check_query gives one with rcode 0
             qlog.info("%s %s %s %d -> %s", "tcp" if tcp else "udp", mmsg.host(addr) if addr else "-",
-                      wire.name_to_text(qname), qtype, pool.route.pattern if pool else "SERVFAIL")
+                      wire.name_to_text(question[0]), question[1], pool.route.pattern if pool else "SERVFAIL")
         if pool is None:
             return self._answer(data, _SERVFAIL, question, end, addr, client, counts, outbox)
         strip_opt = False
@@ -237,7 +232,7 @@ class Forwarder:
 
     def _send(self, entry: Pending, counts: Counts, outbox: Outbox | None = None) -> None:
         family = entry.backend.family
-        pool = self.upstreams.get(family) or self._family(family)
+        pool = self.upstreams.get(family) or self.upstreams_for(family)
         # A batch's queries leave together, from one socket picked per batch.
         pick = self._random.next() if outbox is None else outbox.pick
         if not pool[pick % self.SOCKETS].send(entry, outbox):

@@ -10,10 +10,13 @@ from __future__ import annotations
 import threading
 from bisect import bisect_left
 from collections import Counter, defaultdict
+from typing import TypeVar
 
 from dnsrouter.control import LATENCY_BUCKETS
 
 from .types import CountKey, CountReader, Counts
+
+Reader = TypeVar("Reader", bound=CountReader)
 
 
 class Stats:
@@ -32,7 +35,7 @@ class Stats:
             self._threads.append(counts)
         return counts
 
-    def add(self, reader: CountReader) -> CountReader:
+    def add(self, reader: Reader) -> Reader:
         """Counts kept elsewhere (the compiled path's, in C), summed into
         every report from now on; ``reader`` is returned, for chaining."""
         with self._lock:

@@ -5,10 +5,9 @@ import errno
 import logging
 import socket
 import threading
-from collections import deque
 from typing import Callable
 
-from dnsrouter import proxy, wire
+from dnsrouter import proxy
 
 from . import mmsg, upstream
 from .forwarder import Forwarder
@@ -56,9 +55,8 @@ def serve(sock: socket.socket, forwarder: Forwarder, counts: Counts, stopping: t
         counters = forwarder.stats.add(forwarder.fast.Counters())
         # The upstream sockets Forwarder.start left to us: served here too, one thread for both sides
         adopted = forwarder.adopt()
-        left = forwarder.fast.serve(sock, forwarder, counts, counters, stopping, UdpClient(sock), deque,
-                                    mmsg.raw_address, wire.name_to_text, _failed,
-                                    upstream.replies(adopted), mmsg.STALE_ERRORS, upstream.TICK)
+        left = forwarder.fast.serve(sock, forwarder, counts, counters, stopping, UdpClient(sock), _failed,
+                                    upstream.replies(adopted))
         if left:  # the replies to queries still in flight, and to later retries, go on coming
             threading.Thread(target=upstream.serve_together, args=(left,), name="upstream", daemon=True).start()
         return

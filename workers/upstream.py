@@ -29,16 +29,18 @@ import socket
 import struct
 import time
 from collections import deque
-from types import ModuleType
-from typing import Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 from dnsrouter import ecs, proxy
 from dnsrouter.address import Address
-from dnsrouter.control import LATENCY_BUCKETS
 from dnsrouter.routes import Pool
 
 from . import mmsg
-from .types import Client, CountReader, Counts, Outbox
+from .types import Client, Counts, Outbox
+
+if TYPE_CHECKING:
+    from ._fastpath import Counters, Replies
+    from .fastpath import FastPath
 
 MAX_IN_FLIGHT = 60_000  # per upstream socket at most; of 65,536 IDs, keep some free
 TICK = 0.005  # seconds between two looks at due retries when no reply wakes the thread
@@ -130,7 +132,7 @@ class Upstream:
     """One UDP socket towards the backends of one address family."""
 
     def __init__(self, family: int, policy: Policy, counts: Counts, limit: int = MAX_IN_FLIGHT,
-                 fast: ModuleType | None = None, counters: CountReader | None = None) -> None:
+                 fast: FastPath | None = None, counters: Counters | None = None) -> None:
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         # ICMP errors for unconnected UDP sockets reach us only when asked for.
@@ -155,6 +157,10 @@ class Upstream:
         self._scan_at = 0.0
         self._closing = False
         self.fast = fast  # the compiled reply loop (workers/fastpath.py), or None
+        # The sweep of the retry queues, every tick: compiled where the module
+        # is, since every first try passes through it once.
+        self._due_retries: Callable[[Upstream, float, Counts, Outbox], None] = \
+            fast.due_retries if fast is not None else due_retries
         self.counters = counters  # what the compiled loop counts itself (fast.Counters), read by the reporter
 
     def send(self, entry: Pending, outbox: Outbox | None = None) -> bool:
@@ -213,13 +219,13 @@ class Upstream:
         monotonic = time.monotonic
         outbox = mmsg.Outbox()  # the relayed replies and retries of one batch
         due = 0.0
-        while not self._closing:
+        while not self.closing:
             batch: list[tuple[bytes, bytes]] = []
             try:
                 batch = receive()
             except OSError as e:
                 if e.errno in mmsg.STALE_ERRORS:
-                    self._errors(counts, outbox)
+                    self.errors(counts, outbox)
             now = monotonic()
             for data, addr in batch:
                 if len(data) < 12:
@@ -256,24 +262,7 @@ class Upstream:
             outbox.flush()  # the replies go out before the clocks' work, not after it
             if now >= due:
                 due = now + TICK
-                # With nothing in flight there is no try to retry, to time out
-                # or to end on an ICMP error: an idle worker's tick costs
-                # nothing (the queues of tries hold answered ones only, popped
-                # at the next tick with something in flight; errors wait on the
-                # error queue).
-                if pending:
-                    # A send from another thread may have taken the error that
-                    # would have woken us (mmsg.STALE_ERRORS): the ICMP message
-                    # waits on the error queue, so look there every tick too.
-                    self._errors(counts, outbox)
-                    # Retries only once the replies that have arrived are read
-                    # (a batch that did not fill up): a query whose answer waits
-                    # in our own queue is not lost, and a busy worker must not
-                    # double its load with retries of such queries.
-                    if len(batch) < mmsg.BATCH:
-                        self._retries(now, counts, outbox)
-                    if now >= self._scan_at:
-                        self._timeouts(now, counts)
+                self.tick(now, counts, outbox, len(batch) >= mmsg.BATCH)
             outbox.flush()
         self.sock.close()  # here, by the thread that reads it: its number cannot be reused under it
 
@@ -281,18 +270,36 @@ class Upstream:
         """Stop the owner thread (within TICK), which then closes the socket."""
         self._closing = True
 
-    def _retries(self, now: float, counts: Counts, outbox: Outbox) -> None:
-        """Send the early retry of every first try past its retry time."""
-        for waiting in list(self.waiting.values()):
-            while waiting:
-                entry = waiting[0]
-                if not (entry.done or entry.retry_uid >= 0):
-                    if entry.retry_at > now:
-                        break
-                    self._retry(entry, now, counts, outbox)
-                waiting.popleft()
+    @property
+    def closing(self) -> bool:
+        """``close`` was called: the owner thread closes the socket at its next tick."""
+        return self._closing
 
-    def _retry(self, entry: Pending, now: float, counts: Counts, outbox: Outbox) -> None:
+    def tick(self, now: float, counts: Counts, outbox: Outbox, batch_full: bool = False) -> None:
+        """The clocks, every TICK on the owner thread (Python or compiled):
+        ICMP errors, due retries, timeouts. ``batch_full``: the last read
+        filled a batch, so replies may still wait in the socket's queue."""
+        # With nothing in flight there is no try to retry, to time out or to
+        # end on an ICMP error: an idle worker's tick costs nothing (the
+        # queues of tries hold answered ones only, popped at the next tick
+        # with something in flight; errors wait on the error queue).
+        if not self.pending:
+            return
+        # A send from another thread may have taken the error that would have
+        # woken us (mmsg.STALE_ERRORS): the ICMP message waits on the error
+        # queue, so look there every tick too.
+        self.errors(counts, outbox)
+        # Retries only once the replies that have arrived are read (a batch
+        # that did not fill up): a query whose answer waits in our own queue
+        # is not lost, and a busy worker must not double its load with
+        # retries of such queries.
+        if not batch_full:
+            self._due_retries(self, now, counts, outbox)
+        if now >= self._scan_at:
+            self._timeouts(now, counts)
+
+    def retry(self, entry: Pending, now: float, counts: Counts, outbox: Outbox) -> None:
+        """Send the early retry of ``entry``, to another member of its pool."""
         backend = self.policy.retry_target(entry)
         entry.retry_backend = backend
         entry.retry_sent = now
@@ -321,7 +328,7 @@ class Upstream:
                 entry.done = True
                 policy.fail(entry, counts)
 
-    def _errors(self, counts: Counts, outbox: Outbox) -> None:
+    def errors(self, counts: Counts, outbox: Outbox) -> None:
         """ICMP errors queued on the socket: each names the datagram it refers
         to, so the query's try is over at once; the query goes on elsewhere."""
         pending = self.pending
@@ -349,20 +356,32 @@ class Upstream:
             if entry.done:
                 continue
             if not retry and entry.retry_uid < 0:
-                self._retry(entry, time.monotonic(), counts, outbox)  # at once, not at the retry time
+                self.retry(entry, time.monotonic(), counts, outbox)  # at once, not at the retry time
             elif pending.get(entry.uid if retry else entry.retry_uid) is not entry:
                 entry.done = True  # both tries unreachable: nothing to wait for
                 self.policy.fail(entry, counts)
 
 
-def replies(upstreams: list[Upstream]) -> list:
+def due_retries(upstream: Upstream, now: float, counts: Counts, outbox: Outbox) -> None:
+    """Send the early retry of every first try of ``upstream`` past its retry time."""
+    for waiting in list(upstream.waiting.values()):
+        while waiting:
+            entry = waiting[0]
+            if not (entry.done or entry.retry_uid >= 0):
+                if entry.retry_at > now:
+                    break
+                upstream.retry(entry, now, counts, outbox)
+            waiting.popleft()
+
+
+def replies(upstreams: list[Upstream]) -> list[Replies]:
     """The compiled reply side (``_fastpath.Replies``) of each of ``upstreams``,
     for a compiled loop to serve."""
     out = []
     for u in upstreams:
         if u.fast is None or u.counters is None:
             raise ValueError("the compiled reply loop needs the compiled module and its counters")
-        out.append(u.fast.Replies(u, u.counters, mmsg.peer_key, LATENCY_BUCKETS))
+        out.append(u.fast.Replies(u, u.counters))
     return out
 
 
@@ -372,4 +391,4 @@ def serve_together(upstreams: list[Upstream]) -> None:
     loops = replies(upstreams)  # ValueError unless all are compiled
     fast = upstreams[0].fast if upstreams else None
     if fast is not None:
-        fast.serve_upstreams(loops, mmsg.STALE_ERRORS, TICK)
+        fast.serve_upstreams(loops)

@@ -1,0 +1,92 @@
+# The C side of the compiled UDP path (_fastpath.pyx): the system and
+# CPython calls it makes, its fixed sizes, and the indexes of its counters.
+# Sizes that the Python path has too (BATCH, the slot size, the stale errnos,
+# the RTT gains) are not here: the module reads them from the Python modules
+# at import.
+from cpython.ref cimport PyObject
+from posix.uio cimport iovec
+from posix.time cimport itimerspec
+
+cdef extern from "Python.h":
+    PyObject *PyDict_SetDefault(object d, object key, object default) except NULL
+    # What a dict hashes bytes with: keyed SipHash, so that nobody outside can
+    # choose names that fall into one set of the route cache.
+    Py_hash_t _Py_HashBytes(const void *data, Py_ssize_t n) nogil
+    void Py_INCREF(PyObject *o)
+    void Py_XDECREF(PyObject *o)
+
+cdef extern from "<sys/random.h>" nogil:
+    ssize_t getrandom(void *buf, size_t n, unsigned int flags)
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    cdef struct msghdr:
+        void *msg_name
+        socklen_t msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    cdef struct mmsghdr:
+        msghdr msg_hdr
+        unsigned int msg_len
+    int recvmmsg(int fd, mmsghdr *vec, unsigned int n, int flags, void *timeout)
+    int sendmmsg(int fd, mmsghdr *vec, unsigned int n, int flags)
+    ssize_t sendto(int fd, const void *buf, size_t n, int flags, const void *addr, socklen_t len)
+    enum: MSG_WAITFORONE
+    enum: MSG_DONTWAIT
+    enum: AF_INET6
+
+cdef extern from "<sys/epoll.h>" nogil:
+    ctypedef union epoll_data_t:
+        unsigned int u32
+    cdef struct epoll_event:
+        unsigned int events
+        epoll_data_t data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+    enum: EPOLL_CLOEXEC
+    enum: EPOLL_CTL_ADD
+    enum: EPOLL_CTL_DEL
+    enum: EPOLLIN
+    enum: EPOLLERR
+
+cdef extern from "<unistd.h>" nogil:
+    int close(int fd)
+    ssize_t read(int fd, void *buf, size_t n)
+
+cdef extern from "<sys/timerfd.h>" nogil:
+    int timerfd_create(int clockid, int flags)
+    int timerfd_settime(int fd, int flags, const itimerspec *new_value, itimerspec *old_value)
+    enum: TFD_CLOEXEC
+    enum: TFD_NONBLOCK
+
+cdef enum:
+    NAME = 28  # room for a peer address: sizeof(struct sockaddr_in6)
+    KEY = 260  # a question, lower-cased: a name of at most 255 bytes, its type and class
+    OUT = 256  # datagrams an Outbox holds before it sends on its own (and the most mmsg.BATCH may be)
+    IDS = 4096  # random IDs drawn from the kernel at a time
+    SETS = 4096  # the route cache: SETS x WAYS questions (a power of two)
+    WAYS = 4
+    ERRNOS = 256  # room in the table of stale errnos (Linux's errnos are below 134)
+    RCODES = 16  # the header's 4 bits
+    BUCKETS = 32  # room for len(control.LATENCY_BUCKETS) + 1
+    BACKENDS = 1024  # backends one thread counts in C; past them (months of churn) its dict counts
+    SOURCES = 64  # sockets one loop serves at most
+    CLIENT = SOURCES  # the epoll tag of the listening socket
+    TIMER = SOURCES + 1  # the epoll tag of the clocks' timer
+
+cdef enum:  # the counters with a fixed key: indexes into Counters.fixed and _FIXED_KEYS
+    SHORT = 0
+    UNKNOWN, WRONG_SOURCE, WRONG_QUESTION, IN_FLIGHT, ERROR, QUERIES, FIXED
+
+cdef enum:  # why a query goes to the Python path: indexes into Counters.handoffs and HANDOFF_REASONS
+    NOT_SIMPLE = 0  # _classify refuses it: the Python path answers it, or drops it
+    ACL, QUERY_LOG, NO_ROUTE, CLIENT_ADDRESS, REASONS
+
+cdef struct _Way:
+    Py_hash_t hash
+    PyObject *question  # bytes, owned; NULL: an empty way
+    PyObject *pool  # owned: a Pool, or None (no route)
