@@ -47,7 +47,7 @@ class _Recorder(Forwarder):
     and what it answers."""
 
     def __init__(self) -> None:
-        super().__init__(2.0, Stats())
+        super().__init__(defaults(forward_timeout=2.0), Stats())
         self.matcher = Matcher([Route("^", (parse_address("127.0.0.1:53"),))])  # every name has a route
         self.forwarded: list[bytes] = []
         self.answered: list[bytes] = []
@@ -229,6 +229,7 @@ def test_an_outbox_past_its_room_sends_on_its_own(compiled):
             outbox.add(sender.fileno(), b"x", bytes(29))  # longer than any socket address
 
 
+@pytest.mark.system
 def test_one_thread_relays_the_replies_of_each_upstream_socket_until_each_is_closed(compiled):
     """upstream.serve_together, the compiled reply loop of a family's sockets:
     a reply goes back with the client's ID (rewritten in the slot it came in),
@@ -276,6 +277,7 @@ def test_one_thread_relays_the_replies_of_each_upstream_socket_until_each_is_clo
         assert forwarder.stats.delta()["responses", 0] == 8
 
 
+@pytest.mark.system
 def test_the_udp_thread_serves_the_upstreams_it_adopted_and_hands_them_on_when_its_socket_shuts(compiled):
     """On the compiled path the first udp thread serves the IPv4 upstream
     sockets too (Forwarder.start(adopted=True)). A shut-down listening socket

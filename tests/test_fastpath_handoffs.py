@@ -9,10 +9,13 @@ import time
 import dns.message
 import dns.query
 import dns.rcode
+import pytest
 
 from support.fake_backend import FakeBackend
 from support.metrics import Samples, samples, value
 from support.net import HOST, free_port, raw_udp, wait_until
+
+pytestmark = pytest.mark.system  # a real router on the compiled path
 
 HANDOFFS = "dnsrouter_fast_path_handoffs_total"
 QUERIES = "dnsrouter_queries_total"

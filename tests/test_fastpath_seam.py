@@ -19,11 +19,14 @@ from dnsrouter import routes
 from dnsrouter.address import parse_address
 from dnsrouter.routes import Matcher, Pool, Route
 from dnsrouter.workers import fastpath, forwarder as forwarder_module, udp
+from dnsrouter.config import defaults
 from dnsrouter.workers.forwarder import Forwarder
 from dnsrouter.workers.stats import Stats
 from dnsrouter.workers.upstream import Upstream
 from support.fake_backend import FakeBackend
 from support.net import wait_until
+
+pytestmark = pytest.mark.system  # a fake backend answers the forwarded queries
 
 
 def _own_code(cls: type) -> set[types.CodeType]:
@@ -69,7 +72,7 @@ def test_the_compiled_path_runs_on_the_public_interface_only(compiled, monkeypat
     refused: list[str] = []
     monkeypatch.setattr(routes, "Pool", public_only(Pool, refused))  # what Matcher makes its pools of
     monkeypatch.setattr(forwarder_module, "Upstream", public_only(Upstream, refused))
-    forwarder = public_only(Forwarder, refused)(1.0, Stats(), fast=compiled)
+    forwarder = public_only(Forwarder, refused)(defaults(forward_timeout=1.0), Stats(), fast=compiled)
     with pytest.raises(AttributeError):
         forwarder._adopted  # the guard itself: a read from outside the class fails
     assert refused == ["Forwarder._adopted"]
