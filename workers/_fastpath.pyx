@@ -933,7 +933,7 @@ cdef list _loop(_Queries queries, list replies):
             # The clocks' tick from a periodic timer, not from epoll_wait's
             # timeout: that one is a timer armed and cancelled on every
             # wait, twice a query at low rates, and on a virtual machine
-            # each is an exit to the host (bench/RESULTS.md, seventh pass).
+            # each is an exit to the host.
             timer = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK)
             if timer < 0:
                 raise OSError(errno, "timerfd_create failed")

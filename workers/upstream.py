@@ -49,7 +49,7 @@ TICK = 0.005  # seconds between two looks at due retries when no reply wakes the
 _ERROR_HEAD = 16 + 216 + 2
 _IP_RECVERR, _IPV6_RECVERR = 11, 25  # linux/in.h, linux/in6.h; the socket module lacks them
 # A plain int: `|` of the socket module's IntFlag members runs enum code in
-# Python, which at every tick was a third of what reading the error queue cost.
+# Python on every tick, a cost of the same order as reading the error queue.
 _ERROR_QUEUE = int(socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
 
 
