@@ -21,12 +21,16 @@ HANDOFFS = "dnsrouter_fast_path_handoffs_total"
 QUERIES = "dnsrouter_queries_total"
 
 
-def compiled_router(router, tmp_path, ini: str = "") -> tuple[object, int]:
+def compiled_router(router, tmp_path, backend: FakeBackend, ini: str = "") -> tuple[object, int]:
+    """A router on the compiled path (its start checks that), routing .test. to ``backend``:
+    (the router, its metrics port)."""
     conf = tmp_path / "dnsrouter.ini"
     conf.write_text(ini)
     mport = free_port("tcp")
-    r = router(args=["--config", str(conf), "--fast-path", "auto", "--metrics", f"{HOST}:{mport}"])
-    wait_until(lambda: "fast path on" in r.log(), 5, message="the worker did not run the compiled path")
+    r = router(fast_path="auto", args=["--config", str(conf), "--metrics", f"{HOST}:{mport}"])
+    r.route("a", rf"{backend.addr},\.test\.$")
+    wait_until(lambda: dns.query.udp(dns.message.make_query("w.test.", "A"), HOST, port=r.port,
+                                     timeout=1).rcode() == dns.rcode.NOERROR, 5, message="not routed")
     return r, mport
 
 
@@ -61,10 +65,7 @@ def handoffs(diff: dict[tuple, float]) -> dict[str, float]:
 
 def test_a_routable_query_is_never_handed_over_and_a_formerr_or_unrouted_one_is(router, tmp_path):
     with FakeBackend("ok") as fake:
-        r, mport = compiled_router(router, tmp_path)
-        r.route("a", rf"{fake.addr},\.test\.$")
-        wait_until(lambda: dns.query.udp(dns.message.make_query("w.test.", "A"), HOST, port=r.port,
-                                         timeout=1).rcode() == dns.rcode.NOERROR, 5, message="not routed")
+        r, mport = compiled_router(router, tmp_path, fake)
         base = settled(mport)
         for i in range(30):
             assert dns.query.udp(dns.message.make_query(f"q{i}.TEST.", "A"), HOST, port=r.port,
@@ -84,10 +85,7 @@ def test_a_routable_query_is_never_handed_over_and_a_formerr_or_unrouted_one_is(
 
 def test_an_acl_hands_every_query_over(router, tmp_path):
     with FakeBackend("ok") as fake:
-        r, mport = compiled_router(router, tmp_path, "[server]\nallow = 127.0.0.0/8\n")
-        r.route("a", rf"{fake.addr},\.test\.$")
-        wait_until(lambda: dns.query.udp(dns.message.make_query("w.test.", "A"), HOST, port=r.port,
-                                         timeout=1).rcode() == dns.rcode.NOERROR, 5, message="not routed")
+        r, mport = compiled_router(router, tmp_path, fake, "[server]\nallow = 127.0.0.0/8\n")
         base = settled(mport)
         for i in range(10):
             assert dns.query.udp(dns.message.make_query(f"q{i}.test.", "A"), HOST, port=r.port,
