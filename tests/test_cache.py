@@ -515,6 +515,7 @@ def test_purge_a_name_and_a_subtree():
     assert store.purged == {"purge": 2, "notify": 4, "routes": 4}
     store.put(_key("a."), b"r", 0, 100)
     assert store.get(_key("a."), 1) == b"r"
+    assert store.purge(b"\x00", subtree=False) == 0 and store.purge(b"\x00", subtree=True) == 1  # the root's subtree: all
 
 
 _ops = st.lists(st.tuples(st.sampled_from(["put", "get", "get", "purge"]), st.integers(0, 7),
