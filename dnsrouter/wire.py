@@ -16,10 +16,12 @@ from .errors import WireError
 HEADER = struct.Struct("!HHHHHH")
 _TYPE_CLASS = struct.Struct("!HH")
 _RR_FIXED = struct.Struct("!HHIH")  # type, class, ttl, rdlength
+RR_FIXED = _RR_FIXED  # for the modules that walk records themselves (cache.py)
 
 # Response codes the router answers with itself.
 FORMERR, SERVFAIL, NOTIMP, REFUSED = 1, 2, 4, 5
 
+TYPE_SOA = 6
 TYPE_OPT = 41
 TYPE_IXFR = 251
 TYPE_AXFR = 252
