@@ -1,5 +1,7 @@
 """The packet cache's rules (issue 27): what is cached, under which key, for
-how long, and what a client gets back. Not yet wired into the packet path.
+how long, and what a client gets back; ``PacketCache``, what the Python
+packet path uses, and the reference the compiled one (workers/_fastpath.pyx)
+is tested against.
 
 The router sits in front of authoritative servers, so a cached reply goes
 out with the TTLs the backend gave (no aging, as dnsdist's ``dontAge``): the
@@ -18,16 +20,22 @@ included, so it must not cost a dnspython parse.
   negative ones), or None.
 * ``answer``: the cached reply for one client: its ID, its question bytes,
   its own client cookie, or None when it does not fit its UDP size.
+* ``storable``: the reply as the cache keeps it, without COOKIE options.
 * ``Cache``: the entries, bounded in number and bytes, evicted by CLOCK.
+* ``PacketCache``: all of it for one worker, with the purges of every worker
+  (dnsrouter/purges.py).
 """
 from __future__ import annotations
 
 import struct
+import threading
+import time
 from array import array
 
 from . import wire
 from .ecs import NO_EDNS_PAYLOAD, TYPE_SIG, TYPE_TSIG
 from .errors import WireError
+from .purges import PurgeLog
 
 OPTION_COOKIE = 10  # EDNS option code of DNS Cookies (RFC 7873, section 4)
 CLIENT_COOKIE = 8  # bytes of a client cookie; a server cookie adds 8 to 32 (RFC 7873, section 4)
@@ -37,6 +45,8 @@ _U32 = struct.Struct("!I")
 _OPTION = struct.Struct("!HH")  # code, length
 _OPT_FIXED = struct.Struct("!HHIH")  # type, class (the buffer size), ttl (extended rcode, version, flags), rdlength
 _NOERROR, _NXDOMAIN = 0, 3
+_TCP_PAYLOAD = 65535  # what a TCP client can take
+MAX_KEY = 512  # a longer key (a query with many options) is not cached: the compiled path keeps keys in fixed room
 _TTL_MAX = 0x7FFFFFFF  # RFC 2181 section 8: a TTL with the top bit set is taken as 0
 
 # The key's flag byte: RD from the third header byte, AD and CD from the
@@ -120,7 +130,8 @@ def key(query: bytes, end: int) -> bytes | None:
     if edns is _NO_EDNS:
         return question
     # The marker byte keeps "no EDNS" apart from every EDNS key.
-    return question + b"\x01" + edns.head + edns.options
+    result = question + b"\x01" + edns.head + edns.options
+    return result if len(result) <= MAX_KEY else None
 
 
 def lifetime(reply: bytes, max_ttl: float, max_negative_ttl: float) -> float | None:
@@ -195,7 +206,7 @@ def _lifetime(reply: bytes, max_ttl: float, max_negative_ttl: float) -> float | 
     return float(value) if value > 0 else None
 
 
-def answer(cached: bytes, query: bytes, end: int) -> bytes | None:
+def answer(cached: bytes, query: bytes, end: int, tcp: bool = False) -> bytes | None:
     """The cached reply for this client, or None when it must not have it.
 
     The query's ID; the question's bytes as the client spelled them (0x20:
@@ -204,7 +215,8 @@ def answer(cached: bytes, query: bytes, end: int) -> bytes | None:
     option taken out (it holds another client's cookie and a server cookie
     meant for it) and, for a client that sent a COOKIE, its own client
     cookie put back, last. None when the result is longer than the client's
-    UDP size (its EDNS buffer, at least 512; 512 without EDNS), when the
+    UDP size (its EDNS buffer, at least 512; 512 without EDNS; 65535 over
+    ``tcp``), when the
     query is not cacheable, or when ``cached`` is not a reply to this
     question.
     """
@@ -230,9 +242,25 @@ def answer(cached: bytes, query: bytes, end: int) -> bytes | None:
         start, stop = opt[0] - end, opt[1] - end
         body = body[:start + 9] + _U16.pack(len(options)) + options + body[stop:]
     result = query[:2] + cached[2:12] + query[12:end] + body
-    if len(result) > edns.payload:
+    if len(result) > (_TCP_PAYLOAD if tcp else edns.payload):
         return None
     return result
+
+
+def storable(reply: bytes) -> bytes | None:
+    """The reply as the cache keeps it: its OPT without COOKIE options (a
+    server cookie is for the client it was made for; ``answer`` puts the
+    asking client's own back). None if it does not parse."""
+    try:
+        opt = wire.find_opt(reply)
+    except (WireError, struct.error, IndexError):
+        return None
+    if opt is None or opt[1] - opt[0] == 11:
+        return reply
+    options = _without_cookies(reply, opt[0] + 11, opt[1])
+    if options is None:
+        return None
+    return reply[:opt[0] + 9] + _U16.pack(len(options)) + options + reply[opt[1]:]
 
 
 def _without_cookies(packet: bytes, pos: int, end: int) -> bytes | None:
@@ -305,9 +333,7 @@ class Cache:
         self._free: list[int] = []
         self._hand = 0
         self.bytes = 0
-        self.hits = 0
-        self.misses = 0
-        self.expired = 0  # entries found expired by get (counted among the misses too)
+        self.expired = 0  # entries found expired by get
         self.evictions = 0  # entries evicted to make room
         self.purges: dict[str, int] = {}  # purge operations by cause
         self.purged: dict[str, int] = {}  # entries purged, by cause
@@ -322,11 +348,9 @@ class Cache:
         if slot is not None:
             if now < self._expires[slot]:
                 self._referenced[slot] = 1
-                self.hits += 1
                 return self._replies[slot]
             self._remove(slot)
             self.expired += 1
-        self.misses += 1
         return None
 
     def put(self, cache_key: bytes, reply: bytes, now: float, lifetime: float) -> bool:
@@ -412,3 +436,100 @@ class Cache:
             self._remove(slot)
             self.evictions += 1
             return
+
+
+class PacketCache:
+    """The packet cache of one worker, shared by its threads: ``lookup``
+    for a query, ``insert`` for a backend's reply to one, and the purges
+    (``purge_all`` for a route change; NOTIFY and ``dnsrouterctl purge``
+    through the shared ``purges`` log, which every lookup and insert reads
+    first). The reference for the compiled ``_fastpath.PacketCache``, which
+    has the same methods and gives the same answers (test_cache_compiled).
+
+    A reply is cached only if its query was sent after the last purge: a
+    reply that was on its way while the zone was purged may be the old zone's.
+    """
+
+    def __init__(self, size: int, max_bytes: int, max_ttl: float, max_negative_ttl: float,
+                 purges: PurgeLog | None = None) -> None:
+        self._cache = Cache(size, max_bytes)
+        self._lock = threading.Lock()  # the worker's threads share it; the compiled one has the GIL
+        self.max_ttl = max_ttl
+        self.max_negative_ttl = max_negative_ttl
+        self._purges = purges
+        self._seen = purges.seq if purges is not None else 0
+        self.purged_at = float("-inf")  # replies to queries sent before this are not cached
+        self.hits = 0
+        self.misses = 0  # a reply that does not fit the client counts here too
+
+    @property
+    def entries(self) -> int:
+        return self._cache.entries
+
+    @property
+    def bytes(self) -> int:
+        return self._cache.bytes
+
+    def lookup(self, query: bytes, end: int, tcp: bool, now: float) -> bytes | None:
+        """The cached answer to ``query`` (its question ends at ``end``), or
+        None: forward it. A query that cannot be cached counts as nothing."""
+        cache_key = key(query, end)
+        if cache_key is None:
+            return None
+        with self._lock:
+            self._sync()
+            cached = self._cache.get(cache_key, now)
+            result = None if cached is None else answer(cached, query, end, tcp)
+            if result is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+            return result
+
+    def insert(self, query: bytes, end: int, reply: bytes, now: float, sent: float) -> bool:
+        """Cache ``reply``, a backend's answer to ``query`` sent at ``sent``,
+        if it may be; whether it was."""
+        cache_key = key(query, end)
+        if cache_key is None:
+            return False
+        life = lifetime(reply, self.max_ttl, self.max_negative_ttl)
+        stored = storable(reply) if life is not None else None
+        if stored is None:
+            return False
+        with self._lock:
+            self._sync()
+            if sent < self.purged_at:
+                return False
+            return self._cache.put(cache_key, stored, now, life)
+
+    def purge_all(self, cause: str) -> int:
+        """Forget everything (a route change, in this worker only); how many went."""
+        with self._lock:
+            self.purged_at = time.monotonic()
+            return self._cache.purge_all(cause)
+
+    def _sync(self) -> None:
+        """Apply the purges written since the last look (the lock held)."""
+        purges = self._purges
+        if purges is None or purges.seq == self._seen:
+            return
+        self._seen, new = purges.since(self._seen)
+        if new is None:
+            self.purged_at = time.monotonic()
+            self._cache.purge_all("behind")
+            return
+        for purge in new:
+            self.purged_at = max(self.purged_at, purge.at)
+            self._cache.purge(purge.name, purge.subtree, purge.cause)
+
+    def snapshot(self) -> dict[tuple[str, object], int]:
+        """Totals since the start, keyed as counts are (Stats.add)."""
+        cache = self._cache
+        out: dict[tuple[str, object], int] = {
+            ("cache_hits", ""): self.hits, ("cache_misses", ""): self.misses,
+            ("cache_evictions", ""): cache.evictions, ("cache_expired", ""): cache.expired}
+        for cause, n in cache.purges.items():
+            out["cache_purges", cause] = n
+        for cause, n in cache.purged.items():
+            out["cache_purged", cause] = n
+        return {k: v for k, v in out.items() if v}
