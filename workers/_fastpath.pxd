@@ -90,3 +90,40 @@ cdef struct _Way:
     Py_hash_t hash
     PyObject *question  # bytes, owned; NULL: an empty way
     PyObject *pool  # owned: a Pool, or None (no route)
+
+# -- the packet cache (PacketCache, dnsrouter/cache.py's rules in C) -----------
+
+cdef extern from *:
+    """
+    /* The purge log's sequence number, written by other processes: one load. */
+    static inline unsigned long long dnsrouter_load_seq(const void *p) {
+        return __atomic_load_n((const unsigned long long *)p, __ATOMIC_ACQUIRE);
+    }
+    """
+    unsigned long long _load_seq "dnsrouter_load_seq" (const void *p) nogil
+
+cdef enum:
+    CACHE_KEY = 512  # room for a cache key: cache.MAX_KEY at most (checked at import)
+    CACHE_ANSWER = 65536  # room for an answer: one is served only up to 65535 bytes (TCP's most)
+    CACHE_CHUNK = 16  # what glibc's malloc adds to a block, on average: its 8-byte size word, rounding to 16
+
+cdef struct _QueryEdns:  # cache._Edns: the OPT of a cacheable query, as key and answer read it
+    bint edns  # False: no OPT (_NO_EDNS)
+    Py_ssize_t payload  # what the client can take over UDP (at least 512)
+    Py_ssize_t cookie_size  # the bytes of its COOKIE option (4 + its length), 0: none
+    unsigned char cookie[8]  # the client cookie
+
+cdef struct _Entry:  # one slot of the packet cache (cache.Cache's parallel arrays, as one struct)
+    unsigned char *block  # the key, then the stored reply, in one malloc'd block; NULL: a free slot
+    double expires
+    unsigned long long order  # which insert made it: purges go in this order, as cache.Cache's dict does
+    unsigned int tag  # the key's hash, its low 32 bits: its home in the index
+    unsigned int reply_size
+    int qend  # where the stored reply's question ends, -1: wire.parse_question refuses it
+    int opt_start, opt_end  # its OPT record as wire.find_opt finds it; -1: none, -2: find_opt raises
+    unsigned short key_size
+    unsigned char referenced  # CLOCK's bit: set by a hit
+
+cdef struct _Bucket:  # the index over the slots: open addressing, linear probing, backward-shift deletion
+    unsigned int tag  # the key's hash, its low 32 bits (a first check before the key's bytes)
+    int slot  # -1: empty

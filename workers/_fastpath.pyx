@@ -39,7 +39,7 @@ writes more than ``KEY`` bytes.
 from cpython cimport array
 import array
 import collections
-from libc.stdlib cimport malloc, calloc, free
+from libc.stdlib cimport malloc, calloc, free, realloc, qsort
 from libc.string cimport memcpy, memcmp, memset, strerror
 from libc.errno cimport errno, EINTR
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
@@ -53,7 +53,7 @@ include "_fastpath.pxd"
 
 # The rules and sizes this module shares with the Python path, read from
 # there. The Python API is typed in _fastpath.pyi.
-from dnsrouter import counters as _counters, wire
+from dnsrouter import cache as _cache, counters as _counters, ecs as _ecs, wire
 from dnsrouter.control import LATENCY_BUCKETS
 from dnsrouter.workers import mmsg, rtt
 from dnsrouter.workers.upstream import TICK
@@ -338,6 +338,13 @@ cdef class Receiver:
     cdef inline bytes peer(self, int i):
         return PyBytes_FromStringAndSize(<char *>self.names + i * NAME, self.name_size)
 
+    cdef inline const unsigned char *name(self, int i) noexcept nogil:
+        return self.names + i * NAME
+
+    cdef inline Py_ssize_t name_length(self, int i) noexcept nogil:
+        """The peer address's length as the kernel wrote it (msg_namelen)."""
+        return self.hdrs[i].msg_hdr.msg_namelen
+
     def receive(self):
         """As ``mmsg.Receiver.receive``: [(payload, raw peer address)]."""
         cdef int got = self.wait(), i
@@ -536,6 +543,790 @@ cdef class Counters:
         return out
 
 
+# -- the packet cache (issue 27) ------------------------------------------------
+#
+# dnsrouter/cache.py's rules, in C, each function naming the one it mirrors
+# byte for byte (tests/test_cache_compiled.py holds them to it), and
+# PacketCache, cache.PacketCache with its entries in C: a hit in the
+# compiled loop is answered in the slot the query came in, without an
+# object made. Every length read from a packet is checked against the
+# packet's length before the bytes it counts are read.
+
+cdef int _OPTION_COOKIE = _cache.OPTION_COOKIE
+cdef int _CLIENT_COOKIE = _cache.CLIENT_COOKIE
+cdef Py_ssize_t _MAX_KEY = _cache.MAX_KEY
+cdef Py_ssize_t _NO_EDNS = _ecs.NO_EDNS_PAYLOAD
+cdef unsigned int _TYPE_OPT = wire.TYPE_OPT, _TYPE_SOA = wire.TYPE_SOA
+cdef unsigned int _TYPE_AXFR = wire.TYPE_AXFR, _TYPE_IXFR = wire.TYPE_IXFR
+cdef unsigned int _TYPE_SIG = _ecs.TYPE_SIG, _TYPE_TSIG = _ecs.TYPE_TSIG
+if _MAX_KEY > CACHE_KEY or _CLIENT_COOKIE != 8:
+    raise ImportError("cache.MAX_KEY or CLIENT_COOKIE differ from the room _fastpath.pxd gives them")
+
+# What an entry costs beyond its key and reply bytes: its slot, its place in
+# the free list, the index's buckets (kept at most half full, and at least a
+# quarter after it doubles: 3 per entry on average), and malloc's own bytes
+# for the block. test_cache_compiled measures it with mallinfo2.
+CACHE_ENTRY_OVERHEAD = sizeof(_Entry) + sizeof(int) + 3 * sizeof(_Bucket) + CACHE_CHUNK
+cdef Py_ssize_t _OVERHEAD = CACHE_ENTRY_OVERHEAD
+
+
+cdef inline unsigned int _u16(const unsigned char *p) noexcept nogil:
+    return p[0] << 8 | p[1]
+
+
+cdef inline unsigned long long _u32(const unsigned char *p) noexcept nogil:
+    return <unsigned long long>p[0] << 24 | p[1] << 16 | p[2] << 8 | p[3]
+
+
+cdef inline unsigned char _lower(unsigned char c) noexcept nogil:
+    return c + 32 if 65 <= c <= 90 else c  # bytes.lower(): ASCII letters only
+
+
+cdef bint _query_edns(const unsigned char *q, Py_ssize_t n, Py_ssize_t end, _QueryEdns *e) noexcept nogil:
+    """cache._query_edns: whether the query is cacheable, its EDNS in ``e``."""
+    cdef Py_ssize_t pos, data_end, length
+    e.edns = False
+    e.payload = _NO_EDNS
+    e.cookie_size = 0
+    if n < 12 or q[2] & 0xF8 or q[4] or q[5] != 1 or q[6] or q[7] or q[8] or q[9] or q[10]:
+        return False
+    if q[11] == 0:
+        return end == n
+    if end < 0 or q[11] != 1 or end + 11 > n or q[end] != 0:
+        return False  # (a negative end is no question's end: answer and key refuse it either way)
+    if _u16(q + end + 1) != _TYPE_OPT or end + 11 + <Py_ssize_t>_u16(q + end + 9) != n:
+        return False
+    e.payload = max(<Py_ssize_t>_u16(q + end + 3), _NO_EDNS)
+    pos = end + 11
+    while pos < n:
+        if pos + 4 > n:
+            return False
+        length = _u16(q + pos + 2)
+        data_end = pos + 4 + length
+        if data_end > n:
+            return False
+        if _u16(q + pos) == <unsigned int>_OPTION_COOKIE:
+            if e.cookie_size or not (length == _CLIENT_COOKIE or 16 <= length <= 40):
+                return False
+            e.cookie_size = 4 + length
+            memcpy(e.cookie, q + pos + 4, 8)
+        pos = data_end
+    e.edns = True
+    return True
+
+
+cdef Py_ssize_t _cache_key(const unsigned char *q, Py_ssize_t n, Py_ssize_t end,
+                           unsigned char *key) noexcept nogil:
+    """cache.key, written into ``key`` (CACHE_KEY bytes of room): its length, or -1 for None."""
+    cdef _QueryEdns e
+    cdef Py_ssize_t size, i, pos, stop
+    cdef unsigned int qtype
+    if end < 17 or end > n or not _query_edns(q, n, end, &e):
+        return -1
+    qtype = _u16(q + end - 4)
+    if qtype == _TYPE_AXFR or qtype == _TYPE_IXFR:
+        return -1
+    size = end - 12 + 1
+    if e.edns:
+        size += 1 + 4 + (n - end - 11) - e.cookie_size
+    if size > _MAX_KEY:
+        return -1
+    for i in range(12, end - 4):
+        key[i - 12] = _lower(q[i])
+    memcpy(key + end - 16, q + end - 4, 4)
+    key[end - 12] = (q[2] & 0x01) << 7 | q[3] & 0x30  # RD; AD and CD
+    if not e.edns:
+        return size
+    pos = end - 11
+    key[pos] = 1  # the marker: no EDNS key is an EDNS one
+    memcpy(key + pos + 1, q + end + 5, 4)  # extended rcode, version, flags
+    pos += 5
+    i = end + 11
+    while i < n:  # the options as sent, but COOKIE (_query_edns checked their lengths)
+        stop = i + 4 + _u16(q + i + 2)
+        if _u16(q + i) != <unsigned int>_OPTION_COOKIE:
+            memcpy(key + pos, q + i, stop - i)
+            pos += stop - i
+        i = stop
+    return size
+
+
+cdef Py_ssize_t _skip_name(const unsigned char *p, Py_ssize_t n, Py_ssize_t pos) noexcept nogil:
+    """wire.skip_name: the offset after the name at ``pos``, -1 where it raises."""
+    cdef unsigned char length
+    while pos < n:
+        length = p[pos]
+        if length == 0:
+            return pos + 1
+        if length & 0xC0 == 0xC0:
+            return pos + 2
+        if length > 63:
+            return -1
+        pos += length + 1
+    return -1
+
+
+cdef Py_ssize_t _question_end(const unsigned char *p, Py_ssize_t n) noexcept nogil:
+    """wire.parse_question(p)[3], -1 where it raises."""
+    cdef Py_ssize_t pos = 12
+    cdef unsigned char length
+    while True:
+        if pos >= n:
+            return -1
+        length = p[pos]
+        if length == 0:
+            pos += 1
+            break
+        if length > 63:
+            return -1
+        pos += length + 1
+    if pos - 12 > 255 or pos + 4 > n:
+        return -1
+    return pos + 4
+
+
+cdef int _find_opt(const unsigned char *p, Py_ssize_t n, Py_ssize_t offset,
+                   Py_ssize_t *start, Py_ssize_t *stop) noexcept nogil:
+    """wire.find_opt (``offset`` < 0: None): 1, the OPT's start and end set;
+    0, no OPT; -1 where it raises."""
+    cdef Py_ssize_t pos = 12, at, records, index, additional
+    cdef unsigned int qd, rtype
+    if n < 12:
+        return -1
+    qd = _u16(p + 4)
+    additional = _u16(p + 6) + _u16(p + 8)
+    records = additional + _u16(p + 10)
+    if records == additional:
+        return 0
+    if offset < 0:
+        for index in range(qd):
+            pos = _skip_name(p, n, pos)
+            if pos < 0:
+                return -1
+            pos += 4
+    else:
+        pos = offset
+    for index in range(records):
+        at = pos
+        pos = _skip_name(p, n, pos)
+        if pos < 0 or pos + 10 > n:
+            return -1
+        rtype = _u16(p + pos)
+        pos += 10 + _u16(p + pos + 8)
+        if pos > n:
+            return -1
+        if index >= additional and rtype == _TYPE_OPT:
+            start[0] = at
+            stop[0] = pos
+            return 1
+    return 0
+
+
+cdef double _lifetime(const unsigned char *r, Py_ssize_t size, double max_ttl,
+                      double max_negative_ttl) noexcept nogil:
+    """cache.lifetime: seconds, 0 for None."""
+    cdef unsigned int rcode, an, rtype
+    cdef Py_ssize_t pos, owner, start, names, index, records, authority, additional
+    cdef unsigned long long ttl, least = 0x7FFFFFFF, soa = 0x7FFFFFFF, minimum
+    cdef bint has_soa = False, has_opt = False
+    cdef double value
+    if size < 12 or r[2] & 0xFA != 0x80:  # QR set; opcode QUERY; TC clear
+        return 0
+    rcode = r[3] & 0xF
+    if (rcode != 0 and rcode != 3) or _u16(r + 4) != 1:  # NOERROR, NXDOMAIN; one question
+        return 0
+    an = _u16(r + 6)
+    authority, additional = an, an + _u16(r + 8)
+    records = additional + _u16(r + 10)
+    pos = _question_end(r, size)
+    if pos < 0:
+        return 0
+    for index in range(records):
+        owner = pos
+        pos = _skip_name(r, size, pos)
+        if pos < 0 or pos + 10 > size:
+            return 0
+        rtype = _u16(r + pos)
+        ttl = _u32(r + pos + 4)
+        start = pos + 10
+        pos = start + _u16(r + pos + 8)
+        if pos > size:
+            return 0
+        if rtype == _TYPE_OPT:
+            if index < additional or has_opt or r[owner] != 0 or ttl >> 24:
+                return 0  # misplaced, second, not the root's, or an extended rcode
+            has_opt = True
+            continue
+        if rtype == _TYPE_TSIG or (rtype == _TYPE_SIG and index >= additional):
+            return 0
+        if ttl > 0x7FFFFFFF:
+            ttl = 0
+        if ttl < least:
+            least = ttl
+        if rtype == _TYPE_SOA and authority <= index < additional:
+            names = _skip_name(r, size, start)  # MNAME, RNAME, then five numbers
+            if names >= 0:
+                names = _skip_name(r, size, names)
+            if names < 0 or names + 20 != pos:
+                return 0
+            minimum = _u32(r + pos - 4)
+            soa = min(soa, min(ttl, minimum))
+            has_soa = True
+    if pos != size:
+        return 0
+    value = <double>least  # Python's min: the first of equals, a later one only if less
+    if rcode == 3 or an == 0:
+        if not has_soa:
+            return 0
+        if <double>soa < value:
+            value = <double>soa
+        if max_negative_ttl < value:
+            value = max_negative_ttl
+    elif max_ttl < value:
+        value = max_ttl
+    return value if value > 0 else 0
+
+
+cdef Py_ssize_t _without_cookies(const unsigned char *p, Py_ssize_t pos, Py_ssize_t end,
+                                 unsigned char *out) noexcept nogil:
+    """cache._without_cookies: the length of the options between ``pos`` and
+    ``end`` but COOKIE (written to ``out`` unless NULL), -1 for None."""
+    cdef Py_ssize_t kept = 0, stop
+    while pos < end:
+        if pos + 4 > end:
+            return -1
+        stop = pos + 4 + _u16(p + pos + 2)
+        if stop > end:
+            return -1
+        if _u16(p + pos) != <unsigned int>_OPTION_COOKIE:
+            if out != NULL:
+                memcpy(out + kept, p + pos, stop - pos)
+            kept += stop - pos
+        pos = stop
+    return kept
+
+
+cdef Py_ssize_t _storable(const unsigned char *r, Py_ssize_t n, unsigned char *out) noexcept nogil:
+    """cache.storable: the stored form's length, -1 for None; written to
+    ``out`` (as many bytes as the reply's) unless NULL."""
+    cdef Py_ssize_t start = 0, stop = 0, kept
+    cdef int found = _find_opt(r, n, -1, &start, &stop)
+    if found < 0:
+        return -1
+    if found == 0 or stop - start == 11:
+        if out != NULL:
+            memcpy(out, r, n)
+        return n
+    kept = _without_cookies(r, start + 11, stop, NULL)
+    if kept < 0:
+        return -1
+    if out != NULL:
+        memcpy(out, r, start + 9)
+        out[start + 9] = kept >> 8
+        out[start + 10] = kept & 0xFF
+        _without_cookies(r, start + 11, stop, out + start + 11)
+        memcpy(out + start + 11 + kept, r + stop, n - stop)
+    return start + 11 + kept + n - stop
+
+
+cdef void _parse_cached(const unsigned char *c, Py_ssize_t n, int *qend, int *opt_start,
+                        int *opt_end) noexcept nogil:
+    """What answer reads of a cached reply before the query: where its
+    question ends (-1: parse_question raises), its OPT (-1: none; -2:
+    find_opt raises). Made once, when the reply is stored."""
+    cdef Py_ssize_t end = _question_end(c, n), start = -1, stop = -1
+    qend[0] = <int>end
+    opt_start[0] = opt_end[0] = -1
+    if end < 0:
+        return
+    cdef int found = _find_opt(c, n, end, &start, &stop)
+    if found < 0:
+        opt_start[0] = -2
+    elif found:
+        opt_start[0], opt_end[0] = <int>start, <int>stop
+
+
+cdef Py_ssize_t _answer(const unsigned char *c, Py_ssize_t cn, int qend, int opt_start, int opt_end,
+                        const unsigned char *q, Py_ssize_t qn, Py_ssize_t end, bint tcp,
+                        unsigned char *out) noexcept nogil:
+    """cache.answer of the cached reply ``c`` (read by _parse_cached) to
+    query ``q``, written to ``out`` (CACHE_ANSWER bytes of room; it may be
+    ``q`` itself: what the query holds past ``end`` is read first): its
+    length, -1 for None."""
+    cdef _QueryEdns e
+    cdef Py_ssize_t i, kept = 0, options = 0, total, pos
+    cdef bint rewrite
+    if not _query_edns(q, qn, end, &e) or qend < 0 or qend != end:
+        return -1
+    for i in range(12, end):
+        if _lower(c[i]) != _lower(q[i]):
+            return -1
+    if opt_start == -2 or (opt_start >= 0 and c[opt_start] != 0):
+        return -1  # records that do not parse; an OPT not owned by the root
+    rewrite = opt_start >= 0 and (opt_end - opt_start > 11 or e.cookie_size)
+    if rewrite:
+        kept = _without_cookies(c, opt_start + 11, opt_end, NULL)
+        if kept < 0:
+            return -1
+        options = kept + (4 + _CLIENT_COOKIE if e.cookie_size else 0)
+        if options > 0xFFFF:
+            return -1  # (cache.answer's pack raises: a reply that long is past 65535 bytes anyway)
+        total = opt_start + 11 + options + cn - opt_end
+    else:
+        total = cn
+    if total > (0xFFFF if tcp else e.payload):
+        return -1
+    if out != q:
+        memcpy(out, q, 2)
+        memcpy(out + 12, q + 12, end - 12)
+    memcpy(out + 2, c + 2, 10)  # the client's ID and question, the rest the cached reply's
+    if not rewrite:
+        memcpy(out + end, c + end, cn - end)
+        return total
+    memcpy(out + end, c + end, opt_start + 9 - end)
+    pos = opt_start + 9
+    out[pos] = options >> 8
+    out[pos + 1] = options & 0xFF
+    pos += 2
+    _without_cookies(c, opt_start + 11, opt_end, out + pos)
+    pos += kept
+    if e.cookie_size:  # the client's own cookie, last
+        out[pos] = _OPTION_COOKIE >> 8
+        out[pos + 1] = _OPTION_COOKIE & 0xFF
+        out[pos + 2] = 0
+        out[pos + 3] = _CLIENT_COOKIE
+        memcpy(out + pos + 4, e.cookie, _CLIENT_COOKIE)
+        pos += 4 + _CLIENT_COOKIE
+    memcpy(out + pos, c + opt_end, cn - opt_end)
+    return total
+
+
+def cache_key(bytes query, Py_ssize_t end):
+    """cache.key, as the compiled path makes it (for the tests)."""
+    cdef unsigned char key[CACHE_KEY]
+    cdef Py_ssize_t n = _cache_key(<const unsigned char *>PyBytes_AS_STRING(query), PyBytes_GET_SIZE(query), end, key)
+    return PyBytes_FromStringAndSize(<char *>key, n) if n >= 0 else None
+
+
+def cache_lifetime(bytes reply, double max_ttl, double max_negative_ttl):
+    """cache.lifetime, as the compiled path reckons it (for the tests)."""
+    cdef double value = _lifetime(<const unsigned char *>PyBytes_AS_STRING(reply), PyBytes_GET_SIZE(reply),
+                                  max_ttl, max_negative_ttl)
+    return value if value > 0 else None
+
+
+def cache_storable(bytes reply):
+    """cache.storable, as the compiled path stores a reply (for the tests)."""
+    cdef const unsigned char *r = <const unsigned char *>PyBytes_AS_STRING(reply)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(reply)
+    cdef Py_ssize_t size = _storable(r, n, NULL)
+    if size < 0:
+        return None
+    out = PyBytes_FromStringAndSize(NULL, size)
+    _storable(r, n, <unsigned char *>PyBytes_AS_STRING(out))
+    return out
+
+
+def cache_answer(bytes cached, bytes query, Py_ssize_t end, bint tcp=False):
+    """cache.answer, as the compiled path answers a hit (for the tests)."""
+    cdef int qend, opt_start, opt_end
+    cdef const unsigned char *c = <const unsigned char *>PyBytes_AS_STRING(cached)
+    cdef Py_ssize_t cn = PyBytes_GET_SIZE(cached), size
+    cdef unsigned char *out = <unsigned char *>malloc(CACHE_ANSWER)
+    if out == NULL:
+        raise MemoryError()
+    try:
+        _parse_cached(c, cn, &qend, &opt_start, &opt_end)
+        size = _answer(c, cn, qend, opt_start, opt_end, <const unsigned char *>PyBytes_AS_STRING(query),
+                       PyBytes_GET_SIZE(query), end, tcp, out)
+        return PyBytes_FromStringAndSize(<char *>out, size) if size >= 0 else None
+    finally:
+        free(out)
+
+
+cdef int _by_order(const void *a, const void *b) noexcept nogil:
+    cdef unsigned long long x = (<_Entry **>a)[0].order, y = (<_Entry **>b)[0].order
+    return -1 if x < y else (1 if x > y else 0)
+
+
+cdef bint _at_or_below(const unsigned char *name, Py_ssize_t n, const unsigned char *zone,
+                       Py_ssize_t zn) noexcept nogil:
+    """cache._at_or_below: ``name`` is ``zone`` or below it, label by label."""
+    cdef Py_ssize_t pos = 0, cut = n - zn
+    while pos < cut:
+        pos += name[pos] + 1
+    return pos == cut and memcmp(name + pos, zone, zn) == 0
+
+
+cdef Py_ssize_t _key_name(const unsigned char *key, Py_ssize_t n) noexcept nogil:
+    """cache.key_name: the length of the name a key begins with (-1: none
+    there, which a key made by _cache_key never lacks)."""
+    cdef Py_ssize_t pos = 0
+    while pos < n and key[pos]:
+        pos += key[pos] + 1
+    return pos + 1 if pos < n else -1
+
+
+cdef class PacketCache:
+    """cache.PacketCache, its entries in C: the same methods, the same
+    answers, the same evictions (test_cache_compiled runs both through the
+    same operations). ``cache.Cache``'s parallel arrays are one array of
+    slots (``_Entry``), taken from the free list, last freed first, else the
+    next new one, and swept by the same CLOCK hand; its dict is an index of
+    open addressing keyed by ``_Py_HashBytes`` of the key (keyed SipHash:
+    nobody outside can aim keys at one run of buckets). Each entry's key and
+    stored reply are one malloc'd block. Bytes are counted as the reference
+    counts them, with ``CACHE_ENTRY_OVERHEAD`` per entry.
+
+    Every thread of a worker uses it holding the GIL, and no code here that
+    changes the table calls Python or lets the GIL go: the one Python call,
+    the purge log's ``since`` (which may wait for its lock), is made before
+    the table is touched, and only when the log's sequence number, one load
+    from shared memory, has moved."""
+
+    cdef _Entry *slots
+    cdef Py_ssize_t nslots, room  # slots handed out (cache.Cache's len(_keys)), slots allocated
+    cdef int *free_slots
+    cdef Py_ssize_t nfree
+    cdef _Bucket *index
+    cdef size_t mask  # buckets - 1 (a power of two); 0 with no index yet
+    cdef Py_ssize_t count, hand
+    cdef long long nbytes
+    cdef unsigned long long inserts
+    cdef readonly long long size, max_bytes, evictions, expired
+    cdef public double max_ttl, max_negative_ttl, purged_at
+    cdef public long long hits, misses
+    cdef object purges  # the PurgeLog, or None
+    cdef const void *seq_at  # its sequence number, in shared memory; NULL: no log
+    cdef unsigned long long seen
+    cdef dict purge_counts, purged_counts  # by cause: cache.Cache's purges and purged
+
+    def __cinit__(self, long long size, long long max_bytes, double max_ttl, double max_negative_ttl, purges=None):
+        self.size = size
+        self.max_bytes = max_bytes
+        self.max_ttl = max_ttl
+        self.max_negative_ttl = max_negative_ttl
+        self.purged_at = float("-inf")
+        self.purges = purges
+        if purges is not None:
+            self.seen = purges.seq
+            self.seq_at = <const void *><size_t>purges.address()
+        self.purge_counts = {}
+        self.purged_counts = {}
+
+    def __dealloc__(self):
+        self.clear()
+        free(self.slots)
+        free(self.free_slots)
+        free(self.index)
+
+    @property
+    def entries(self):
+        return self.count
+
+    # -- the table: C only, no Python call, the GIL held throughout ----------
+
+    cdef void clear(self) noexcept nogil:
+        cdef Py_ssize_t i
+        for i in range(self.nslots):
+            free(self.slots[i].block)
+            self.slots[i].block = NULL
+        for i in range(<Py_ssize_t>self.mask + 1 if self.index != NULL else 0):
+            self.index[i].slot = -1
+        self.nslots = self.nfree = self.count = self.hand = 0
+        self.nbytes = 0
+
+    cdef Py_ssize_t find(self, const unsigned char *key, Py_ssize_t n, unsigned int tag) noexcept nogil:
+        """The bucket of ``key``, -1 if it is not there."""
+        cdef size_t i
+        cdef _Bucket *bucket
+        cdef _Entry *entry
+        if self.index == NULL:
+            return -1
+        i = tag & self.mask
+        while True:
+            bucket = self.index + i
+            if bucket.slot < 0:
+                return -1
+            if bucket.tag == tag:
+                entry = self.slots + bucket.slot
+                if entry.key_size == n and memcmp(entry.block, key, n) == 0:
+                    return <Py_ssize_t>i
+            i = (i + 1) & self.mask
+
+    cdef void remove(self, int slot) noexcept nogil:
+        """cache.Cache._remove: the entry out of the index, its block freed, its slot freed last."""
+        cdef _Entry *entry = self.slots + slot
+        cdef size_t i = entry.tag & self.mask, j, home
+        while self.index[i].slot != slot:
+            i = (i + 1) & self.mask
+        j = i
+        while True:  # backward shift: no tombstones, so a miss ends at the first empty bucket
+            j = (j + 1) & self.mask
+            if self.index[j].slot < 0:
+                break
+            home = self.index[j].tag & self.mask
+            if ((j - home) & self.mask) >= ((j - i) & self.mask):  # its home is not in (i, j]: it may move back
+                self.index[i] = self.index[j]
+                i = j
+        self.index[i].slot = -1
+        self.nbytes -= entry.key_size + entry.reply_size + _OVERHEAD
+        free(entry.block)
+        entry.block = NULL
+        self.free_slots[self.nfree] = slot
+        self.nfree += 1
+        self.count -= 1
+
+    cdef void evict(self, double now) noexcept nogil:
+        """cache.Cache._evict: the first entry at or after the hand that has
+        expired or whose bit is clear; bits set on the way are cleared."""
+        cdef Py_ssize_t slot, n = self.nslots
+        cdef _Entry *entry
+        while True:
+            slot = self.hand
+            self.hand = (slot + 1) % n
+            entry = self.slots + slot
+            if entry.block == NULL:
+                continue
+            if entry.referenced and now < entry.expires:
+                entry.referenced = 0
+                continue
+            self.remove(<int>slot)
+            self.evictions += 1
+            return
+
+    cdef bint grow(self) noexcept nogil:
+        """Room for one entry more, in the slots and the index (kept at most
+        half full); False if malloc has none."""
+        cdef Py_ssize_t room, i
+        cdef size_t buckets, j
+        cdef void *p
+        cdef _Bucket *index
+        if self.nslots == self.room and self.room < self.size:
+            room = min(max(2 * self.room, 16), self.size)
+            p = realloc(self.slots, room * sizeof(_Entry))
+            if p == NULL:
+                return False
+            self.slots = <_Entry *>p
+            p = realloc(self.free_slots, room * sizeof(int))
+            if p == NULL:
+                return False
+            self.free_slots = <int *>p
+            self.room = room
+        if self.index == NULL or <size_t>(self.count + 1) * 2 > self.mask + 1:
+            buckets = 2 * (self.mask + 1) if self.index != NULL else 32
+            index = <_Bucket *>malloc(buckets * sizeof(_Bucket))
+            if index == NULL:
+                return False
+            for j in range(buckets):
+                index[j].slot = -1
+            for i in range(self.nslots):
+                if self.slots[i].block != NULL:
+                    j = self.slots[i].tag & (buckets - 1)
+                    while index[j].slot >= 0:
+                        j = (j + 1) & (buckets - 1)
+                    index[j].tag = self.slots[i].tag
+                    index[j].slot = <int>i
+            free(self.index)
+            self.index = index
+            self.mask = buckets - 1
+        return True
+
+    cdef bint put(self, unsigned char *block, Py_ssize_t key_size, Py_ssize_t reply_size,
+                  double now, double life) noexcept nogil:
+        """cache.Cache.put of the key and stored reply in ``block``, which
+        the cache takes (and frees, if it does not keep it)."""
+        cdef Py_ssize_t cost = key_size + reply_size + _OVERHEAD, found, slot
+        cdef unsigned int tag = <unsigned int><size_t>_Py_HashBytes(block, key_size)
+        cdef _Entry *entry
+        found = self.find(block, key_size, tag)
+        if found >= 0:
+            self.remove(self.index[found].slot)
+        if self.size <= 0 or cost > self.max_bytes or not self.grow():
+            free(block)
+            return False
+        while self.count >= self.size or self.nbytes + cost > self.max_bytes:
+            self.evict(now)
+        if self.nfree:
+            self.nfree -= 1
+            slot = self.free_slots[self.nfree]
+        else:
+            slot = self.nslots
+            self.nslots += 1
+        entry = self.slots + slot
+        entry.block = block
+        entry.key_size = <unsigned short>key_size
+        entry.reply_size = <unsigned int>reply_size
+        entry.expires = now + life
+        entry.referenced = 0
+        entry.tag = tag
+        entry.order = self.inserts
+        self.inserts += 1
+        _parse_cached(block + key_size, reply_size, &entry.qend, &entry.opt_start, &entry.opt_end)
+        found = tag & self.mask
+        while self.index[found].slot >= 0:
+            found = (found + 1) & self.mask
+        self.index[found].tag = tag
+        self.index[found].slot = <int>slot
+        self.count += 1
+        self.nbytes += cost
+        return True
+
+    cdef Py_ssize_t purge(self, const unsigned char *name, Py_ssize_t n, bint subtree) except -1:
+        """cache.Cache.purge (uncounted): the entries of ``name``, or at or
+        below it; how many went. In the order they went in, as the
+        reference's dict has them, so that the free list is the same."""
+        cdef _Entry **found = <_Entry **>malloc((self.count + 1) * sizeof(_Entry *))
+        cdef Py_ssize_t i, owner, removed = 0
+        cdef _Entry *entry
+        if found == NULL:
+            raise MemoryError()
+        for i in range(self.nslots):
+            entry = self.slots + i
+            if entry.block == NULL:
+                continue
+            owner = _key_name(entry.block, entry.key_size)
+            if owner < 0:
+                continue
+            if (owner == n and memcmp(entry.block, name, n) == 0) or \
+                    (subtree and _at_or_below(entry.block, owner, name, n)):
+                found[removed] = entry
+                removed += 1
+        qsort(found, removed, sizeof(_Entry *), _by_order)
+        for i in range(removed):
+            self.remove(<int>(found[i] - self.slots))
+        free(found)
+        return removed
+
+    cdef void counted(self, cause, Py_ssize_t removed):
+        """cache.Cache._count_purge, once the table is whole again."""
+        self.purge_counts[cause] = self.purge_counts.get(cause, 0) + 1
+        self.purged_counts[cause] = self.purged_counts.get(cause, 0) + removed
+
+    cdef int sync(self) except -1:
+        """cache.PacketCache._sync: the purges written since the last look.
+        ``since`` may let the GIL go, and another thread apply some of them
+        meanwhile: what is applied is only what is still newer than ``seen``."""
+        cdef unsigned long long before = self.seen, seq
+        cdef Py_ssize_t skip
+        if self.seq_at == NULL or _load_seq(self.seq_at) == before:
+            return 0
+        seq, new = self.purges.since(before)
+        if seq <= self.seen:
+            return 0
+        skip = self.seen - before
+        self.seen = seq
+        if new is None:
+            self.purged_at = _monotonic()
+            removed = self.count
+            self.clear()
+            self.counted("behind", removed)
+            return 0
+        for purge in new[skip:]:
+            self.purged_at = max(self.purged_at, <double>purge.at)
+            name = purge.name
+            self.counted(purge.cause, self.purge(<const unsigned char *>PyBytes_AS_STRING(name),
+                                                 PyBytes_GET_SIZE(name), purge.subtree))
+        return 0
+
+    # -- what the packet paths call -------------------------------------------
+
+    cdef Py_ssize_t answer_into(self, const unsigned char *query, Py_ssize_t n, Py_ssize_t end, bint tcp,
+                                double now, unsigned char *out) except -2:
+        """cache.PacketCache.lookup written into ``out`` (CACHE_ANSWER bytes
+        of room, or the query's own slot): its length, -1 for None. A miss is
+        one key made, hashed and looked up, in C."""
+        cdef unsigned char key[CACHE_KEY]
+        cdef Py_ssize_t size = _cache_key(query, n, end, key), found
+        cdef _Entry *entry
+        if size < 0:
+            return -1
+        if self.seq_at != NULL and _load_seq(self.seq_at) != self.seen:
+            self.sync()
+        found = self.find(key, size, <unsigned int><size_t>_Py_HashBytes(key, size))
+        if found >= 0:
+            entry = self.slots + self.index[found].slot
+            if now < entry.expires:
+                entry.referenced = 1
+                size = _answer(entry.block + entry.key_size, entry.reply_size, entry.qend, entry.opt_start,
+                               entry.opt_end, query, n, end, tcp, out)
+                if size >= 0:
+                    self.hits += 1
+                    return size
+            else:
+                self.remove(self.index[found].slot)
+                self.expired += 1
+        self.misses += 1
+        return -1
+
+    cdef bint insert_from(self, const unsigned char *query, Py_ssize_t n, Py_ssize_t end,
+                          const unsigned char *reply, Py_ssize_t rn, double now, double sent) except -1:
+        """cache.PacketCache.insert, of bytes wherever they are."""
+        cdef unsigned char key[CACHE_KEY]
+        cdef Py_ssize_t size = _cache_key(query, n, end, key), stored
+        cdef double life
+        cdef unsigned char *block
+        if size < 0:
+            return False
+        life = _lifetime(reply, rn, self.max_ttl, self.max_negative_ttl)
+        if life <= 0:
+            return False
+        stored = _storable(reply, rn, NULL)
+        if stored < 0:
+            return False
+        if self.seq_at != NULL and _load_seq(self.seq_at) != self.seen:
+            self.sync()
+        if sent < self.purged_at:
+            return False
+        block = <unsigned char *>malloc(size + stored)
+        if block == NULL:
+            return False  # as if it could not fit
+        memcpy(block, key, size)
+        _storable(reply, rn, block + size)
+        return self.put(block, size, stored, now, life)
+
+    def lookup(self, bytes query, Py_ssize_t end, bint tcp, double now):
+        """cache.PacketCache.lookup."""
+        cdef unsigned char *out = <unsigned char *>malloc(CACHE_ANSWER)
+        cdef Py_ssize_t size
+        if out == NULL:
+            raise MemoryError()
+        try:
+            size = self.answer_into(<const unsigned char *>PyBytes_AS_STRING(query), PyBytes_GET_SIZE(query),
+                                    end, tcp, now, out)
+            return PyBytes_FromStringAndSize(<char *>out, size) if size >= 0 else None
+        finally:
+            free(out)
+
+    def insert(self, bytes query, Py_ssize_t end, bytes reply, double now, double sent):
+        """cache.PacketCache.insert."""
+        return self.insert_from(<const unsigned char *>PyBytes_AS_STRING(query), PyBytes_GET_SIZE(query), end,
+                                <const unsigned char *>PyBytes_AS_STRING(reply), PyBytes_GET_SIZE(reply),
+                                now, sent)
+
+    def purge_all(self, cause):
+        """cache.PacketCache.purge_all: forget everything; how many went."""
+        self.purged_at = _monotonic()
+        removed = self.count
+        self.clear()
+        self.counted(cause, removed)
+        return removed
+
+    def snapshot(self):
+        """cache.PacketCache.snapshot: totals since the start, keyed as counts are."""
+        out = {("cache_hits", ""): self.hits, ("cache_misses", ""): self.misses,
+               ("cache_evictions", ""): self.evictions, ("cache_expired", ""): self.expired}
+        for cause, n in self.purge_counts.items():
+            out["cache_purges", cause] = n
+        for cause, n in self.purged_counts.items():
+            out["cache_purged", cause] = n
+        return {k: v for k, v in out.items() if v}
+
+    @property
+    def bytes(self):
+        return self.nbytes
+
+
 # -- the client side -----------------------------------------------------------
 
 cdef class Pending:
@@ -581,6 +1372,8 @@ cdef class _Queries:
     cdef Counters counters
     cdef dict peers
     cdef RouteCache routes
+    cdef PacketCache cache  # the forwarder's, or None: the cache is off
+    cdef int client_fd
     # Per datagram of a batch: the end of its question (or -1), the question's hash, the question lower-cased.
     cdef int *ends
     cdef Py_hash_t *hashes
@@ -598,6 +1391,9 @@ cdef class _Queries:
         self.upstreams, self.rtos = forwarder.upstreams, forwarder.rtos
         self.peers = {}  # backend -> (raw address, family), for the worker's few backends
         self.routes = RouteCache()
+        # Read once: while the fast path runs the forwarder's cache is one of ours (None: off).
+        self.cache = getattr(forwarder, "cache", None)
+        self.client_fd = client.fd
         cdef size_t n = self.receiver.n
         self.ends = <int *>malloc(n * sizeof(int))
         self.hashes = <Py_hash_t *>malloc(n * sizeof(Py_hash_t))
@@ -618,11 +1414,12 @@ cdef class _Queries:
         cdef int got, i, end, uid, taken = 0, slot, fd = -1
         cdef Py_ssize_t limit = 0
         cdef unsigned char *slot_data
-        cdef Py_ssize_t length
+        cdef Py_ssize_t length, size
         cdef PyObject *found
         cdef _Way *way
-        cdef double now
+        cdef double now, batch_time = 0
         cdef Pending entry
+        cdef PacketCache cache = self.cache
         try:
             got = receiver.wait()
         except OSError as e:  # EAGAIN: nothing there (a read of a socket shut down does not say so)
@@ -645,14 +1442,14 @@ cdef class _Queries:
         rtos = self.rtos
         last_pool = last_upstream = _UNSET  # None is a pool (no route) and gets its check
         cycle = pending = waiting_by = None
+        if cache is not None:
+            batch_time = _monotonic()
         for i in range(got):
             length = receiver.length(i)
-            data = receiver.payload(i)
-            addr = receiver.peer(i)
             end = self.ends[i]
             if end < 0 or python_only >= 0:
                 counters.handoffs[NOT_SIMPLE if end < 0 else python_only] += 1
-                handle(data, addr, client, counts, outbox=outbox)
+                handle(receiver.payload(i), receiver.peer(i), client, counts, outbox=outbox)
                 continue
             try:
                 way = self.routes.find(self.keys + i * KEY, end - 12, self.hashes[i])
@@ -660,10 +1457,21 @@ cdef class _Queries:
                 if pool is not last_pool:  # a batch is mostly one pool's: its attributes read once
                     if pool is None or pool.modes:  # SERVFAIL, or a member that learns the client's address
                         counters.handoffs[NO_ROUTE if pool is None else CLIENT_ADDRESS] += 1
-                        handle(data, addr, client, counts, outbox=outbox)
+                        handle(receiver.payload(i), receiver.peer(i), client, counts, outbox=outbox)
                         continue
                     last_pool, cycle = pool, pool.rotation
                 taken += 1
+                if cache is not None:
+                    # A hit is answered in the slot the query came in (its ID and
+                    # question are there already): no object made, nothing forwarded.
+                    slot_data = <unsigned char *>receiver.data(i)
+                    size = cache.answer_into(slot_data, length, end, False, batch_time, slot_data)
+                    if size >= 0:
+                        counters.responses[slot_data[3] & 0xF] += 1
+                        outbox.add_from(self.client_fd, slot_data, size, receiver.name(i), receiver.name_length(i))
+                        continue
+                data = receiver.payload(i)
+                addr = receiver.peer(i)
                 backend = next(cycle)  # Pool.next
                 found = PyDict_GetItem(peers, backend)
                 if found == NULL:
@@ -732,6 +1540,7 @@ cdef class Replies:
     ``counters``, this socket's (``Upstream.counters``)."""
 
     cdef object upstream, pending, policy, counts
+    cdef PacketCache cache  # the policy's (the forwarder's), or None: the cache is off
     cdef dict rtts, last_answered, rtos  # the policy's tables: filled in place, never replaced
     cdef double retry_min, half_timeout
     cdef Counters counters
@@ -754,6 +1563,7 @@ cdef class Replies:
         self.counts = upstream.counts
         self.keys = {}  # backend -> the part of a raw address that names it
         self.rtts, self.last_answered, self.rtos = self.policy.rtts, self.policy.last_answered, self.policy.rtos
+        self.cache = getattr(self.policy, "cache", None)
 
     cdef void answered(self, backend, double sent, double rtt) except *:
         """``Forwarder.answered`` (with stats.observe_latency and Rtt.sample),
@@ -789,6 +1599,7 @@ cdef class Replies:
         cdef double sent
         cdef bint retry
         cdef Pending entry
+        cdef PacketCache cache = self.cache
         pending = self.pending
         keys = self.keys
         try:  # self.got is 0 here: the loop resets it after the clocks
@@ -860,6 +1671,15 @@ cdef class Replies:
                 fd = last_client.fd
             outbox.add_from(fd, <unsigned char *>p, length, <const unsigned char *>PyBytes_AS_STRING(addr),
                             PyBytes_GET_SIZE(addr))
+            if cache is not None:
+                # Cached as the client asked it (entry.query; its question ends where entry.question
+                # does), as of when the answering try was sent. The ID in the slot is the client's
+                # now; it is never served (a hit takes the asker's).
+                try:
+                    cache.insert_from(<const unsigned char *>PyBytes_AS_STRING(query), PyBytes_GET_SIZE(query),
+                                      12 + PyBytes_GET_SIZE(question), p, length, now, entry.sent)
+                except Exception:  # the purge log's read: a bug must cost one insert, never the loop
+                    counters.fixed[ERROR] += 1
         return got
 
     cdef bint clocks(self, double now, double tick, bint rang, Outbox outbox) except -1:
