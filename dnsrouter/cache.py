@@ -126,11 +126,11 @@ def key(query: bytes, end: int) -> bytes | None:
     if qtype == wire.TYPE_AXFR or qtype == wire.TYPE_IXFR:
         return None
     flags = bytes(((query[2] & _RD) << 7 | query[3] & _AD_CD,))
-    question = query[12:end - 4].lower() + query[end - 4:end] + flags
-    if edns is _NO_EDNS:
-        return question
-    # The marker byte keeps "no EDNS" apart from every EDNS key.
-    result = question + b"\x01" + edns.head + edns.options
+    result = query[12:end - 4].lower() + query[end - 4:end] + flags
+    if edns is not _NO_EDNS:  # the marker byte keeps "no EDNS" apart from every EDNS key
+        result += b"\x01" + edns.head + edns.options
+    # Without EDNS too: an ``end`` that is no question's end may make a key
+    # of any length, and the compiled path's room for one is MAX_KEY.
     return result if len(result) <= MAX_KEY else None
 
 
@@ -316,13 +316,15 @@ class Cache:
     random-subdomain flood's entries, never hit, go first.
 
     The bytes counted are the keys', the replies' and ``ENTRY_OVERHEAD``
-    per entry. Not thread-safe, and without locks by design: each worker
+    per entry (``overhead``: the compiled cache's, for the tests that hold
+    it to this one). Not thread-safe, and without locks by design: each worker
     thread has its own Cache.
     """
 
-    def __init__(self, size: int, max_bytes: int) -> None:
+    def __init__(self, size: int, max_bytes: int, overhead: int = ENTRY_OVERHEAD) -> None:
         self.size = size
         self.max_bytes = max_bytes
+        self.overhead = overhead
         self._slots: dict[bytes, int] = {}
         # Per slot, parallel: the key (None: free), the reply, when it
         # expires, and the reference bit. They grow to ``size`` as needed.
@@ -356,7 +358,7 @@ class Cache:
     def put(self, cache_key: bytes, reply: bytes, now: float, lifetime: float) -> bool:
         """Cache ``reply`` under ``cache_key`` until ``now + lifetime``, in
         place of what was there; False when it cannot fit at all."""
-        cost = len(cache_key) + len(reply) + ENTRY_OVERHEAD
+        cost = len(cache_key) + len(reply) + self.overhead
         old = self._slots.get(cache_key)
         if old is not None:
             self._remove(old)
@@ -415,7 +417,7 @@ class Cache:
         cache_key = self._keys[slot]
         assert cache_key is not None
         del self._slots[cache_key]
-        self.bytes -= len(cache_key) + len(self._replies[slot]) + ENTRY_OVERHEAD
+        self.bytes -= len(cache_key) + len(self._replies[slot]) + self.overhead
         self._keys[slot] = None
         self._replies[slot] = b""
         self._free.append(slot)
@@ -451,8 +453,8 @@ class PacketCache:
     """
 
     def __init__(self, size: int, max_bytes: int, max_ttl: float, max_negative_ttl: float,
-                 purges: PurgeLog | None = None) -> None:
-        self._cache = Cache(size, max_bytes)
+                 purges: PurgeLog | None = None, overhead: int = ENTRY_OVERHEAD) -> None:
+        self._cache = Cache(size, max_bytes, overhead)
         self._lock = threading.Lock()  # the worker's threads share it; the compiled one has the GIL
         self.max_ttl = max_ttl
         self.max_negative_ttl = max_negative_ttl

@@ -562,11 +562,12 @@ cdef unsigned int _TYPE_SIG = _ecs.TYPE_SIG, _TYPE_TSIG = _ecs.TYPE_TSIG
 if _MAX_KEY > CACHE_KEY or _CLIENT_COOKIE != 8:
     raise ImportError("cache.MAX_KEY or CLIENT_COOKIE differ from the room _fastpath.pxd gives them")
 
-# What an entry costs beyond its key and reply bytes: its slot, its place in
-# the free list, the index's buckets (kept at most half full, and at least a
-# quarter after it doubles: 3 per entry on average), and malloc's own bytes
-# for the block. test_cache_compiled measures it with mallinfo2.
-CACHE_ENTRY_OVERHEAD = sizeof(_Entry) + sizeof(int) + 3 * sizeof(_Bucket) + CACHE_CHUNK
+# What an entry costs beyond its key and reply bytes: its slot and its place
+# in the free list (grown by a quarter at a time: an eighth more on average),
+# the index's buckets (kept at most half full, and at least a quarter after
+# it doubles: 3 per entry on average), and malloc's own bytes for the block.
+# test_cache_compiled measures it with mallinfo2.
+CACHE_ENTRY_OVERHEAD = (sizeof(_Entry) + sizeof(int)) * 9 // 8 + 3 * sizeof(_Bucket) + CACHE_CHUNK
 cdef Py_ssize_t _OVERHEAD = CACHE_ENTRY_OVERHEAD
 
 
@@ -1103,7 +1104,7 @@ cdef class PacketCache:
         cdef void *p
         cdef _Bucket *index
         if self.nslots == self.room and self.room < self.size:
-            room = min(max(2 * self.room, 16), self.size)
+            room = min(max(self.room + self.room // 4, 16), self.size)  # a quarter: little room idle
             p = realloc(self.slots, room * sizeof(_Entry))
             if p == NULL:
                 return False
