@@ -1,7 +1,8 @@
 #!/bin/bash
 # The compiled packet path faces the Internet: build it once with
 # AddressSanitizer and run the suites that feed it hostile bytes (the
-# hostile-input and fuzz tests, the compiled checks against the Python ones,
+# hostile-input and fuzz tests, the compiled checks against the Python ones
+# (the packet cache's among them),
 # the compiled loop on the Python classes' public interface, its hand-offs)
 # against that build. An out-of-bounds read or write, a use after free,
 # aborts the process that made it, router worker or test, and the run fails.
@@ -29,4 +30,4 @@ ldd workers/_fastpath.*.so | grep -q libasan || { echo "asan.sh: the module was 
 LD_PRELOAD="$(gcc -print-file-name=libasan.so)" \
 ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:print_summary=1" DNSROUTER_PACKET_PATHS=compiled \
     .venv/bin/pytest -q -p no:cacheprovider tests/test_fastpath.py tests/test_fastpath_seam.py \
-    tests/test_fastpath_handoffs.py tests/test_hostile.py tests/test_fuzz.py "$@"
+    tests/test_fastpath_handoffs.py tests/test_cache_compiled.py tests/test_hostile.py tests/test_fuzz.py "$@"

@@ -26,6 +26,7 @@ class FastPath(Protocol):
 
     BUILT: bool
     Counters: type[_fastpath.Counters]
+    PacketCache: type[_fastpath.PacketCache]
     Pending: type[_fastpath.Pending]
     Replies: type[_fastpath.Replies]
 
