@@ -18,7 +18,7 @@ missing knotd, knotc, knsupdate or delv is a RuntimeError, never a skip.
 Pass ``port=`` to choose the port (a secondary and its primary each need
 the other's port before either starts: take one from free_port()).
 
-KnotPrimary(origin, zone_text, *, nsec3=False, notify=(), transfer_tsig=None, port=None)
+KnotPrimary(origin, zone_text, *, nsec3=False, notify=(), transfer_tsig=None, port=None, cookies=False)
     Serves ``origin`` from ``zone_text`` (support.zones.zone_text) and signs
     it itself: `dnssec-signing: on`, a policy with ECDSAP256SHA256, a KSK
     and a ZSK that knotd makes at the first start (no rollovers, no
@@ -33,7 +33,9 @@ KnotPrimary(origin, zone_text, *, nsec3=False, notify=(), transfer_tsig=None, po
     transfers to 127.0.0.0/8 (only with the TSIG key ``transfer_tsig``, when
     given), and every new serial is NOTIFYed to each (host, port) of
     ``notify`` (signed with ``transfer_tsig`` when given). knotd sends that
-    NOTIFY about a second after the change, not at once.
+    NOTIFY about a second after the change, not at once. ``cookies``: DNS
+    Cookies (mod-cookies): a query with a client cookie gets it back with a
+    server cookie.
 
     .port .addr ("127.0.0.1:PORT") .origin .dir .conf_path .log_path
     start() -> self: returns once the zone is loaded and signed (wait_signed())
@@ -285,9 +287,10 @@ class KnotPrimary(_Knotd):
 
     def __init__(self, origin: str, zone_text: str, *, nsec3: bool = False,
                  notify: Iterable[tuple[str, int]] = (), transfer_tsig: str | None = None,
-                 port: int | None = None, startup_timeout: float = 15.0) -> None:
+                 port: int | None = None, startup_timeout: float = 15.0, cookies: bool = False) -> None:
         self.zone_text = zone_text if zone_text.endswith("\n") else zone_text + "\n"
         self.nsec3 = nsec3
+        self.cookies = cookies  # DNS Cookies (RFC 7873): mod-cookies answers a client cookie with a server cookie
         self.notify: list[tuple[str, int]] = [(h, int(p)) for h, p in notify]
         for host, _ in self.notify:
             if host != HOST:
@@ -346,7 +349,7 @@ zone:
     dnssec-signing: on
     dnssec-policy: signer
     acl: [update, transfer]
-{notify_line}"""
+{notify_line}{'    module: mod-cookies' + chr(10) if self.cookies else ''}"""
 
     def _started(self) -> None:
         self.write_files()  # zonefile-load none from now on, for the next start or reload
