@@ -21,7 +21,7 @@ import dns.rdatatype
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
-from support.knot_xfr import KnotPrimary
+from support.knot_xfr import KnotPrimary, KnotSecondary
 from support.metrics import samples, value
 from support.net import HOST, free_port, wait_until
 from support.processes import program
@@ -246,3 +246,20 @@ def test_dnsrouterctl_purge_a_name_then_a_subtree(router, tmp_path, packet_path)
         assert {tuple(addresses(ask(r, "mail.cache.test."))) for _ in range(20)} == {("192.0.2.26",)}
         bad = ctl("a" * 70 + ".test.")
         assert bad.returncode == 2 and "not a domain name" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_secondary_notifies_the_router_after_each_transfer(router, tmp_path, packet_path):
+    """docs/cache.md's Knot lines: the router's backend is a secondary (as
+    dnsrouter-feed's are) that NOTIFYs the router once it has the new serial."""
+    port, primary_port = free_port(), free_port()
+    with KnotSecondary(ORIGIN, HOST, primary_port, notify=[(HOST, port)]) as secondary, \
+            KnotPrimary(ORIGIN, ZONE, port=primary_port, notify=[(HOST, secondary.port)]) as primary:
+        secondary.wait_serial(primary.serial())
+        ini = tmp_path / "dnsrouter.ini"
+        ini.write_text("[cache]\nsize = 1000\nnotify_allow = 127.0.0.1\n")
+        r = router(args=["--config", str(ini)], port=port)
+        r.route("zone", f"{secondary.addr},{ROUTE}")
+        wait_until(lambda: addresses(ask(r, "mail.cache.test.")) == ["192.0.2.25"], timeout=10)
+        serial = primary.update(["del mail.cache.test. A", "add mail.cache.test. 300 A 192.0.2.26"])
+        secondary.wait_serial(serial)
+        wait_until(lambda: addresses(ask(r, "mail.cache.test.")) == ["192.0.2.26"], timeout=15)

@@ -59,7 +59,7 @@ KnotPrimary(origin, zone_text, *, nsec3=False, notify=(), transfer_tsig=None, po
     has(name, rdtype) -> bool, dnskeys() -> list[DNSKEY]
     knotc(*args) -> str, log() -> str, log_tail(lines=30) -> str
 
-KnotSecondary(origin, primary_host, primary_port, *, tsig=None, identity=None, port=None)
+KnotSecondary(origin, primary_host, primary_port, *, tsig=None, identity=None, port=None, notify=())
     A plain secondary (`master:` a remote at primary_host@primary_port):
     transfers the zone (AXFR, then IXFR) with the TSIG key ``tsig`` when
     given, accepts NOTIFY from 127.0.0.0/8 (with that key when given), and
@@ -73,7 +73,8 @@ KnotSecondary(origin, primary_host, primary_port, *, tsig=None, identity=None, p
     "knot-secondary-<port>"), without waiting for the zone. Until the
     first transfer it answers SERVFAIL for the zone and knotd retries at
     random intervals (1 to 30 s seen); a NOTIFY or refresh() makes it try
-    at once.
+    at once. It NOTIFYs each (host, port) of ``notify`` (unsigned) after
+    each serial it loads: a router's packet cache, say.
 
     .port .addr .identity .origin .dir .conf_path .log_path
     start() -> self, stop(), kill(), close(); a context manager
@@ -480,9 +481,14 @@ class KnotSecondary(_Knotd):
     kind = "knot-secondary"
 
     def __init__(self, origin: str, primary_host: str, primary_port: int, *, tsig: str | None = None,
-                 identity: str | None = None, port: int | None = None, startup_timeout: float = 10.0) -> None:
+                 identity: str | None = None, port: int | None = None, startup_timeout: float = 10.0,
+                 notify: Iterable[tuple[str, int]] = ()) -> None:
         if primary_host != HOST:
             raise ValueError(f"the primary must be on {HOST}, not {primary_host}")
+        # Downstream NOTIFY targets (unsigned), told of each serial it loads: a router's packet cache.
+        self.notify: list[tuple[str, int]] = [(h, int(p)) for h, p in notify]
+        if any(h != HOST for h, _ in self.notify):
+            raise ValueError(f"NOTIFY targets must be on {HOST}")
         self.primary_host = primary_host
         self.primary_port = int(primary_port)
         self.tsig = tsig
@@ -501,11 +507,14 @@ class KnotSecondary(_Knotd):
         # journal-content all, zonefile-load none, no zone file: what it
         # received stays in the journal only, so a restart serves it again
         # and asks the primary for the difference (IXFR).
+        downstream = "".join(f"  - id: downstream{i}\n    address: {h}@{p}\n" for i, (h, p) in enumerate(self.notify))
+        notify_line = (f"    notify: [{', '.join(f'downstream{i}' for i in range(len(self.notify)))}]\n"
+                       if self.notify else "")
         return self._server_sections(self.identity) + keys + f"""\
 remote:
   - id: primary
     address: {self.primary_host}@{self.primary_port}
-{key_line}
+{key_line}{downstream}
 acl:
   - id: notify
     address: 127.0.0.0/8
@@ -524,7 +533,7 @@ zone:
     journal-content: all
     dnssec-signing: off
     dnssec-validation: off
-"""
+{notify_line}"""
 
     def _ready(self) -> bool:
         self._alive()
