@@ -66,7 +66,41 @@ def tables(rows: list[Row], header: str) -> str:
         text += "\n" + targets_table(none)
     if any(r.client_address != "none" for r in rows):
         text += "\n" + client_address_table([r for r in rows if r.scenario == "dnsrouter"])
+    if any(r.client_address == "cache" for r in rows):
+        text += "\n" + cache_table(rows)
     return text
+
+
+def cache_table(rows: list[Row]) -> str:
+    """dnsrouter with its packet cache (mode cache) against itself without
+    (none) and against dnsdist with its packet cache, measured in the same
+    rounds: qps for the saturating kinds, average and p99 latency at the
+    fixed rate."""
+    def key(r: Row) -> tuple:
+        return r.kind, r.transport, r.routes
+    cached = [r for r in rows if r.scenario == "dnsrouter" and r.client_address == "cache"]
+    off = {key(r) + (r.workers,): r for r in rows if r.scenario == "dnsrouter" and r.client_address == "none"}
+    dnsdist = {key(r): r for r in rows if r.scenario == "dnsdist" and r.client_address == "cache"}
+    cols = ["kind", "transport", "routes", "workers", "qps", "avg latency ms", "p99 ms", "CPU us/q",
+            "x cache off", "x dnsdist cache", "dnsdist cache qps", "dnsdist cache avg ms", "dnsdist cache p99 ms",
+            "dnsdist cache CPU us/q", "lost", "rcodes"]
+    out = ["### Packet cache (dnsrouter --cache-size, dnsdist newPacketCache with dontAge; same rounds; "
+           "x: ratio of qps for the saturating kinds, of average latency at the fixed rate)", "",
+           line(cols), line(["---"] * len(cols))]
+    for r in sorted(cached, key=lambda r: (KIND_ORDER.index(r.kind), r.transport, r.routes, r.workers)):
+        of = "qps" if r.kind in SATURATING else "avg_ms"
+        n, d = off.get(key(r) + (r.workers,)), dnsdist.get(key(r))
+        out.append(line([
+            r.kind, r.transport, str(r.routes), str(r.workers),
+            f"{r.perf.qps:.0f}" + spread(r.perf, of), fmt(r.perf.avg_ms), fmt(r.perf.p99_ms), cpu_str(r.perf),
+            "-" if n is None else ratio(getattr(r.perf, of), getattr(n.perf, of)),
+            "-" if d is None else ratio(getattr(r.perf, of), getattr(d.perf, of)),
+            "-" if d is None else f"{d.perf.qps:.0f}" + spread(d.perf, of),
+            "-" if d is None else fmt(d.perf.avg_ms), "-" if d is None else fmt(d.perf.p99_ms),
+            "-" if d is None else cpu_str(d.perf),
+            str(r.perf.lost), rcode_str(r.perf),
+        ]))
+    return "\n".join(out) + "\n"
 
 
 def targets_table(rows: list[Row]) -> str:

@@ -16,7 +16,12 @@ One invocation starts one Knot backend, then measures with dnsperf:
   python: --fast-path off) beside the compiled one (none);
 * with --flood, every saturating run once more with names never seen before
   in the run (a random-subdomain flood: NXDOMAIN from Knot, no route cache
-  hit in the router).
+  hit in the router);
+* with --cache N, one more router with the packet cache on (--cache-size N,
+  mode cache) and one more dnsdist with its packet cache (N entries,
+  dontAge, as PowerDNS advises in front of authoritative servers), in the
+  same rounds: the packet cache table compares them (cache hits with
+  repeated names, the flood's misses, the latency at the fixed rate).
 
 Every run also reports the CPU time per query of the server measured.
 
@@ -231,7 +236,7 @@ def lua_quote(s: str) -> str:
     return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def write_dnsdist_conf(path: str, port: int, backend: str, routes: int) -> None:
+def write_dnsdist_conf(path: str, port: int, backend: str, routes: int, cache: int = 0) -> None:
     lines = [
         "setSecurityPollSuffix('')",
         f"setLocal('{HOST}:{port}')",
@@ -245,22 +250,27 @@ def write_dnsdist_conf(path: str, port: int, backend: str, routes: int) -> None:
     lines.append(f"addAction(RegexRule({lua_quote(MATCH_RE)}), PoolAction('p'))")
     # Anything that falls through: answer like dnsrouter does, SERVFAIL.
     lines.append("addAction(AllRule(), RCodeAction(DNSRCode.SERVFAIL))")
+    if cache:  # dontAge: the TTLs as the authoritative backend gave them, as dnsrouter's cache serves them
+        lines.append(f"getPool('p'):setCache(newPacketCache({cache}, {{maxTTL=3600, maxNegativeTTL=300, "
+                     f"dontAge=true}}))")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
 def router(routes_dir: str, workers: int, workdir: str, tag: str, mode: str = "none",
-           baseline: str | None = None) -> Router:
+           baseline: str | None = None, cache: int = 0) -> Router:
     """The dnsrouter of this interpreter's environment, at --log-level warning
     (not whichever comes first on PATH: that may be another build), with
     ``--client-address mode`` unless mode is none (the default); mode python:
     the pure-Python packet path (--fast-path off), client address none; mode
-    baseline: the command line ``baseline`` (another build), as it is."""
+    baseline: the command line ``baseline`` (another build), as it is; mode
+    cache: the packet cache on, ``cache`` entries."""
     if mode == "baseline":
         assert baseline is not None
         return bench_router(os.path.join(workdir, f"router-{tag}"), workers=workers, routes_dir=routes_dir,
                             executable=shlex.split(baseline))
-    args = {"none": [], "python": ["--fast-path", "off"]}.get(mode, ["--client-address", mode])
+    args = {"none": [], "python": ["--fast-path", "off"],
+            "cache": ["--cache-size", str(cache)]}.get(mode, ["--client-address", mode])
     return bench_router(os.path.join(workdir, f"router-{tag}"), workers=workers, routes_dir=routes_dir, args=args)
 
 
@@ -333,6 +343,11 @@ def targets(routers: dict[str, Router], others: dict[str, Target] | None = None)
     return {**{mode: Target(r.port, r.proc.pid if r.proc else None) for mode, r in routers.items()}, **(others or {})}
 
 
+def dnsdists(d: Dnsdist | None, d_cache: Dnsdist | None) -> dict[str, Target]:
+    """The dnsdist targets that run, by name, for run_dnsperf_rounds."""
+    return {name: each.target for name, each in (("dnsdist", d), ("dnsdist-cache", d_cache)) if each is not None}
+
+
 def worker_rss_mb(r: Router) -> list[float]:
     """RSS of each ``dnsrouter: worker K``, in K order."""
     out = []
@@ -345,11 +360,13 @@ def worker_rss_mb(r: Router) -> list[float]:
 
 
 class Dnsdist:
-    def __init__(self, backend: str, routes: int, workdir: str, tag: str, startup_timeout: float) -> None:
+    def __init__(self, backend: str, routes: int, workdir: str, tag: str, startup_timeout: float,
+                 cache: int = 0) -> None:
+        """``cache``: entries of a packet cache on the matching pool (0: none)."""
         self.port = free_port("both")
         self.conf = os.path.join(workdir, f"dnsdist-{tag}.conf")
         self.log_path = os.path.join(workdir, f"dnsdist-{tag}.log")
-        write_dnsdist_conf(self.conf, self.port, backend, routes)
+        write_dnsdist_conf(self.conf, self.port, backend, routes, cache)
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
 
@@ -422,6 +439,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--flood", action="store_true",
                    help="also measure every saturating run with names never seen before in the run "
                         "(h + 12 random digits: NXDOMAIN from the backend), in a table of their own")
+    p.add_argument("--cache", type=int, default=0, metavar="N",
+                   help="also measure dnsrouter with --cache-size N (mode cache) and dnsdist with a packet "
+                        "cache of N entries, in the same rounds (the packet cache table)")
     p.add_argument("--baseline", metavar="COMMAND",
                    help="another dnsrouter build's command line (say, a virtual environment of the previous "
                         "release, with flags), measured beside the others as mode baseline")
@@ -434,6 +454,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.client_address.append("python")
     if a.baseline:
         a.client_address.append("baseline")
+    if a.cache:
+        a.client_address.append("cache")
     a.routes = [int(x) for x in (a.routes or ("1,1000" if a.quick else "1,1000,10000")).split(",")]
     a.workers = [int(x) for x in a.workers.split(",")]
     a.transport = [t.strip() for t in a.transport.split(",")]
@@ -499,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         caller stops them all, even when one fails); check: the sanity check."""
         for mode in args.client_address:
             who = mode_tag(tag, mode)
-            routers[mode] = r = router(rdir, w, workdir, who, mode, args.baseline)
+            routers[mode] = r = router(rdir, w, workdir, who, mode, args.baseline, args.cache)
             ready_s = start(r, args.startup_timeout)
             mode_note = "" if mode == "none" else f" client-address={mode}"
             log(f"dnsrouter routes={routes} workers={w}{mode_note} answering after {ready_s:.1f}s")
@@ -512,10 +534,11 @@ def main(argv: list[str] | None = None) -> int:
             router_stderr_check(r, mode_tag(tag, mode), r.stop())
 
     def note_runs(kind: str, t: str, routes: int, w: int, perfs: dict[str, Perf], routers: dict[str, Router],
-                  d: Dnsdist | None) -> None:
-        """The rows of one interleaved measurement: each router mode's, then dnsdist's if it ran."""
+                  d: Dnsdist | None, d_cache: Dnsdist | None = None) -> None:
+        """The rows of one interleaved measurement: each router mode's, then
+        dnsdist's if it ran (and the one with its packet cache, as mode cache)."""
         for mode, perf in perfs.items():
-            if mode == "dnsdist":
+            if mode in ("dnsdist", "dnsdist-cache"):
                 continue
             note(Row(kind, "dnsrouter", t, routes, w, perf, worker_rss_mb(routers[mode]), client_address=mode))
             if len(rows[-1].rss_mb) != w:
@@ -523,6 +546,9 @@ def main(argv: list[str] | None = None) -> int:
                                 f"worker processes, expected {w}")
         if "dnsdist" in perfs and d is not None:
             note(Row(kind, "dnsdist", t, routes, None, perfs["dnsdist"], [d.rss_mb()]))
+        if "dnsdist-cache" in perfs and d_cache is not None:
+            note(Row(kind, "dnsdist", t, routes, None, perfs["dnsdist-cache"], [d_cache.rss_mb()],
+                     client_address="cache"))
 
     try:
         # With proxy or ecs measured, one backend answers every mode: it
@@ -556,25 +582,29 @@ def main(argv: list[str] | None = None) -> int:
             rdir = os.path.join(workdir, f"routes-{routes}")
             write_routes(rdir, routes, backend)
             d = Dnsdist(backend, routes, workdir, f"r{routes}", args.startup_timeout) if have_dnsdist else None
+            d_cache = (Dnsdist(backend, routes, workdir, f"r{routes}-cache", args.startup_timeout, args.cache)
+                       if have_dnsdist and args.cache else None)
             try:
-                if d is not None:
-                    d.start()
-                    problems.extend(sanity(d.port, routes, f"dnsdist r{routes}"))
+                for each in (d, d_cache):
+                    if each is not None:
+                        each.start()
+                        problems.extend(sanity(each.port, routes, f"dnsdist r{routes}"))
                 for w in args.workers:
                     tag = f"r{routes}-w{w}"
                     routers: dict[str, Router] = {}
                     try:
                         start_routers(routers, rdir, routes, w, tag, check=True)
                         for t, (kind, qf, prefix) in itertools.product(args.transport, scenarios):
-                            others = {"dnsdist": d.target} if d is not None and w == paired else {}
+                            others = dnsdists(d, d_cache) if w == paired else {}
                             perfs = run_dnsperf_rounds(targets(routers, others), qf, t, args, workdir,
                                                        f"{prefix}r{routes}-w{w}-{t}")
-                            note_runs(kind, t, routes, w, perfs, routers, d)
+                            note_runs(kind, t, routes, w, perfs, routers, d, d_cache)
                     finally:
                         stop_routers(routers, tag)
             finally:
-                if d is not None:
-                    d.stop()
+                for each in (d, d_cache):
+                    if each is not None:
+                        each.stop()
 
         if args.fixed_qps:
             # Backend, routers and dnsdist all running, their runs interleaved:
@@ -586,20 +616,24 @@ def main(argv: list[str] | None = None) -> int:
                 write_routes(rdir, 1, backend)
             routers = {}
             d = Dnsdist(backend, 1, workdir, "fixed", args.startup_timeout) if have_dnsdist else None
+            d_cache = (Dnsdist(backend, 1, workdir, "fixed-cache", args.startup_timeout, args.cache)
+                       if have_dnsdist and args.cache else None)
             try:
                 start_routers(routers, rdir, 1, paired, f"fixed-w{paired}", check=False)
-                if d is not None:
-                    d.start()
+                for each in (d, d_cache):
+                    if each is not None:
+                        each.start()
                 for t in args.transport:
-                    others = {"backend": knot_target, **({"dnsdist": d.target} if d is not None else {})}
+                    others = {"backend": knot_target, **dnsdists(d, d_cache)}
                     perfs = run_dnsperf_rounds(targets(routers, others), qfile, t, args, workdir, f"fixed-{t}",
                                                args.fixed_qps)
                     note(Row("fixed-rate", "backend", t, None, None, perfs.pop("backend")))
-                    note_runs("fixed-rate", t, 1, paired, perfs, routers, d)
+                    note_runs("fixed-rate", t, 1, paired, perfs, routers, d, d_cache)
             finally:
                 stop_routers(routers, f"fixed-w{paired}")
-                if d is not None:
-                    d.stop()
+                for each in (d, d_cache):
+                    if each is not None:
+                        each.stop()
     except KeyboardInterrupt:  # Interrupted (SIGINT, SIGTERM) too
         interrupted = True
         log("interrupted: stopping everything")
@@ -621,6 +655,7 @@ def main(argv: list[str] | None = None) -> int:
                  if client_modes else "")
               + (f"flood: {flood_names} names h + 12 random digits, seed 1 (NXDOMAIN expected); "
                  if args.flood else "")
+              + (f"packet caches of {args.cache} entries; " if args.cache else "")
               + f"dnsdist {'yes' if have_dnsdist else 'not run'}; total {time.monotonic() - t_start:.0f}s")
     text = tables(rows, header)
     if problems:

@@ -213,8 +213,10 @@ def answer(cached: bytes, query: bytes, end: int, tcp: bool = False) -> bytes | 
     the key is the same, so only the case differs, and every compression
     pointer still points where it did); in the OPT record, every COOKIE
     option taken out (it holds another client's cookie and a server cookie
-    meant for it) and, for a client that sent a COOKIE, its own client
-    cookie put back, last. None when the result is longer than the client's
+    meant for it) and, if the backend answered with one (it does cookies)
+    and the client sent one, the client's own client cookie put back, last:
+    a backend without cookies never sends one, so neither does its cache.
+    ``cached`` is a backend's reply or what ``storable`` made of one. None when the result is longer than the client's
     UDP size (its EDNS buffer, at least 512; 512 without EDNS; 65535 over
     ``tcp``), when the
     query is not cacheable, or when ``cached`` is not a reply to this
@@ -233,11 +235,12 @@ def answer(cached: bytes, query: bytes, end: int, tcp: bool = False) -> bytes | 
     except (WireError, struct.error, IndexError):
         return None
     body = cached[end:]
-    if opt is not None and (opt[1] - opt[0] > 11 or edns.cookie is not None):
-        options = _without_cookies(cached, opt[0] + 11, opt[1])
-        if options is None:
+    if opt is not None and opt[1] - opt[0] > 11:
+        stripped = _without_cookies(cached, opt[0] + 11, opt[1])
+        if stripped is None:
             return None
-        if edns.cookie is not None:
+        options, had_cookie = stripped
+        if had_cookie and edns.cookie is not None:
             options += _OPTION.pack(OPTION_COOKIE, CLIENT_COOKIE) + edns.cookie
         start, stop = opt[0] - end, opt[1] - end
         body = body[:start + 9] + _U16.pack(len(options)) + options + body[stop:]
@@ -247,26 +250,38 @@ def answer(cached: bytes, query: bytes, end: int, tcp: bool = False) -> bytes | 
     return result
 
 
+# What ``storable`` leaves where the backend's COOKIE options were: a COOKIE
+# of no bytes (never valid on the wire, so never a real one), last in the
+# OPT: the backend does cookies, and ``answer`` gives the client its own.
+COOKIE_MARK = _OPTION.pack(OPTION_COOKIE, 0)
+
+
 def storable(reply: bytes) -> bytes | None:
-    """The reply as the cache keeps it: its OPT without COOKIE options (a
-    server cookie is for the client it was made for; ``answer`` puts the
-    asking client's own back). None if it does not parse."""
+    """The reply as the cache keeps it: its OPT without the backend's COOKIE
+    options (a server cookie is for the client it was made for), with
+    ``COOKIE_MARK`` last instead if it had any. None if it does not parse.
+    ``answer`` gives the same for it as for the reply."""
     try:
         opt = wire.find_opt(reply)
     except (WireError, struct.error, IndexError):
         return None
     if opt is None or opt[1] - opt[0] == 11:
         return reply
-    options = _without_cookies(reply, opt[0] + 11, opt[1])
-    if options is None:
+    stripped = _without_cookies(reply, opt[0] + 11, opt[1])
+    if stripped is None:
         return None
+    options, had_cookie = stripped
+    if not had_cookie:
+        return reply
+    options += COOKIE_MARK
     return reply[:opt[0] + 9] + _U16.pack(len(options)) + options + reply[opt[1]:]
 
 
-def _without_cookies(packet: bytes, pos: int, end: int) -> bytes | None:
-    """The options between ``pos`` and ``end`` but COOKIE, or None if they
-    do not parse."""
+def _without_cookies(packet: bytes, pos: int, end: int) -> tuple[bytes, bool] | None:
+    """The options between ``pos`` and ``end`` but COOKIE, and whether there
+    was a COOKIE; None if they do not parse."""
     kept = []
+    had_cookie = False
     while pos < end:
         if pos + 4 > end:
             return None
@@ -276,8 +291,10 @@ def _without_cookies(packet: bytes, pos: int, end: int) -> bytes | None:
             return None
         if code != OPTION_COOKIE:
             kept.append(packet[pos:stop])
+        else:
+            had_cookie = True
         pos = stop
-    return b"".join(kept)
+    return b"".join(kept), had_cookie
 
 
 def key_name(cache_key: bytes) -> bytes:
@@ -464,14 +481,6 @@ class PacketCache:
         self.hits = 0
         self.misses = 0  # a reply that does not fit the client counts here too
 
-    @property
-    def entries(self) -> int:
-        return self._cache.entries
-
-    @property
-    def bytes(self) -> int:
-        return self._cache.bytes
-
     def lookup(self, query: bytes, end: int, tcp: bool, now: float) -> bytes | None:
         """The cached answer to ``query`` (its question ends at ``end``), or
         None: forward it. A query that cannot be cached counts as nothing."""
@@ -495,7 +504,9 @@ class PacketCache:
         if cache_key is None:
             return False
         life = lifetime(reply, self.max_ttl, self.max_negative_ttl)
-        stored = storable(reply) if life is not None else None
+        if life is None:
+            return False
+        stored = storable(reply)
         if stored is None:
             return False
         with self._lock:
@@ -528,10 +539,19 @@ class PacketCache:
         """Totals since the start, keyed as counts are (Stats.add)."""
         cache = self._cache
         out: dict[tuple[str, object], int] = {
-            ("cache_hits", ""): self.hits, ("cache_misses", ""): self.misses,
-            ("cache_evictions", ""): cache.evictions, ("cache_expired", ""): cache.expired}
+            ("cache_lookups", "hit"): self.hits, ("cache_lookups", "miss"): self.misses,
+            ("cache_evictions", "room"): cache.evictions, ("cache_evictions", "expired"): cache.expired}
         for cause, n in cache.purges.items():
             out["cache_purges", cause] = n
         for cause, n in cache.purged.items():
             out["cache_purged", cause] = n
         return {k: v for k, v in out.items() if v}
+
+    # Last: in the class body the name ``bytes`` is this property from here on.
+    @property
+    def entries(self) -> int:
+        return self._cache.entries
+
+    @property
+    def bytes(self) -> int:
+        return self._cache.bytes

@@ -11,6 +11,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeAlias
 
+from .purges import PurgeLog
 from .settings import Config
 
 # Worker exit codes. A worker that cannot boot must not be respawned in a
@@ -40,6 +41,7 @@ class WorkerSpec:
     udp_sockets: list[socket.socket]
     tcp_sockets: list[socket.socket]
     config: Config
+    purges: PurgeLog | None = None  # the cache purges every worker reads (shared memory); None: a worker's own
 
 
 # -- supervisor -> worker ------------------------------------------------------
@@ -94,6 +96,7 @@ class Report:
     version: int  # of the snapshot served
     srtt: dict[str, float]  # "ip:port": each backend's smoothed round trip, in seconds
     fast_path: bool  # the compiled UDP path serves
+    cache: tuple[int, int] = (0, 0)  # the packet cache's entries and bytes now (gauges, not deltas)
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,17 @@ COUNTERS: tuple[Counter, ...] = (
     Counter("fast_path_handoffs", "dnsrouter_fast_path_handoffs_total",
             "Queries the compiled UDP path handed to the Python path, by why (an ACL or the query log hands "
             "over every query)", "reason"),
+    Counter("cache_lookups", "dnsrouter_cache_lookups_total",
+            "Packet cache lookups, by result: hit (answered from the cache) or miss (forwarded; a cached "
+            "reply too big for the client counts here)", "result"),
+    Counter("cache_evictions", "dnsrouter_cache_evictions_total",
+            "Entries the packet cache dropped: room (for a new one, by CLOCK) or expired (found past their "
+            "lifetime)", "reason"),
+    Counter("cache_purges", "dnsrouter_cache_purges_total",
+            "Purges each worker's packet cache applied, by cause: notify, ctl (dnsrouterctl purge), routes "
+            "(a route table change), behind (a worker missed purges and forgot everything)", "cause"),
+    Counter("cache_purged", "dnsrouter_cache_purged_entries_total", "Entries the purges removed, by cause",
+            "cause"),
     Counter("worker_messages", "dnsrouter_worker_messages_total", "Messages the supervisor received from workers",
             "type"),
 )

@@ -43,12 +43,16 @@ class Purge:
     cause: str
 
 
+# Workers start by spawn (supervisor/workerset.py): the lock must be made for it.
+_CONTEXT = multiprocessing.get_context("spawn")
+
+
 class PurgeLog:
     """Picklable for multiprocessing's spawn (it rides in WorkerSpec)."""
 
     def __init__(self) -> None:
-        self._memory: Any = multiprocessing.RawArray(ctypes.c_ubyte, _HEAD + CAPACITY * _ENTRY.size)
-        self._lock: Any = multiprocessing.Lock()
+        self._memory: Any = _CONTEXT.RawArray(ctypes.c_ubyte, _HEAD + CAPACITY * _ENTRY.size)
+        self._lock: Any = _CONTEXT.Lock()
 
     @property
     def seq(self) -> int:

@@ -23,10 +23,24 @@ def positive_float(text: str) -> float:
     return value
 
 
+def _ttl(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 0x7FFFFFFF:  # RFC 2181 section 8: a TTL is at most 2^31 - 1
+        raise ValueError(f"{text!r} is not a number of seconds in (0, 2147483647]")
+    return value
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise ValueError(f"{text!r} is not a positive whole number")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"{text!r} is not a whole number of 0 or more")
     return value
 
 
@@ -293,6 +307,21 @@ class Config:
     forward_ecs_override: bool = declare(
         "forward", "ecs_override", "no", _bool,
         "with ecs: replace a client's own ECS option (no: forward the client's as it is)")
+    cache_size: int = declare(
+        "cache", "size", "0", _non_negative_int,
+        "backend replies each worker caches and answers itself (0: no cache); at most size x 2 KiB of "
+        "memory too. Only routes whose client address mode is none", flag="--cache-size", metavar="N")
+    cache_max_ttl: float = declare(
+        "cache", "max_ttl", "3600", _ttl,
+        "seconds at most a reply is served from the cache (its records' least TTL if lower); "
+        "the TTLs go out as the backend gave them")
+    cache_max_negative_ttl: float = declare(
+        "cache", "max_negative_ttl", "300", _ttl,
+        "seconds at most an NXDOMAIN or NODATA reply is served from the cache (its SOA's, RFC 2308, if lower)")
+    cache_notify_allow: tuple[IPNetwork, ...] = declare(
+        "cache", "notify_allow", "", _networks,
+        "addresses or CIDR networks whose NOTIFY for a zone purges it from every worker's cache "
+        "(answered NOERROR); from elsewhere NOTIFY is REFUSED; empty: nobody")
     metrics_listen: Address | None = declare(
         "metrics", "listen", "", _optional(parse_address),
         "serve /metrics, /routes and /healthz over HTTP at ip:port", flag="--metrics", metavar="ADDR:PORT", live=True)

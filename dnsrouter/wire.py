@@ -20,6 +20,7 @@ RR_FIXED = _RR_FIXED  # for the modules that walk records themselves (cache.py)
 
 # Response codes the router answers with itself.
 FORMERR, SERVFAIL, NOTIMP, REFUSED = 1, 2, 4, 5
+OPCODE_NOTIFY = 4
 
 TYPE_SOA = 6
 TYPE_OPT = 41
@@ -190,13 +191,14 @@ def without_opt(reply: bytes) -> bytes:
 
 
 def make_answer(query: bytes, rcode: int, question: tuple[bytes, int, int] | None,
-                edns: bool) -> bytes:
+                edns: bool, authoritative: bool = False) -> bytes:
     """The router's own answer: the ID, opcode, RD and question echoed.
 
     ``question`` is (name in wire format, qtype, qclass), or None when the
-    question did not parse; ``edns`` adds an OPT record.
+    question did not parse; ``edns`` adds an OPT record; ``authoritative``
+    sets AA (the answer to a NOTIFY, RFC 1996 section 4.7).
     """
-    flags = 0x80 | (query[2] & 0x79)  # QR, the query's opcode and RD; AA, TC clear
+    flags = 0x80 | (query[2] & 0x79) | (0x04 if authoritative else 0)  # QR, the opcode, RD; TC clear
     counts = HEADER.pack(0, 0, question is not None, 0, 0, edns)[4:]
     body = b"" if question is None else question[0] + _TYPE_CLASS.pack(question[1], question[2])
     return query[:2] + bytes((flags, rcode & 0xF)) + counts + body + (_OPT_ANSWER if edns else b"")

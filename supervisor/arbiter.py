@@ -16,11 +16,14 @@ import time
 from multiprocessing.connection import wait
 from typing import Any, Callable
 
+import dns.exception
+import dns.name
 import setproctitle
 
 from dnsrouter import control, logs
 from dnsrouter.address import Address, parse_address
 from dnsrouter.errors import ConfigError
+from dnsrouter.purges import PurgeLog
 from dnsrouter.settings import SETTINGS, Config
 
 from . import privileges, sockets, workerset
@@ -74,6 +77,7 @@ class Supervisor:
         self._wire = self.table.snapshot().to_wire()  # empty until the registry speaks
         self.health = HealthChecker(self._health_settings(config), lambda up, checked: self.post("health", (up, checked)))
         self.metrics = Metrics(self._metrics_state, control.LATENCY_BUCKETS)
+        self.purges = PurgeLog()  # NOTIFY and dnsrouterctl purge reach every worker's cache through it
         self.loaded = False  # the registry has published at least once
         # Backends whose first check the loop has taken in: the health thread's
         # own states run ahead of the "health" news still in the queue.
@@ -144,7 +148,7 @@ class Supervisor:
     def spawn(self, index: int) -> None:
         udp, tcp = self.sockets[index]
         # The current config: a worker replaced after a SIGHUP starts with the live settings applied.
-        spec = control.WorkerSpec(index, self._cpu(index), udp, tcp, self.config)
+        spec = control.WorkerSpec(index, self._cpu(index), udp, tcp, self.config, self.purges)
         handle = workerset.spawn(spec, self.worker_main)
         self.workers[index] = handle
         self._send_routes([handle])
@@ -294,7 +298,7 @@ class Supervisor:
         self._metrics_address = None  # what is served: nothing, until the new address is bound
         if address is not None:
             try:
-                self.metrics.serve(address, self.routes, self.healthy)
+                self.metrics.serve(address, self.routes, self.healthy, self.purge)
             except OSError as e:
                 raise ConfigError(f"cannot serve metrics on {address}: {e.strerror or e}") from None
             self._metrics_address = address
@@ -305,7 +309,8 @@ class Supervisor:
                 "routes": len(self.table.routes), "restarts": self.restarts,
                 "workers": {i: h.pid for i, h in list(self.workers.items())},
                 "fast_path": {i: h.fast_path for i, h in list(self.workers.items()) if h.fast_path is not None},
-                "srtt": [h.srtt for h in list(self.workers.values())]}
+                "srtt": [h.srtt for h in list(self.workers.values())],
+                "cache": [h.cache for h in list(self.workers.values())]}
 
     def routes(self) -> dict:
         """The live table with each backend's health (``/routes``)."""
@@ -322,6 +327,18 @@ class Supervisor:
                 for b, mode in route.modes(default).items()]} for route in table.routes],
             "invalid": dict(table.invalid),
         }
+
+    def purge(self, name: str, subtree: bool) -> dict:
+        """``POST /purge``: every worker's cache forgets ``name`` (and what
+        is below it, with ``subtree``) before it answers its next query."""
+        try:
+            wire_name = dns.name.from_text(name).canonicalize().to_wire()
+        except dns.exception.DNSException as e:
+            raise ValueError(f"{name!r} is not a domain name: {e}") from None
+        assert wire_name is not None  # to_wire without a file returns the bytes
+        sequence = self.purges.append(wire_name, subtree, "ctl")
+        log.info("cache purge of %s%s (dnsrouterctl)", name, " and below" if subtree else "")
+        return {"purged": name, "subtree": subtree, "sequence": sequence}
 
     def healthy(self) -> tuple[bool, str]:
         """Serving means: every worker slot has a live, ready worker, and routes are loaded."""
@@ -358,6 +375,7 @@ class Supervisor:
             handle.version = message.version
             handle.srtt = message.srtt
             handle.fast_path = message.fast_path
+            handle.cache = message.cache
             self.metrics.add(message.delta)
         elif isinstance(message, control.Evidence):
             for backend, streak in message.streaks.items():

@@ -1,4 +1,4 @@
-"""Metrics and the HTTP endpoint: /metrics, /routes, /healthz.
+"""Metrics and the HTTP endpoint: /metrics, /routes, /healthz; POST /purge.
 
 Workers count locally and send deltas about once a second; the supervisor
 adds them up here. A custom collector turns the sums into Prometheus
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import urllib.parse
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
@@ -115,9 +116,16 @@ class Metrics:
         for index, on in sorted(state["fast_path"].items()):
             fast.add_metric([str(index)], on)
         yield fast
+        # Each worker has a cache of its own: the router's is their sum.
+        yield GaugeMetricFamily("dnsrouter_cache_entries", "Replies in the packet caches of all workers",
+                                value=sum(entries for entries, _ in state["cache"]))
+        yield GaugeMetricFamily("dnsrouter_cache_bytes", "Memory the packet caches of all workers hold",
+                                value=sum(size for _, size in state["cache"]))
 
     # -- HTTP -------------------------------------------------------------------------
-    def serve(self, address: Address, routes: Callable[[], dict], healthy: Callable[[], tuple[bool, str]]) -> None:
+    def serve(self, address: Address, routes: Callable[[], dict], healthy: Callable[[], tuple[bool, str]],
+              purge: Callable[[str, bool], dict]) -> None:
+        """``purge(name, subtree)`` serves ``POST /purge?name=NAME[&subtree=1]``."""
         metrics = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -132,6 +140,24 @@ class Metrics:
                     self._send(200 if ok else 503, (why + "\n").encode(), "text/plain")
                 else:
                     self._send(404, b"not found: try /metrics, /routes or /healthz\n", "text/plain")
+
+            def do_POST(self) -> None:
+                path, _, query = self.path.partition("?")
+                if path != "/purge":
+                    self._send(404, b"not found: POST /purge?name=NAME[&subtree=1]\n", "text/plain")
+                    return
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))  # a body means nothing here
+                form = urllib.parse.parse_qs(query)
+                names = form.get("name", [])
+                if len(names) != 1:
+                    self._send(400, b"give one name: POST /purge?name=NAME[&subtree=1]\n", "text/plain")
+                    return
+                try:
+                    done = purge(names[0], form.get("subtree", ["0"])[-1] in ("1", "yes", "true", "on"))
+                except ValueError as e:
+                    self._send(400, f"{e}\n".encode(), "text/plain")
+                    return
+                self._send(200, json.dumps(done).encode(), "application/json")
 
             def _send(self, code: int, body: bytes, ctype: str) -> None:
                 self.send_response(code)

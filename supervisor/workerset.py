@@ -37,6 +37,7 @@ class WorkerHandle:
         self.version = -1  # of the snapshot it serves, as its READY and REPORTs say
         self.srtt: dict[str, float] = {}  # its backends' smoothed round trips, from its last REPORT
         self.fast_path: bool | None = None  # its UDP path runs compiled, as its last REPORT says
+        self.cache: tuple[int, int] = (0, 0)  # its packet cache's entries and bytes, from its last REPORT
         self._outbox: list[control.ToWorker] = []
         self._cond = threading.Condition()
         self._closed = False

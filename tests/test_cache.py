@@ -1,6 +1,7 @@
 """The packet cache's rules (dnsrouter/cache.py), checked against dnspython."""
 from __future__ import annotations
 
+import time
 import tracemalloc
 
 import dns.edns
@@ -16,7 +17,8 @@ import dns.tsigkeyring
 import pytest
 from hypothesis import assume, event, given, settings, strategies as st
 
-from dnsrouter import cache, wire
+from dnsrouter import cache, purges, wire
+from dnsrouter.purges import PurgeLog
 
 FAST = settings(max_examples=300, deadline=None)
 
@@ -406,20 +408,23 @@ def test_a_cached_reply_is_the_backends_but_for_the_id_and_the_questions_case(da
     others = [option for option in _options(expected) if option[0] != cache.OPTION_COOKIE]
     cookies = [option[1] for option in _options(sent) if option[0] == cache.OPTION_COOKIE]
     taken = sum(4 + len(data) for code, data in _options(expected) if code == cache.OPTION_COOKIE)
-    length = len(backend) - taken + (4 + 8 if cookies and expected.edns >= 0 else 0)
+    backend_cookie = taken > 0  # the backend does cookies: the client gets its own back, else none
+    length = len(backend) - taken + (4 + 8 if cookies and backend_cookie else 0)
     fits = max(sent.payload, 512) if sent.edns >= 0 else 512
     if result is None:
         event("does not fit")
         assert length > fits
         return
     assert len(result) == length <= fits
+    assert cache.answer(cache.storable(backend), client, end) == result  # as the cache keeps it
     assert result[:2] == client[:2] and result[12:end] == client[12:end]
     assert result[2:12] == backend[2:12]
     got = dns.message.from_wire(result)
     assert got.sections == expected.sections and got.flags == expected.flags and got.edns == expected.edns
     if expected.edns >= 0:
-        event(f"client cookie: {bool(cookies)}, backend cookie: {len(others) < len(expected.options)}")
-        assert _options(got) == others + [(cache.OPTION_COOKIE, cookie[:8]) for cookie in cookies]
+        event(f"client cookie: {bool(cookies)}, backend cookie: {backend_cookie}")
+        assert _options(got) == others + [(cache.OPTION_COOKIE, cookie[:8]) for cookie in cookies
+                                          if backend_cookie]
         if not cookies and len(others) == len(expected.options):
             assert result[end:] == backend[end:]  # byte for byte
     else:
@@ -440,6 +445,14 @@ def test_answer_gives_each_client_its_own_cookie():
     without = _query(edns=0)
     answered = cache.answer(cached, without, _end(without))
     assert not dns.message.from_wire(answered).options
+    stored = cache.storable(cached)
+    assert b"s" * 16 not in stored and b"AAAAAAAA" not in stored and stored.endswith(cache.COOKIE_MARK)
+    assert cache.answer(stored, second, _end(second)) == cache.answer(cached, second, _end(second))
+    # A backend that does not do cookies sent none: a client that sent one gets none from the cache either.
+    plain = dns.message.make_response(dns.message.from_wire(first))
+    plain.use_edns(0, 0, 1232)
+    plain.answer.append(_rrset(_NAME, 300, "A"))
+    assert not dns.message.from_wire(cache.answer(_wire(plain), second, _end(second))).options
 
 
 def test_answer_is_none_when_it_does_not_fit():
@@ -574,3 +587,86 @@ def test_bytes_per_entry():
     print(f"\nbytes per entry: {measured:.0f} measured ({payload} key and reply, "
           f"{measured - payload:.0f} beyond), {counted:.0f} counted")
     assert abs(measured - counted) / counted < 0.25
+
+
+# -- PacketCache and the purge log --------------------------------------------------
+
+
+def _packet_cache(purges: PurgeLog | None = None) -> cache.PacketCache:
+    return cache.PacketCache(100, 1 << 20, 3600, 300, purges)
+
+
+def _asked(name: str, qid: int = 7) -> bytes:
+    query = dns.message.make_query(name, "A", use_edns=False)
+    query.id = qid
+    return _wire(query)
+
+
+def _answered(name: str, ttl: int = 300) -> bytes:
+    reply = dns.message.make_response(dns.message.from_wire(_asked(name)))
+    reply.answer.append(_rrset(dns.name.from_text(name), ttl, "A"))
+    return _wire(reply)
+
+
+def test_packet_cache_answers_each_client_with_its_id_and_spelling():
+    store = _packet_cache()
+    query = _asked("www.example.com.")
+    assert store.lookup(query, _end(query), False, 0) is None
+    assert store.insert(query, _end(query), _answered("www.example.com."), 0, 0)
+    other = _asked("WwW.ExAmple.com.", qid=99)
+    got = store.lookup(other, _end(other), False, 1)
+    assert got is not None and got[:2] == other[:2] and got[12:_end(other)] == other[12:_end(other)]
+    assert store.lookup(other, _end(other), False, 300) is None  # the TTL is its lifetime
+    assert (store.hits, store.misses) == (1, 2)
+    assert store.snapshot() == {("cache_lookups", "hit"): 1, ("cache_lookups", "miss"): 2,
+                                ("cache_evictions", "expired"): 1}
+
+
+def test_packet_cache_takes_purges_from_the_log_and_refuses_replies_asked_before_them():
+    log = PurgeLog()
+    store = _packet_cache(log)
+    names = ["www.example.com.", "a.b.example.com.", "example.com.", "www.example.org."]
+    for name in names:
+        assert store.insert(_asked(name), _end(_asked(name)), _answered(name), 0, 0)
+    sent = time.monotonic()
+    log.append(dns.name.from_text("b.example.com.").to_wire(), True, "ctl")  # at or below b.example.com.
+    log.append(dns.name.from_text("example.com.").to_wire(), False, "notify")  # that name only
+    present = [name for name in names if store.lookup(_asked(name), _end(_asked(name)), False, 1)]
+    assert present == ["www.example.com.", "www.example.org."]
+    assert store.snapshot()["cache_purged", "ctl"] == 1 and store.snapshot()["cache_purged", "notify"] == 1
+    # A reply to a query sent before the purge may be the old zone's.
+    name = "a.b.example.com."
+    assert not store.insert(_asked(name), _end(_asked(name)), _answered(name), 2, sent - 1)
+    assert store.insert(_asked(name), _end(_asked(name)), _answered(name), 2, time.monotonic())
+
+
+def test_a_cache_that_missed_purges_forgets_everything():
+    log = PurgeLog()
+    store = _packet_cache(log)
+    query = _asked("www.example.org.")
+    store.insert(query, _end(query), _answered("www.example.org."), 0, 0)
+    for _ in range(purges.CAPACITY + 1):
+        log.append(dns.name.from_text("example.com.").to_wire(), True, "notify")
+    assert store.lookup(query, _end(query), False, 1) is None
+    assert store.snapshot()["cache_purges", "behind"] == 1 and store.entries == 0
+
+
+def test_purge_log_reads_what_was_written_in_order():
+    log = PurgeLog()
+    assert log.since(0) == (0, [])
+    for n in range(3):
+        assert log.append(bytes([1, 97 + n, 0]), n % 2 == 1, purges.CAUSES[n]) == n + 1
+    seq, items = log.since(1)
+    assert seq == 3 and [(p.name, p.subtree, p.cause) for p in items] == [(b"\x01b\x00", True, "ctl"),
+                                                                           (b"\x01c\x00", False, "routes")]
+    with pytest.raises(ValueError):
+        log.append(b"", False, "ctl")
+
+
+def test_a_route_change_purges_all():
+    store = _packet_cache()
+    query = _asked("www.example.com.")
+    store.insert(query, _end(query), _answered("www.example.com."), 0, 0)
+    sent = time.monotonic()
+    assert store.purge_all("routes") == 1 and store.entries == 0
+    assert not store.insert(query, _end(query), _answered("www.example.com."), 0, sent - 1)

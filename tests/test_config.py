@@ -399,3 +399,23 @@ def test_help_writes_values_as_a_person_reads_them():
                   "--log-level LEVEL", "--metrics ADDR:PORT", "--user USER", "--pidfile FILE"):
         assert shown in text, shown
 
+
+
+def test_cache_settings_and_their_bad_values(tmp_path):
+    path = _ini(tmp_path, """
+        [cache]
+        size = 5000
+        max_ttl = 86400
+        max_negative_ttl = 60
+        notify_allow = 192.0.2.0/28, 2001:db8::1
+        """)
+    config, _ = _load("--config", path, "--cache-size", "7000")
+    assert (config.cache_size, config.cache_max_ttl, config.cache_max_negative_ttl) == (7000, 86400, 60)
+    assert [str(n) for n in config.cache_notify_allow] == ["192.0.2.0/28", "2001:db8::1/128"]
+    assert _load()[0].cache_size == 0  # off unless asked for
+    for bad in ("-1", "lots"):
+        with pytest.raises(ConfigError, match="--cache-size"):
+            _load("--cache-size", bad)
+    for line, says in (("max_ttl = 0", "[cache] max_ttl"), ("max_negative_ttl = 3000000000", "max_negative_ttl"),
+                       ("notify_allow = ns1.example.com", "not an address or network")):
+        assert says in _error(_ini(tmp_path, f"[cache]\n{line}\n", name="bad.ini"))

@@ -5,12 +5,14 @@ import logging
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dnsrouter import ecs, wire
+from dnsrouter import cache, ecs, wire
 from dnsrouter.address import Address
 from dnsrouter.control import LATENCY_BUCKETS
+from dnsrouter.purges import PurgeLog
 from dnsrouter.routes import Matcher
 from dnsrouter.settings import Config
 from dnsrouter.snapshot import Snapshot
@@ -22,12 +24,17 @@ from . import acl, mmsg, tcp_fetch
 from .rtt import Rtt
 
 if TYPE_CHECKING:
+    from . import _fastpath
     from .fastpath import FastPath
 
 log = logging.getLogger("dnsrouter.worker")
 qlog = logging.getLogger("dnsrouter.queries")
 
-_FORMERR, _SERVFAIL, _REFUSED = wire.FORMERR, wire.SERVFAIL, wire.REFUSED
+_FORMERR, _SERVFAIL, _REFUSED, _NOTIMP = wire.FORMERR, wire.SERVFAIL, wire.REFUSED, wire.NOTIMP
+
+# The cache's byte limit per entry of ``[cache] size``: a signed NXDOMAIN
+# with NSEC3 proofs is about 1 KiB, a plain answer a few hundred bytes.
+CACHE_BYTES_PER_ENTRY = 2048
 
 
 @dataclass(frozen=True)
@@ -58,9 +65,12 @@ class Forwarder:
     # random: the source port an off-path spoofer must guess, beside the ID.
     SOCKETS = 4
 
-    def __init__(self, config: Config, stats: Stats, fast: FastPath | None = None) -> None:
+    def __init__(self, config: Config, stats: Stats, fast: FastPath | None = None,
+                 purges: PurgeLog | None = None) -> None:
         """Every value from ``config``; ``fast``: the compiled UDP path
-        (workers/fastpath.py, as ``[server] fast_path`` allows), or None: all in Python."""
+        (workers/fastpath.py, as ``[server] fast_path`` allows), or None: all
+        in Python; ``purges``: the log of cache purges every worker reads (a
+        worker's own if None)."""
         # timeout, retry_min and query_log change on SIGHUP (workers/live.py);
         # the packet path reads them where it uses them.
         self.timeout = config.forward_timeout
@@ -76,6 +86,16 @@ class Forwarder:
         self.matcher = Matcher(())
         self.version = -1
         self.query_log = config.log_queries
+        # The packet cache (dnsrouter/cache.py), compiled with the fast path: one
+        # per worker, shared by its threads. None: off, and the path does not look.
+        self.cache: cache.PacketCache | _fastpath.PacketCache | None = None
+        self.purges = purges or PurgeLog()
+        if config.cache_size:
+            cache_class = fast.PacketCache if fast else cache.PacketCache
+            self.cache = stats.add(cache_class(config.cache_size, config.cache_size * CACHE_BYTES_PER_ENTRY,
+                                               config.cache_max_ttl, config.cache_max_negative_ttl, self.purges))
+        self.notify_allowed = acl.make(config.cache_notify_allow)  # None: nobody (acl.make's None is everyone)
+        self._routes: tuple[object, ...] = ()  # the routes the cache's entries were answered under
         # Passive health evidence: unanswered tries and ICMP errors in a row
         # per backend, "in a row" by the order queries were sent. A backend
         # that answered a query sent after the lost one is alive; a burst of
@@ -107,6 +127,10 @@ class Forwarder:
         self.matcher = Matcher(snapshot.routes, snapshot.down, old.set if same_routes and old.routes else None,
                                self.client_address.mode)
         self.version = snapshot.version
+        if snapshot.routes is not self._routes:  # the same object while line 2 of the snapshot is the same
+            self._routes = snapshot.routes
+            if self.cache is not None:
+                self.cache.purge_all("routes")  # where a name goes may have changed: its replies too
         # A backend's first estimate is its health check's round trip (over
         # TCP, so if anything too long: no needless retries at the start).
         for backend, seconds in snapshot.rtt.items():
@@ -188,6 +212,8 @@ class Forwarder:
             return self._answer(data, _REFUSED, None, 0, addr, client, counts, outbox)
         rcode, question, end, lower = wire.check_query(data)
         if rcode:
+            if rcode == _NOTIMP and (flags >> 3) & 0xF == wire.OPCODE_NOTIFY:
+                return self._notify(data, question, end, addr, client, counts, outbox)
             return self._answer(data, rcode, question, end, addr, client, counts, outbox)
         pool = self.matcher.lookup_wire(lower[:-4], wire.name_to_text)
         if self.query_log:
@@ -196,6 +222,12 @@ class Forwarder:
                       wire.name_to_text(question[0]), question[1], pool.route.pattern if pool else "SERVFAIL")
         if pool is None:
             return self._answer(data, _SERVFAIL, question, end, addr, client, counts, outbox)
+        if self.cache is not None and not pool.modes:  # a reply shaped by the client's address is its own
+            cached = self.cache.lookup(data, end, tcp, time.monotonic())
+            if cached is not None:
+                counts["responses", cached[3] & 0xF] += 1
+                client.send(cached, addr, outbox)
+                return
         strip_opt = False
         query = data
         if tcp:
@@ -240,11 +272,24 @@ class Forwarder:
             return
         counts["backend_queries", entry.backend] += 1
 
+    def _notify(self, data: bytes, question: tuple[bytes, int, int] | None, end: int, addr: bytes | None,
+                client: Client, counts: Counts, outbox: Outbox | None) -> None:
+        """A NOTIFY (RFC 1996) for zone Z: from ``[cache] notify_allow``, every
+        worker's cache forgets Z and what is below it, then NOERROR with AA;
+        from elsewhere REFUSED, nothing purged."""
+        if question is None or data[4] or data[5] != 1:
+            return self._answer(data, _FORMERR, question, end, addr, client, counts, outbox)
+        if self.notify_allowed is None or not self.notify_allowed(client.host(addr)):
+            return self._answer(data, _REFUSED, question, end, addr, client, counts, outbox)
+        self.purges.append(question[0].lower(), True, "notify")  # every worker's cache, this one's included
+        self._answer(data, 0, question, end, addr, client, counts, outbox, authoritative=True)
+
     def _answer(self, data: bytes, rcode: int, question: tuple[bytes, int, int] | None, end: int,
-                addr: bytes | None, client: Client, counts: Counts, outbox: Outbox | None) -> None:
+                addr: bytes | None, client: Client, counts: Counts, outbox: Outbox | None,
+                authoritative: bool = False) -> None:
         edns = bool(end) and wire.has_opt(data, end)
         counts["responses", rcode] += 1
-        client.send(wire.make_answer(data, rcode, question, edns), addr, outbox)
+        client.send(wire.make_answer(data, rcode, question, edns, authoritative), addr, outbox)
 
     # -- the upstream sockets' policy (upstream.Policy), on their threads ----
     def rto(self, backend: Address) -> float:
@@ -297,6 +342,8 @@ class Forwarder:
                 self._servfail(entry, counts)
             return
         self._relay(entry, data, counts, outbox)
+        if self.cache is not None and not entry.tcp and entry.variants is None:
+            self.cache.insert(entry.query, 12 + len(entry.question), data, time.monotonic(), entry.sent)
 
     def _relay(self, entry: Pending, data: bytes, counts: Counts, outbox: Outbox | None = None) -> None:
         """The backend's reply to the client: its own bytes, the client's ID."""

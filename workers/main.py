@@ -68,7 +68,7 @@ class Worker:
         self.stopping = threading.Event()
         self.fast, why = fastpath.load(spec.config.server_fast_path)
         log.info("worker %d: fast path %s", spec.index, why)  # the operator sees which path serves
-        self.forwarder = Forwarder(spec.config, self.stats, self.fast)
+        self.forwarder = Forwarder(spec.config, self.stats, self.fast, spec.purges)
         self.snapshot: Snapshot | None = None
         self.udp_threads: list[threading.Thread] = []
 
@@ -80,8 +80,10 @@ class Worker:
                 pass  # the supervisor is gone; the control loop will notice
 
     def _report(self) -> None:
+        cache = self.forwarder.cache
         self.send(control.Report(delta=self.stats.delta(), version=self.forwarder.version,
-                                 srtt=self.forwarder.srtts(), fast_path=self.fast is not None))
+                                 srtt=self.forwarder.srtts(), fast_path=self.fast is not None,
+                                 cache=(cache.entries, cache.bytes) if cache is not None else (0, 0)))
 
     def _send_evidence(self) -> None:
         """Unanswered tries and ICMP errors since the last call, one message

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 
@@ -49,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("name")
     commands.add_parser("routes", help="the running router's live table with backend health (needs --metrics)")
     commands.add_parser("status", help="whether the running router serves (needs --metrics)")
+    purge = commands.add_parser("purge", help="make every worker's packet cache forget NAME (needs --metrics)")
+    purge.add_argument("name", metavar="NAME")
+    purge.add_argument("--subtree", action="store_true", help="and every name below it")
     sharding = commands.add_parser("shard", help="split a zone file (signed or not) into N zone files, "
                                                  "one regexp each; optionally register them")
     sharding.add_argument("zonefile", metavar="ZONEFILE")
@@ -76,11 +80,12 @@ class _Unreachable(Exception):
     """the running router did not answer (exit 1)"""
 
 
-def _http(config: Config, path: str) -> tuple[int, bytes]:
+def _http(config: Config, path: str, post: bool = False) -> tuple[int, bytes]:
     if config.metrics_listen is None:
         raise _Refused("give --metrics ADDR:PORT (the router's [metrics] listen)")
+    request = urllib.request.Request(f"http://{config.metrics_listen}{path}", data=b"" if post else None)
     try:
-        with urllib.request.urlopen(f"http://{config.metrics_listen}{path}", timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=5) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -178,6 +183,15 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     status, body = _http(config, "/healthz")
     print(body.decode().strip())
     return 0 if status == 200 else 1
+
+
+def cmd_purge(config: Config, args: argparse.Namespace) -> int:
+    query = urllib.parse.urlencode({"name": args.name, "subtree": "1" if args.subtree else "0"})
+    status, body = _http(config, f"/purge?{query}", post=True)
+    if status != 200:
+        raise _Refused(body.decode(errors="replace").strip())
+    print(f"purged {args.name}{' and below' if args.subtree else ''} from every worker's cache")
+    return 0
 
 
 def cmd_shard(config: Config, args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ missing knotd, knotc, knsupdate or delv is a RuntimeError, never a skip.
 Pass ``port=`` to choose the port (a secondary and its primary each need
 the other's port before either starts: take one from free_port()).
 
-KnotPrimary(origin, zone_text, *, nsec3=False, notify=(), transfer_tsig=None, port=None)
+KnotPrimary(origin, zone_text, *, nsec3=False, notify=(), transfer_tsig=None, port=None, cookies=False)
     Serves ``origin`` from ``zone_text`` (support.zones.zone_text) and signs
     it itself: `dnssec-signing: on`, a policy with ECDSAP256SHA256, a KSK
     and a ZSK that knotd makes at the first start (no rollovers, no
@@ -33,7 +33,9 @@ KnotPrimary(origin, zone_text, *, nsec3=False, notify=(), transfer_tsig=None, po
     transfers to 127.0.0.0/8 (only with the TSIG key ``transfer_tsig``, when
     given), and every new serial is NOTIFYed to each (host, port) of
     ``notify`` (signed with ``transfer_tsig`` when given). knotd sends that
-    NOTIFY about a second after the change, not at once.
+    NOTIFY about a second after the change, not at once. ``cookies``: DNS
+    Cookies (mod-cookies): a query with a client cookie gets it back with a
+    server cookie.
 
     .port .addr ("127.0.0.1:PORT") .origin .dir .conf_path .log_path
     start() -> self: returns once the zone is loaded and signed (wait_signed())
@@ -57,7 +59,7 @@ KnotPrimary(origin, zone_text, *, nsec3=False, notify=(), transfer_tsig=None, po
     has(name, rdtype) -> bool, dnskeys() -> list[DNSKEY]
     knotc(*args) -> str, log() -> str, log_tail(lines=30) -> str
 
-KnotSecondary(origin, primary_host, primary_port, *, tsig=None, identity=None, port=None)
+KnotSecondary(origin, primary_host, primary_port, *, tsig=None, identity=None, port=None, notify=())
     A plain secondary (`master:` a remote at primary_host@primary_port):
     transfers the zone (AXFR, then IXFR) with the TSIG key ``tsig`` when
     given, accepts NOTIFY from 127.0.0.0/8 (with that key when given), and
@@ -71,7 +73,8 @@ KnotSecondary(origin, primary_host, primary_port, *, tsig=None, identity=None, p
     "knot-secondary-<port>"), without waiting for the zone. Until the
     first transfer it answers SERVFAIL for the zone and knotd retries at
     random intervals (1 to 30 s seen); a NOTIFY or refresh() makes it try
-    at once.
+    at once. It NOTIFYs each (host, port) of ``notify`` (unsigned) after
+    each serial it loads: a router's packet cache, say.
 
     .port .addr .identity .origin .dir .conf_path .log_path
     start() -> self, stop(), kill(), close(); a context manager
@@ -285,9 +288,10 @@ class KnotPrimary(_Knotd):
 
     def __init__(self, origin: str, zone_text: str, *, nsec3: bool = False,
                  notify: Iterable[tuple[str, int]] = (), transfer_tsig: str | None = None,
-                 port: int | None = None, startup_timeout: float = 15.0) -> None:
+                 port: int | None = None, startup_timeout: float = 15.0, cookies: bool = False) -> None:
         self.zone_text = zone_text if zone_text.endswith("\n") else zone_text + "\n"
         self.nsec3 = nsec3
+        self.cookies = cookies  # DNS Cookies (RFC 7873): mod-cookies answers a client cookie with a server cookie
         self.notify: list[tuple[str, int]] = [(h, int(p)) for h, p in notify]
         for host, _ in self.notify:
             if host != HOST:
@@ -346,7 +350,7 @@ zone:
     dnssec-signing: on
     dnssec-policy: signer
     acl: [update, transfer]
-{notify_line}"""
+{notify_line}{'    module: mod-cookies' + chr(10) if self.cookies else ''}"""
 
     def _started(self) -> None:
         self.write_files()  # zonefile-load none from now on, for the next start or reload
@@ -477,9 +481,14 @@ class KnotSecondary(_Knotd):
     kind = "knot-secondary"
 
     def __init__(self, origin: str, primary_host: str, primary_port: int, *, tsig: str | None = None,
-                 identity: str | None = None, port: int | None = None, startup_timeout: float = 10.0) -> None:
+                 identity: str | None = None, port: int | None = None, startup_timeout: float = 10.0,
+                 notify: Iterable[tuple[str, int]] = ()) -> None:
         if primary_host != HOST:
             raise ValueError(f"the primary must be on {HOST}, not {primary_host}")
+        # Downstream NOTIFY targets (unsigned), told of each serial it loads: a router's packet cache.
+        self.notify: list[tuple[str, int]] = [(h, int(p)) for h, p in notify]
+        if any(h != HOST for h, _ in self.notify):
+            raise ValueError(f"NOTIFY targets must be on {HOST}")
         self.primary_host = primary_host
         self.primary_port = int(primary_port)
         self.tsig = tsig
@@ -498,11 +507,14 @@ class KnotSecondary(_Knotd):
         # journal-content all, zonefile-load none, no zone file: what it
         # received stays in the journal only, so a restart serves it again
         # and asks the primary for the difference (IXFR).
+        downstream = "".join(f"  - id: downstream{i}\n    address: {h}@{p}\n" for i, (h, p) in enumerate(self.notify))
+        notify_line = (f"    notify: [{', '.join(f'downstream{i}' for i in range(len(self.notify)))}]\n"
+                       if self.notify else "")
         return self._server_sections(self.identity) + keys + f"""\
 remote:
   - id: primary
     address: {self.primary_host}@{self.primary_port}
-{key_line}
+{key_line}{downstream}
 acl:
   - id: notify
     address: 127.0.0.0/8
@@ -521,7 +533,7 @@ zone:
     journal-content: all
     dnssec-signing: off
     dnssec-validation: off
-"""
+{notify_line}"""
 
     def _ready(self) -> bool:
         self._alive()
