@@ -535,10 +535,10 @@ class PacketCache:
             self.purged_at = max(self.purged_at, purge.at)
             self._cache.purge(purge.name, purge.subtree, purge.cause)
 
-    def snapshot(self) -> dict[tuple[str, object], int]:
+    def snapshot(self) -> dict[tuple[str, object], float]:
         """Totals since the start, keyed as counts are (Stats.add)."""
         cache = self._cache
-        out: dict[tuple[str, object], int] = {
+        out: dict[tuple[str, object], float] = {
             ("cache_lookups", "hit"): self.hits, ("cache_lookups", "miss"): self.misses,
             ("cache_evictions", "room"): cache.evictions, ("cache_evictions", "expired"): cache.expired}
         for cause, n in cache.purges.items():

@@ -22,11 +22,12 @@ whose ACL or query log sends every query there shows it.
 
 The contract with the Python modules: this one reads and calls only their
 public names (``Forwarder.handle``, ``upstreams``, ``upstreams_for``,
-``rtos``, ``matcher``, ``allowed``, ``query_log``, ``timeout``;
+``rtos``, ``matcher``, ``allowed``, ``query_log``, ``timeout``, ``cache``;
 ``Pool.rotation``, ``modes``, ``backends``; ``Upstream.pending``,
 ``waiting``, ``limit``, ``fd``, ``sock``, ``policy``, ``counts``, ``tick``,
 ``errors``, ``retry``, ``closing``; the policy's ``rtts``, ``rtos``,
-``last_answered``, ``retry_min``, ``timeout``, ``answered``, ``reply``),
+``last_answered``, ``retry_min``, ``timeout``, ``answered``, ``reply``,
+``cache``),
 which tests/test_fastpath_seam.py holds it to, and it takes every constant
 it shares with them (batch and slot sizes, stale errnos, RTT gains, the
 escape table, counter keys) from them at import.
@@ -789,10 +790,12 @@ cdef double _lifetime(const unsigned char *r, Py_ssize_t size, double max_ttl,
 
 
 cdef Py_ssize_t _without_cookies(const unsigned char *p, Py_ssize_t pos, Py_ssize_t end,
-                                 unsigned char *out) noexcept nogil:
+                                 unsigned char *out, bint *had_cookie) noexcept nogil:
     """cache._without_cookies: the length of the options between ``pos`` and
-    ``end`` but COOKIE (written to ``out`` unless NULL), -1 for None."""
+    ``end`` but COOKIE (written to ``out`` unless NULL), and whether there
+    was a COOKIE; -1 for None."""
     cdef Py_ssize_t kept = 0, stop
+    had_cookie[0] = False
     while pos < end:
         if pos + 4 > end:
             return -1
@@ -803,31 +806,39 @@ cdef Py_ssize_t _without_cookies(const unsigned char *p, Py_ssize_t pos, Py_ssiz
             if out != NULL:
                 memcpy(out + kept, p + pos, stop - pos)
             kept += stop - pos
+        else:
+            had_cookie[0] = True
         pos = stop
     return kept
 
 
 cdef Py_ssize_t _storable(const unsigned char *r, Py_ssize_t n, unsigned char *out) noexcept nogil:
     """cache.storable: the stored form's length, -1 for None; written to
-    ``out`` (as many bytes as the reply's) unless NULL."""
-    cdef Py_ssize_t start = 0, stop = 0, kept
+    ``out`` (as many bytes as the reply's: a COOKIE_MARK is shorter than
+    the COOKIE it replaces) unless NULL."""
+    cdef Py_ssize_t start = 0, stop = 0, kept, options
+    cdef bint had_cookie
     cdef int found = _find_opt(r, n, -1, &start, &stop)
     if found < 0:
         return -1
-    if found == 0 or stop - start == 11:
+    kept = _without_cookies(r, start + 11, stop, NULL, &had_cookie) if found and stop - start != 11 else 0
+    if kept < 0:
+        return -1
+    if found == 0 or stop - start == 11 or not had_cookie:
         if out != NULL:
             memcpy(out, r, n)
         return n
-    kept = _without_cookies(r, start + 11, stop, NULL)
-    if kept < 0:
-        return -1
+    options = kept + 4  # and COOKIE_MARK: a COOKIE of no bytes, last
     if out != NULL:
         memcpy(out, r, start + 9)
-        out[start + 9] = kept >> 8
-        out[start + 10] = kept & 0xFF
-        _without_cookies(r, start + 11, stop, out + start + 11)
-        memcpy(out + start + 11 + kept, r + stop, n - stop)
-    return start + 11 + kept + n - stop
+        out[start + 9] = options >> 8
+        out[start + 10] = options & 0xFF
+        _without_cookies(r, start + 11, stop, out + start + 11, &had_cookie)
+        out[start + 11 + kept] = _OPTION_COOKIE >> 8
+        out[start + 11 + kept + 1] = _OPTION_COOKIE & 0xFF
+        out[start + 11 + kept + 2] = out[start + 11 + kept + 3] = 0
+        memcpy(out + start + 11 + options, r + stop, n - stop)
+    return start + 11 + options + n - stop
 
 
 cdef void _parse_cached(const unsigned char *c, Py_ssize_t n, int *qend, int *opt_start,
@@ -856,7 +867,7 @@ cdef Py_ssize_t _answer(const unsigned char *c, Py_ssize_t cn, int qend, int opt
     length, -1 for None."""
     cdef _QueryEdns e
     cdef Py_ssize_t i, kept = 0, options = 0, total, pos
-    cdef bint rewrite
+    cdef bint rewrite, had_cookie = False
     if not _query_edns(q, qn, end, &e) or qend < 0 or qend != end:
         return -1
     for i in range(12, end):
@@ -864,12 +875,13 @@ cdef Py_ssize_t _answer(const unsigned char *c, Py_ssize_t cn, int qend, int opt
             return -1
     if opt_start == -2 or (opt_start >= 0 and c[opt_start] != 0):
         return -1  # records that do not parse; an OPT not owned by the root
-    rewrite = opt_start >= 0 and (opt_end - opt_start > 11 or e.cookie_size)
+    rewrite = opt_start >= 0 and opt_end - opt_start > 11
     if rewrite:
-        kept = _without_cookies(c, opt_start + 11, opt_end, NULL)
+        kept = _without_cookies(c, opt_start + 11, opt_end, NULL, &had_cookie)
         if kept < 0:
             return -1
-        options = kept + (4 + _CLIENT_COOKIE if e.cookie_size else 0)
+        had_cookie = had_cookie and e.cookie_size  # the backend does cookies, and the client sent one
+        options = kept + (4 + _CLIENT_COOKIE if had_cookie else 0)
         if options > 0xFFFF:
             return -1  # (cache.answer's pack raises: a reply that long is past 65535 bytes anyway)
         total = opt_start + 11 + options + cn - opt_end
@@ -889,9 +901,9 @@ cdef Py_ssize_t _answer(const unsigned char *c, Py_ssize_t cn, int qend, int opt
     out[pos] = options >> 8
     out[pos + 1] = options & 0xFF
     pos += 2
-    _without_cookies(c, opt_start + 11, opt_end, out + pos)
+    _without_cookies(c, opt_start + 11, opt_end, out + pos, &rewrite)  # (rewrite: read no more)
     pos += kept
-    if e.cookie_size:  # the client's own cookie, last
+    if had_cookie:  # the client's own cookie, last
         out[pos] = _OPTION_COOKIE >> 8
         out[pos + 1] = _OPTION_COOKIE & 0xFF
         out[pos + 2] = 0
@@ -1315,8 +1327,8 @@ cdef class PacketCache:
 
     def snapshot(self):
         """cache.PacketCache.snapshot: totals since the start, keyed as counts are."""
-        out = {("cache_hits", ""): self.hits, ("cache_misses", ""): self.misses,
-               ("cache_evictions", ""): self.evictions, ("cache_expired", ""): self.expired}
+        out = {("cache_lookups", "hit"): self.hits, ("cache_lookups", "miss"): self.misses,
+               ("cache_evictions", "room"): self.evictions, ("cache_evictions", "expired"): self.expired}
         for cause, n in self.purge_counts.items():
             out["cache_purges", cause] = n
         for cause, n in self.purged_counts.items():
@@ -1393,7 +1405,7 @@ cdef class _Queries:
         self.peers = {}  # backend -> (raw address, family), for the worker's few backends
         self.routes = RouteCache()
         # Read once: while the fast path runs the forwarder's cache is one of ours (None: off).
-        self.cache = getattr(forwarder, "cache", None)
+        self.cache = forwarder.cache
         self.client_fd = client.fd
         cdef size_t n = self.receiver.n
         self.ends = <int *>malloc(n * sizeof(int))
@@ -1564,7 +1576,7 @@ cdef class Replies:
         self.counts = upstream.counts
         self.keys = {}  # backend -> the part of a raw address that names it
         self.rtts, self.last_answered, self.rtos = self.policy.rtts, self.policy.last_answered, self.policy.rtos
-        self.cache = getattr(self.policy, "cache", None)
+        self.cache = self.policy.cache
 
     cdef void answered(self, backend, double sent, double rtt) except *:
         """``Forwarder.answered`` (with stats.observe_latency and Rtt.sample),
