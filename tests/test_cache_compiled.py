@@ -266,8 +266,11 @@ def test_a_purge_applied_by_another_thread_meanwhile_is_not_applied_twice(compil
 def test_an_entry_costs_what_is_counted(compiled):
     """CACHE_ENTRY_OVERHEAD against malloc's own count of the bytes in use
     (mallinfo2: glibc's arenas and its mmap'd blocks), for 20,000 typical
-    entries: a 22-byte name with EDNS, a 120-byte reply."""
+    entries: a 22-byte name with EDNS, a 120-byte reply. Under ASan
+    (scripts/asan.sh), whose malloc glibc does not see, its own count of
+    the bytes asked for, without malloc's own 16 per block."""
     libc = ctypes.CDLL(None)
+    sanitizer = getattr(libc, "__sanitizer_get_current_allocated_bytes", None)
 
     class Mallinfo2(ctypes.Structure):
         _fields_ = [(name, ctypes.c_size_t) for name in (
@@ -275,8 +278,12 @@ def test_an_entry_costs_what_is_counted(compiled):
             "keepcost")]
 
     libc.mallinfo2.restype = Mallinfo2
+    if sanitizer is not None:
+        sanitizer.restype = ctypes.c_size_t
 
     def in_use() -> int:
+        if sanitizer is not None:
+            return sanitizer()
         info = libc.mallinfo2()
         return info.uordblks + info.hblkhd
 
@@ -299,7 +306,7 @@ def test_an_entry_costs_what_is_counted(compiled):
     print(f"\nbytes per entry: {measured:.0f} measured ({payload} key and reply, "
           f"{measured - payload:.0f} beyond, {compiled.CACHE_ENTRY_OVERHEAD} counted beyond)")
     assert counted == payload + compiled.CACHE_ENTRY_OVERHEAD
-    assert abs(measured - counted) / counted < 0.1
+    assert abs(measured - counted) / counted < (0.1 if sanitizer is None else 0.2)
 
 
 # -- the compiled loop ------------------------------------------------------------------
