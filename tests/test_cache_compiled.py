@@ -247,20 +247,43 @@ def test_a_purge_frees_slots_in_the_order_the_entries_went_in(compiled):
     assert _state(fast) == _state(reference) and reference.snapshot()[("cache_evictions", "room")] == 1
 
 
+class _Meanwhile(purges.PurgeLog):
+    """A purge log whose next ``since`` first runs ``meanwhile``: what
+    another thread may do while this one waits for the log's lock (the GIL
+    let go)."""
+
+    meanwhile = None
+
+    def since(self, seen: int):
+        work, self.meanwhile = self.meanwhile, None
+        if work is not None:
+            work()
+        return super().since(seen)
+
+
 def test_a_purge_applied_by_another_thread_meanwhile_is_not_applied_twice(compiled):
-    """The purge log is read when its number moved; what another thread
-    applied while this one waited for the log is not purged again (an
-    entry put back in between would go)."""
-    log = purges.PurgeLog()
+    """While one thread waits in ``since``, another applies the purge, puts
+    the entry back and a second purge comes: the first thread applies the
+    second purge only, and the entry put back stays."""
+    log = _Meanwhile()
     store = compiled.PacketCache(10, 1 << 20, 60, 10, log)
-    query, reply = _pair("www.example.com.", "A", True, 50, 30)
+    www, other = _pair("www.example.com.", "A", True, 50, 30), _pair("other.org.", "A", True, 50, 30)
     now = time.monotonic() + 10_000
-    assert store.insert(query, _end(query), reply, now, now)
+    for query, reply in (www, other):
+        assert store.insert(query, _end(query), reply, now, now)
+
+    def other_thread() -> None:
+        assert store.lookup(www[0], _end(www[0]), False, now) is None  # the first purge, applied here
+        assert store.insert(www[0], _end(www[0]), www[1], now, now)
+        log.append(dns.name.from_text("other.org.").to_wire(), False, "ctl")
+
     log.append(dns.name.from_text("www.example.com.").to_wire(), False, "notify")
-    assert store.lookup(query, _end(query), False, now) is None  # applied: the entry went
-    assert store.insert(query, _end(query), reply, now, now)
-    assert store.lookup(query, _end(query), False, now) is not None  # not purged again
-    assert store.snapshot()[("cache_purged", "notify")] == 1
+    log.meanwhile = other_thread
+    assert store.lookup(other[0], _end(other[0]), False, now) is None  # the second purge, applied here
+    assert store.lookup(www[0], _end(www[0]), False, now) is not None  # not purged again
+    snapshot = store.snapshot()
+    assert (snapshot[("cache_purged", "notify")], snapshot[("cache_purged", "ctl")]) == (1, 1)
+    assert store.entries == 1
 
 
 def test_an_entry_costs_what_is_counted(compiled):

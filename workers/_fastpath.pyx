@@ -7,7 +7,10 @@ The pure-Python modules stay the reference: this one does the same thing
 for the packets it takes and hands every other packet, unchanged, to the
 Python code (``Forwarder.handle`` on the client side, ``Forwarder.reply`` on
 the reply side). Timeouts, retries, ICMP errors, SERVFAIL, the router's own
-answers and TCP never come here.
+answers and TCP never come here. With the packet cache on
+(``Forwarder.cache``, a ``PacketCache`` of this module), a query it takes
+is answered from the cache when it can be, in the slot it came in, and a
+reply it relays is inserted (``cache.py``'s rules, written here in C).
 
 What it takes: a query of at least 12 bytes that is not a response, opcode
 QUERY, QDCOUNT 1, an uncompressed question name of at most 255 bytes whose
