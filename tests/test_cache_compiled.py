@@ -119,6 +119,24 @@ def test_the_answer_is_the_references(compiled, data):
     assert compiled.cache_answer(stored, client, end, tcp) == want
 
 
+_headers = st.sampled_from([b"\x00\x01\x81\x80\x00\x01\x00\x01\x00\x01\x00\x01",  # a reply, a record in each section
+                            b"\x00\x01\x01\x00\x00\x01\x00\x00\x00\x00\x00\x01",  # a query with one additional
+                            b"\x00\x01\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00", b""])
+
+
+@FAST
+@given(_headers, st.binary(max_size=80), _headers, st.binary(max_size=80), st.integers(0, 100), st.booleans())
+def test_random_bytes_get_what_the_reference_gives(compiled, head, tail, query_head, query_tail, end, tcp):
+    """Bytes no server would send, read as a reply and as a query: every
+    length the compiled rules read is checked (scripts/asan.sh runs this
+    against the ASan build)."""
+    packet, query = head + tail, query_head + query_tail
+    assert compiled.cache_key(query, end) == cache.key(query, end)
+    assert compiled.cache_lifetime(packet, 3600, 300) == cache.lifetime(packet, 3600, 300)
+    assert compiled.cache_storable(packet) == cache.storable(packet)
+    assert compiled.cache_answer(packet, query, end, tcp) == cache.answer(packet, query, end, tcp)
+
+
 # -- PacketCache: the same results for the same operations -------------------------------
 
 _NAMES = ["example.com.", "www.example.com.", "a.b.example.com.", "WWW.Example.COM.", "other.org.", "x.other.org."]
