@@ -565,6 +565,8 @@ cdef unsigned int _TYPE_AXFR = wire.TYPE_AXFR, _TYPE_IXFR = wire.TYPE_IXFR
 cdef unsigned int _TYPE_SIG = _ecs.TYPE_SIG, _TYPE_TSIG = _ecs.TYPE_TSIG
 if _MAX_KEY > CACHE_KEY or _CLIENT_COOKIE != 8:
     raise ImportError("cache.MAX_KEY or CLIENT_COOKIE differ from the room _fastpath.pxd gives them")
+if _slot < CACHE_ANSWER:  # a hit is written into the slot its query came in
+    raise ImportError("mmsg.MAX_DATAGRAM leaves no room for a cached answer in a slot")
 
 # What an entry costs beyond its key and reply bytes: its slot and its place
 # in the free list (grown by a quarter at a time: an eighth more on average),
