@@ -6,7 +6,8 @@ makes itself"):
 
 * at most one answer per query, and exactly one unless the table says the
   query is dropped (fewer than 12 bytes, or QR set);
-* the router's own answers follow the table (NOTIMP for an opcode other than
+* the router's own answers follow the table (REFUSED for a NOTIFY, FORMERR
+  without one question; NOTIMP for an opcode other than
   QUERY and for AXFR/IXFR, FORMERR for QDCOUNT != 1 or a question that does
   not parse, SERVFAIL for a name no route matches or a backend that does not
   answer), echo the ID, opcode, RD and the question, carry an OPT record
@@ -51,8 +52,9 @@ pytestmark = pytest.mark.system
 
 FORWARD_TIMEOUT = 0.3
 ROUTE = re.compile(r"\.test\.$")  # the route's regexp, applied as RE2 would (search)
-NOERROR, FORMERR, SERVFAIL, NOTIMP = (dns.rcode.NOERROR, dns.rcode.FORMERR, dns.rcode.SERVFAIL,
-                                      dns.rcode.NOTIMP)
+NOERROR, FORMERR, SERVFAIL, NOTIMP, REFUSED = (dns.rcode.NOERROR, dns.rcode.FORMERR, dns.rcode.SERVFAIL,
+                                               dns.rcode.NOTIMP, dns.rcode.REFUSED)
+NOTIFY = 4  # the opcode
 QR, TC, RD = 0x8000, 0x0200, 0x0100
 AXFR, IXFR, OPT = 252, 251, 41
 EXAMPLES = int(os.environ.get("DNSROUTER_FUZZ_EXAMPLES", "50"))
@@ -123,6 +125,9 @@ def expect(packet: bytes) -> Expect:
     e = Expect(end=end, question_required=not malformed,
                edns=edns if qdcount == 1 and end is not None else None, payload=payload)
     rcodes = set()
+    if opcode == NOTIFY:  # the cache's purge: refused here, this router has no [cache] notify_allow
+        e.rcodes = frozenset({FORMERR if malformed else REFUSED})
+        return e
     if opcode != 0:
         rcodes.add(NOTIMP)
     if malformed:
