@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import dns.message
+import dns.opcode
+import dns.query
 import dns.rcode
 import psutil
 import pytest
@@ -132,7 +134,11 @@ def test_user_nobody_on_a_privileged_port(router):
         pytest.fail("this test runs as root, as CI does")
     nobody = pwd.getpwnam("nobody").pw_uid
     with FakeBackend("ok") as fake:
-        r = router(workers=2, port=free_privileged_port(), args=["--user", "nobody"], start=False)
+        r = router(workers=2, port=free_privileged_port(), start=False)
+        # The packet cache's purge log (shared memory and its lock) is the
+        # supervisor's, made as root: workers running as nobody use it too.
+        (r.dir / "dnsrouter.ini").write_text("[cache]\nsize = 100\nnotify_allow = 127.0.0.1\n")
+        r.args += ["--user", "nobody", "--config", str(r.dir / "dnsrouter.ini")]
         os.chmod(r.dir, 0o755)
         os.chmod(r.routes_dir, 0o755)
         r.route("a", rf"{fake.addr},\.test\.$")
@@ -141,6 +147,12 @@ def test_user_nobody_on_a_privileged_port(router):
         assert r.port < 1024
         assert psutil.Process(r.proc.pid).uids().effective == nobody
         assert [p.uids().real for p in r.workers_procs()] == [nobody, nobody]
+        notify = dns.message.make_query("example.test.", "SOA")
+        notify.set_opcode(dns.opcode.NOTIFY)
+        for _ in range(8):  # from new source ports: both workers take one
+            assert dns.query.udp(notify, HOST, port=r.port, timeout=2).rcode() == dns.rcode.NOERROR
+        wait_until(lambda: ok(r), 5, message="not serving after the NOTIFYs")
+        assert "Traceback" not in r.log()
 
 
 def test_init_script_starts_reports_reloads_and_stops(tmp_path):

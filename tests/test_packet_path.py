@@ -160,12 +160,15 @@ def test_zone_transfers_are_not_implemented(router, knots, split_zone, qtype):
         assert reply.id == query.id and reply.question == query.question
 
 
-def test_other_opcodes_are_not_implemented(router):
+@pytest.mark.parametrize("opcode, rcode", [(dns.opcode.IQUERY, dns.rcode.NOTIMP), (dns.opcode.STATUS, dns.rcode.NOTIMP),
+                                           (dns.opcode.NOTIFY, dns.rcode.REFUSED)],  # no [cache] notify_allow
+                         ids=["IQUERY", "STATUS", "NOTIFY"])
+def test_other_opcodes_are_not_implemented(router, opcode, rcode):
     r = router()
     query = dns.message.make_query("x.example.com.", "A")
-    query.set_opcode(dns.opcode.NOTIFY)
+    query.set_opcode(opcode)
     reply = dns.query.udp(query, HOST, port=r.port, timeout=2)
-    assert reply.rcode() == dns.rcode.NOTIMP and reply.opcode() == dns.opcode.NOTIFY
+    assert reply.rcode() == rcode and reply.opcode() == opcode
 
 
 FORMERR_CASES = {
