@@ -242,6 +242,8 @@ def answer(cached: bytes, query: bytes, end: int, tcp: bool = False) -> bytes | 
         options, had_cookie = stripped
         if had_cookie and edns.cookie is not None:
             options += _OPTION.pack(OPTION_COOKIE, CLIENT_COOKIE) + edns.cookie
+            if len(options) > 0xFFFF:
+                return None  # no OPT can hold it (and no message either)
         start, stop = opt[0] - end, opt[1] - end
         body = body[:start + 9] + _U16.pack(len(options)) + options + body[stop:]
     result = query[:2] + cached[2:12] + query[12:end] + body
