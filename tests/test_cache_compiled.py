@@ -8,7 +8,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import socket
-import threading
 import time
 
 import dns.edns
@@ -22,11 +21,11 @@ from dnsrouter import cache, purges
 from dnsrouter.address import parse_address
 from dnsrouter.config import defaults
 from dnsrouter.routes import Matcher, Route
-from dnsrouter.workers import fastpath, udp
+from dnsrouter.workers import fastpath
 from dnsrouter.workers.forwarder import Forwarder
 from dnsrouter.workers.stats import Stats
+from support.compiled_loop import serving
 from support.fake_backend import FakeBackend
-from support.net import wait_until
 from test_cache import FAST, _client, _cookies, _end, _mutate, _mutations, _rrset, _wire, queries, replies
 
 
@@ -361,48 +360,31 @@ def test_the_compiled_loop_answers_a_hit_itself(compiled):
     forwarder = Forwarder(defaults(forward_timeout=1.0, cache_size=100), Stats(), fast=compiled)
     store = forwarder.cache
     assert isinstance(store, compiled.PacketCache)
-    forwarder.start(adopted=True)
-    listening = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    listening.bind(("127.0.0.1", 0))
-    stopping = threading.Event()
-    with FakeBackend("ok") as backend, listening, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+    with FakeBackend("ok") as backend, serving(forwarder) as listening, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
         forwarder.matcher = Matcher([Route(r"\.test\.$", (parse_address(backend.addr),))])
-        thread = threading.Thread(target=udp.serve, args=(listening, forwarder, forwarder.stats.for_thread(),
-                                                          stopping), daemon=True)
-        thread.start()
-        upstreams = forwarder.upstreams[socket.AF_INET]
-        try:
-            client.settimeout(3)
-            first = dns.message.make_query("www.cached.test.", "A", use_edns=0,
-                                           options=[dns.edns.GenericOption(cache.OPTION_COOKIE, b"AAAAAAAA")])
-            client.sendto(first.to_wire(), listening.getsockname())
-            answered = client.recv(65535)
-            assert dns.message.from_wire(answered).answer and store.entries == 1  # inserted as it was relayed
-            backend.mode = "drop"
-            again = dns.message.make_query("WwW.cAcHeD.TEST.", "A", use_edns=0,
-                                           options=[dns.edns.GenericOption(cache.OPTION_COOKIE, b"BBBBBBBB")])
-            again.id = (first.id + 1) & 0xFFFF
-            packet = again.to_wire()
-            client.sendto(packet, listening.getsockname())
-            hit = client.recv(65535)
-            end = _end(packet)
-            assert hit[:2] == packet[:2] and hit[12:end] == packet[12:end]  # its ID, its spelling
-            assert hit[2:12] == answered[2:12]
-            stored = cache.storable(answered)
-            assert stored is not None and hit == cache.answer(stored, packet, end)
-            assert backend.count("udp") == 1
-            assert (store.hits, store.misses) == (1, 1)
-            delta = forwarder.stats.delta()
-            assert delta["queries", "udp"] == 2 and delta["responses", 0] == 2
-            assert delta["cache_lookups", "hit"] == delta["cache_lookups", "miss"] == 1
-            assert not [k for k in delta if k[0] == "fast_path_handoffs"]
-        finally:
-            stopping.set()
-            with pytest.raises(OSError):  # ENOTCONN for a UDP socket, which is shut down all the same
-                listening.shutdown(socket.SHUT_RD)
-            thread.join(2)
-            for upstream in upstreams:
-                upstream.close()
-            wait_until(lambda: all(u.sock.fileno() == -1 for u in upstreams), 2,
-                       message="the upstream sockets were not closed")
-    assert not thread.is_alive()
+        client.settimeout(3)
+        first = dns.message.make_query("www.cached.test.", "A", use_edns=0,
+                                       options=[dns.edns.GenericOption(cache.OPTION_COOKIE, b"AAAAAAAA")])
+        client.sendto(first.to_wire(), listening.getsockname())
+        answered = client.recv(65535)
+        assert dns.message.from_wire(answered).answer and store.entries == 1  # inserted as it was relayed
+        backend.mode = "drop"
+        again = dns.message.make_query("WwW.cAcHeD.TEST.", "A", use_edns=0,
+                                       options=[dns.edns.GenericOption(cache.OPTION_COOKIE, b"BBBBBBBB")])
+        again.id = (first.id + 1) & 0xFFFF
+        packet = again.to_wire()
+        client.sendto(packet, listening.getsockname())
+        hit = client.recv(65535)
+        end = _end(packet)
+        assert hit[:2] == packet[:2] and hit[12:end] == packet[12:end]  # its ID, its spelling
+        assert hit[2:12] == answered[2:12]
+        stored = cache.storable(answered)
+        assert stored is not None and hit == cache.answer(stored, packet, end)
+        assert backend.count("udp") == 1
+        assert (store.hits, store.misses) == (1, 1)
+        delta = forwarder.stats.delta()
+        assert delta["queries", "udp"] == 2 and delta["responses", 0] == 2
+        assert delta["cache_lookups", "hit"] == delta["cache_lookups", "miss"] == 1
+        assert not [k for k in delta if k[0] == "fast_path_handoffs"]
+

@@ -8,7 +8,6 @@ from __future__ import annotations
 import inspect
 import socket
 import sys
-import threading
 import types
 
 import dns.message
@@ -18,13 +17,13 @@ import pytest
 from dnsrouter import routes
 from dnsrouter.address import parse_address
 from dnsrouter.routes import Matcher, Pool, Route
-from dnsrouter.workers import fastpath, forwarder as forwarder_module, udp
+from dnsrouter.workers import fastpath, forwarder as forwarder_module
 from dnsrouter.config import defaults
 from dnsrouter.workers.forwarder import Forwarder
 from dnsrouter.workers.stats import Stats
 from dnsrouter.workers.upstream import Upstream
+from support.compiled_loop import serving
 from support.fake_backend import FakeBackend
-from support.net import wait_until
 
 pytestmark = pytest.mark.system  # a fake backend answers the forwarded queries
 
@@ -78,46 +77,27 @@ def test_the_compiled_path_runs_on_the_public_interface_only(compiled, monkeypat
     assert refused == ["Forwarder._adopted"]
     refused.clear()
 
-    forwarder.start(adopted=True)
-    listening = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    listening.bind(("127.0.0.1", 0))
-    stopping = threading.Event()
-    with FakeBackend("ok") as good, FakeBackend("drop") as silent, listening, \
+    with FakeBackend("ok") as good, FakeBackend("drop") as silent, serving(forwarder) as listening, \
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
         good_address, silent_address = parse_address(good.addr), parse_address(silent.addr)
         forwarder.matcher = Matcher([Route(r"\.good\.$", (good_address,)),
                                      Route(r"\.retried\.$", (silent_address, good_address)),
                                      Route(r"\.lost\.$", (silent_address,))])
         assert all(type(p).__getattribute__ is not object.__getattribute__ for p in forwarder.matcher.pools)
-        thread = threading.Thread(target=udp.serve, args=(listening, forwarder, forwarder.stats.for_thread(),
-                                                          stopping), daemon=True)
-        thread.start()
-        upstreams = forwarder.upstreams[socket.AF_INET]
-        try:
-            client.settimeout(3)
-            names = [f"q{i}.good." for i in range(10)] + [f"r{i}.retried." for i in range(4)] + ["x.lost."]
-            asked = {}
-            for name in names:
-                query = dns.message.make_query(name, "A")
-                asked[query.id] = name
-                client.sendto(query.to_wire(), listening.getsockname())
-            replies = [dns.message.from_wire(client.recv(512)) for _ in names]  # the lost one after the timeout
-            assert sorted(asked[r.id] for r in replies) == sorted(names)
-            assert {asked[r.id]: r.rcode() for r in replies if r.rcode() != dns.rcode.NOERROR} == \
-                {"x.lost.": dns.rcode.SERVFAIL}
-            delta = forwarder.stats.delta()
-            assert delta["backend_retries", silent_address] >= 2  # the .retried. queries asked it first, half of them
-            assert delta["backend_timeouts", silent_address] >= 1
-            assert ("dropped", "error") not in delta
-            assert not [k for k in delta if k[0] == "fast_path_handoffs"]  # the compiled loop forwarded them all
-        finally:
-            stopping.set()
-            with pytest.raises(OSError):  # ENOTCONN for a UDP socket, which is shut down all the same
-                listening.shutdown(socket.SHUT_RD)
-            thread.join(2)
-            for upstream in upstreams:
-                upstream.close()
-            wait_until(lambda: all(u.sock.fileno() == -1 for u in upstreams), 2,
-                       message="the upstream sockets were not closed")
-    assert not thread.is_alive()
+        client.settimeout(3)
+        names = [f"q{i}.good." for i in range(10)] + [f"r{i}.retried." for i in range(4)] + ["x.lost."]
+        asked = {}
+        for name in names:
+            query = dns.message.make_query(name, "A")
+            asked[query.id] = name
+            client.sendto(query.to_wire(), listening.getsockname())
+        replies = [dns.message.from_wire(client.recv(512)) for _ in names]  # the lost one after the timeout
+        assert sorted(asked[r.id] for r in replies) == sorted(names)
+        assert {asked[r.id]: r.rcode() for r in replies if r.rcode() != dns.rcode.NOERROR} == \
+            {"x.lost.": dns.rcode.SERVFAIL}
+        delta = forwarder.stats.delta()
+        assert delta["backend_retries", silent_address] >= 2  # the .retried. queries asked it first, half of them
+        assert delta["backend_timeouts", silent_address] >= 1
+        assert ("dropped", "error") not in delta
+        assert not [k for k in delta if k[0] == "fast_path_handoffs"]  # the compiled loop forwarded them all
     assert refused == []

@@ -100,28 +100,16 @@ cdef int _classify(const unsigned char *p, Py_ssize_t n, unsigned char *key) noe
     """For a query the compiled path takes: the end of its question, with the
     question (name, type, class) lower-cased into ``key``; else -1, and the
     Python path decides (and counts) what the packet gets."""
-    cdef Py_ssize_t pos = 12, label
+    cdef Py_ssize_t pos
     cdef int qtype
     if n < 12 or p[2] & 0xF8 or p[4] or p[5] != 1:  # a response, an opcode, QDCOUNT
         return -1
-    while True:
-        if pos >= n:
-            return -1
-        label = p[pos]
-        if label == 0:
-            pos += 1
-            break
-        if label > 63:
-            return -1
-        pos += label + 1
-        if pos - 12 >= 255:  # wire.parse_question: at most 255 bytes of name, the root label's included
-            return -1
-    if pos + 4 > n:
+    pos = _question_end(p, n)  # labels of at most 63 bytes, no pointer, at most 255 bytes of name
+    if pos < 0:
         return -1
-    qtype = p[pos] << 8 | p[pos + 1]
+    qtype = p[pos - 4] << 8 | p[pos - 3]
     if qtype == 251 or qtype == 252:  # IXFR, AXFR: refused by the Python path
         return -1
-    pos += 4
     cdef Py_ssize_t i
     cdef unsigned char c
     for i in range(pos - 16):  # the name as bytes.lower() has it: ASCII letters only
