@@ -247,6 +247,15 @@ def test_dnsrouterctl_purge_a_name_then_a_subtree(router, tmp_path, packet_path)
         bad = ctl("a" * 70 + ".test.")
         assert bad.returncode == 2 and "not a domain name" in bad.stderr and "Traceback" not in bad.stderr
 
+        def counted() -> bool:  # what the workers report, about once a second
+            page = samples(metrics)
+            return (value(page, "dnsrouter_cache_lookups_total", result="hit") > 0
+                    and value(page, "dnsrouter_cache_lookups_total", result="miss") >= 4
+                    and value(page, "dnsrouter_cache_purges_total", cause="ctl") == 4  # 2 purges x 2 workers
+                    and value(page, "dnsrouter_cache_purged_entries_total", cause="ctl") >= 4
+                    and value(page, "dnsrouter_cache_entries") >= 2 and value(page, "dnsrouter_cache_bytes") > 0)
+        wait_until(counted, timeout=5, message="the cache's metrics did not show the lookups and purges")
+
 
 def test_a_secondary_notifies_the_router_after_each_transfer(router, tmp_path, packet_path):
     """docs/cache.md's Knot lines: the router's backend is a secondary (as
