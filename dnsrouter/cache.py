@@ -117,11 +117,12 @@ def key(query: bytes, end: int) -> bytes | None:
     version and flags (DO and any the future defines), and its options but
     COOKIE, in order. The name comes first, as wire format, for ``purge``.
     """
-    if end < 17 or end > len(query):
-        return None
-    edns = _query_edns(query, end)
-    if edns is None:
-        return None
+    edns = _query_edns(query, end) if 17 <= end <= len(query) else None
+    return None if edns is None else _key(query, end, edns)
+
+
+def _key(query: bytes, end: int, edns: _Edns) -> bytes | None:
+    """``key``, with the query's EDNS read already."""
     qtype = query[end - 4] << 8 | query[end - 3]
     if qtype == wire.TYPE_AXFR or qtype == wire.TYPE_IXFR:
         return None
@@ -223,8 +224,11 @@ def answer(cached: bytes, query: bytes, end: int, tcp: bool = False) -> bytes | 
     question.
     """
     edns = _query_edns(query, end)
-    if edns is None:
-        return None
+    return None if edns is None else _answer(cached, query, end, tcp, edns)
+
+
+def _answer(cached: bytes, query: bytes, end: int, tcp: bool, edns: _Edns) -> bytes | None:
+    """``answer``, with the query's EDNS read already."""
     try:
         qend = wire.parse_question(cached)[3]
         if qend != end or cached[12:end].lower() != query[12:end].lower():
@@ -486,13 +490,16 @@ class PacketCache:
     def lookup(self, query: bytes, end: int, tcp: bool, now: float) -> bytes | None:
         """The cached answer to ``query`` (its question ends at ``end``), or
         None: forward it. A query that cannot be cached counts as nothing."""
-        cache_key = key(query, end)
+        edns = _query_edns(query, end) if 17 <= end <= len(query) else None  # read once, for key and answer
+        if edns is None:
+            return None
+        cache_key = _key(query, end, edns)
         if cache_key is None:
             return None
         with self._lock:
             self._sync()
             cached = self._cache.get(cache_key, now)
-            result = None if cached is None else answer(cached, query, end, tcp)
+            result = None if cached is None else _answer(cached, query, end, tcp, edns)
             if result is None:
                 self.misses += 1
             else:

@@ -19,6 +19,7 @@ from hypothesis import assume, event, given, settings, strategies as st
 
 from dnsrouter import cache, purges, wire
 from dnsrouter.purges import PurgeLog
+from support.mutations import mutate, mutations
 
 FAST = settings(max_examples=300, deadline=None)
 
@@ -124,29 +125,8 @@ def _wire(message: dns.message.Message) -> bytes:
     return message.to_wire(max_size=65535)
 
 
-_mutations = st.lists(st.one_of(
-    st.tuples(st.just("flip"), st.integers(0, 1 << 16), st.integers(1, 255)),  # at, xor mask
-    st.tuples(st.just("set"), st.integers(0, 1 << 16), st.sampled_from([0, 1, 6, 41, 63, 64, 192, 255])),
-    st.tuples(st.just("cut"), st.integers(0, 1 << 16)),
-    st.tuples(st.just("insert"), st.integers(0, 1 << 16), st.binary(min_size=1, max_size=3)),
-), max_size=2)
-
-
-def _mutate(packet: bytes, mutations) -> tuple[bytes, list[str]]:
-    data = bytearray(packet)
-    kinds = []
-    for kind, at, *arg in mutations:
-        at %= len(data) + 1
-        if kind == "flip" and at < len(data):
-            data[at] ^= arg[0]
-        elif kind == "set" and at < len(data):
-            data[at] = arg[0]
-        elif kind == "cut":
-            del data[at:]
-        elif kind == "insert":
-            data[at:at] = arg[0]
-        kinds.append(kind)
-    return bytes(data), kinds
+_mutations = mutations([0, 1, 6, 41, 63, 64, 192, 255])
+_mutate = mutate
 
 
 def _end(packet: bytes) -> int:

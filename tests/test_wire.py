@@ -20,6 +20,7 @@ from hypothesis import assume, event, given, settings, strategies as st
 
 from dnsrouter import wire
 from dnsrouter.errors import WireError
+from support.mutations import mutate, mutations
 
 FAST = settings(max_examples=300, deadline=None)
 
@@ -77,32 +78,14 @@ def messages(draw) -> dns.message.Message:
     return message
 
 
-_mutations = st.lists(st.one_of(
-    st.tuples(st.just("flip"), st.integers(0, 1 << 16), st.integers(1, 255)),  # at, xor mask
-    # at (after the header), a value that is a label length's edge or type
-    st.tuples(st.just("set"), st.integers(0, 1 << 16), st.sampled_from([0, 1, 63, 64, 127, 191, 192, 255])),
-    st.tuples(st.just("cut"), st.integers(0, 1 << 16)),                        # at
-    st.tuples(st.just("insert"), st.integers(0, 1 << 16), st.binary(min_size=1, max_size=3)),
-), max_size=2)
+# at (after the header), a value that is a label length's edge or type
+_mutations = mutations([0, 1, 63, 64, 127, 191, 192, 255])
 
 
 @st.composite
 def mutated(draw) -> tuple[bytes, list[str]]:
     """(the wire form of messages(), changed by up to two mutations; what they were)."""
-    packet = bytearray(draw(messages()).to_wire())
-    kinds = []
-    for kind, at, *arg in draw(_mutations):
-        at %= len(packet) + 1
-        if kind == "flip" and at < len(packet):
-            packet[at] ^= arg[0]
-        elif kind == "set" and len(packet) > 12:
-            packet[12 + at % (len(packet) - 12)] = arg[0]
-        elif kind == "cut":
-            del packet[at:]
-        elif kind == "insert":
-            packet[at:at] = arg[0]
-        kinds.append(kind)
-    return bytes(packet), kinds
+    return mutate(draw(messages()).to_wire(), draw(_mutations), set_after_header=True)
 
 
 def _question_by_dnspython(packet: bytes) -> tuple[bytes, int, int, int] | None:
