@@ -44,6 +44,16 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise ValueError(f"{text!r} is not a whole number in {low}-{high}")
+        return value
+
+    return parse
+
+
 def _workers(text: str) -> int:
     """``auto`` is one worker per CPU this process may run on."""
     if text.strip().lower() == "auto":
@@ -307,6 +317,10 @@ class Config:
     forward_ecs_override: bool = declare(
         "forward", "ecs_override", "no", _bool,
         "with ecs: replace a client's own ECS option (no: forward the client's as it is)")
+    forward_no_route: str = declare(
+        "forward", "no_route", "servfail", _choice("servfail", "refused"),
+        "the answer to a query no route matches: servfail, or refused (what an authoritative server "
+        "answers for a zone it does not serve)", flag="--no-route", metavar="servfail|refused")
     cache_size: int = declare(
         "cache", "size", "0", _non_negative_int,
         "backend replies each worker caches and answers itself (0: no cache); at most size x 2 KiB of "
@@ -322,6 +336,53 @@ class Config:
         "cache", "notify_allow", "", _networks,
         "addresses or CIDR networks whose NOTIFY for a zone purges it from every worker's cache "
         "(answered NOERROR); from elsewhere NOTIFY is REFUSED; empty: nobody")
+    limits_client_qps: int = declare(
+        "limits", "client_qps", "0", _non_negative_int,
+        "UDP queries a second each client network may send, all workers together; over it they are "
+        "dropped (0: no limit)", flag="--client-qps", metavar="N")
+    limits_burst: int = declare(
+        "limits", "burst", "0", _non_negative_int,
+        "queries a client network may send at once above its rate, after a quiet spell (0: client_qps, "
+        "one second's worth)")
+    limits_ipv4_prefix: int = declare(
+        "limits", "ipv4_prefix", "24", _prefix_length(32), "bits of an IPv4 client address that make its network")
+    limits_ipv6_prefix: int = declare(
+        "limits", "ipv6_prefix", "56", _prefix_length(64), "bits of an IPv6 client address that make its network")
+    limits_exempt: tuple[IPNetwork, ...] = declare(
+        "limits", "exempt", "", _networks, "addresses or CIDR networks never limited")
+    limits_table_size: int = declare(
+        "limits", "table_size", "65536", _int_in(1024, 1 << 26),
+        "client networks tracked at once (32 bytes each, shared by the workers); beyond it the least "
+        "limited network is forgotten")
+    rrl_responses_per_second: int = declare(
+        "rrl", "responses_per_second", "0", _non_negative_int,
+        "response rate limiting (BIND's RRL): identical answers (name, type) a second to one client "
+        "network over UDP (0: off)", flag="--rrl", metavar="N")
+    rrl_nxdomains_per_second: int | None = declare(
+        "rrl", "nxdomains_per_second", "", _optional(_non_negative_int),
+        "NXDOMAIN answers a second to one client network for one zone (empty: responses_per_second; 0: no limit)")
+    rrl_errors_per_second: int | None = declare(
+        "rrl", "errors_per_second", "", _optional(_non_negative_int),
+        "error answers (SERVFAIL, REFUSED, FORMERR, NOTIMP) a second to one client network, all together "
+        "(empty: responses_per_second; 0: no limit)")
+    rrl_slip: int = declare(
+        "rrl", "slip", "2", _int_in(0, 10),
+        "every slip-th limited answer goes out as a minimal truncated (TC) reply, so that a real client "
+        "retries over TCP; the others are dropped (0: drop all, 1: slip all)")
+    rrl_window: int = declare(
+        "rrl", "window", "15", _int_in(1, 3600),
+        "seconds over which rates are averaged: a network that went over stays limited until its rate over "
+        "the window is back under the limit")
+    rrl_ipv4_prefix: int = declare(
+        "rrl", "ipv4_prefix", "24", _prefix_length(32), "bits of an IPv4 client address that make its network")
+    rrl_ipv6_prefix: int = declare(
+        "rrl", "ipv6_prefix", "56", _prefix_length(64), "bits of an IPv6 client address that make its network")
+    rrl_exempt: tuple[IPNetwork, ...] = declare(
+        "rrl", "exempt", "", _networks, "addresses or CIDR networks whose answers are never limited")
+    rrl_table_size: int = declare(
+        "rrl", "table_size", "65536", _int_in(1024, 1 << 26),
+        "(network, answer) accounts tracked at once (32 bytes each, shared by the workers); beyond it the "
+        "least limited account is forgotten")
     metrics_listen: Address | None = declare(
         "metrics", "listen", "", _optional(parse_address),
         "serve /metrics, /routes and /healthz over HTTP at ip:port", flag="--metrics", metavar="ADDR:PORT", live=True)
