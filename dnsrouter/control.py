@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeAlias
 
 from .purges import PurgeLog
+from .ratelimit import RateTable
 from .settings import Config
 
 # Worker exit codes. A worker that cannot boot must not be respawned in a
@@ -42,6 +43,9 @@ class WorkerSpec:
     tcp_sockets: list[socket.socket]
     config: Config
     purges: PurgeLog | None = None  # the cache purges every worker reads (shared memory); None: a worker's own
+    # The accounts of [limits] and [rrl] every worker charges (shared memory); None: off, or a worker's own
+    limits: RateTable | None = None
+    rrl: RateTable | None = None
 
 
 # -- supervisor -> worker ------------------------------------------------------

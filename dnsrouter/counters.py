@@ -25,7 +25,8 @@ class Counter:
 COUNTERS: tuple[Counter, ...] = (
     Counter("queries", "dnsrouter_queries_total", "Queries received from clients", "transport"),
     Counter("responses", "dnsrouter_responses_total", "Responses sent to clients", "rcode"),
-    Counter("dropped", "dnsrouter_dropped_total", "Packets dropped without an answer", "reason"),
+    Counter("dropped", "dnsrouter_dropped_total",
+            "Packets dropped without an answer, by why (client_qps: over [limits] client_qps)", "reason"),
     Counter("backend_queries", "dnsrouter_backend_queries_total", "Queries forwarded to a backend", "backend"),
     Counter("backend_timeouts", "dnsrouter_backend_timeouts_total",
             "Forwarded queries a backend did not answer in time", "backend"),
@@ -55,6 +56,12 @@ COUNTERS: tuple[Counter, ...] = (
             "(a route table change), behind (a worker missed purges and forgot everything)", "cause"),
     Counter("cache_purged", "dnsrouter_cache_purged_entries_total", "Entries the purges removed, by cause",
             "cause"),
+    Counter("rrl", "dnsrouter_rrl_total",
+            "UDP responses response rate limiting held back, by action: dropped, or slipped (sent truncated, "
+            "so that a real client asks again over TCP)", "action"),
+    Counter("rrl_limited", "dnsrouter_rrl_limited_total",
+            "UDP responses response rate limiting held back, by the kind of account over its rate: responses "
+            "(a name and type), nxdomains (a zone), errors", "kind"),
     Counter("worker_messages", "dnsrouter_worker_messages_total", "Messages the supervisor received from workers",
             "type"),
 )

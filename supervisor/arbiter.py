@@ -24,6 +24,7 @@ from dnsrouter import control, logs
 from dnsrouter.address import Address, parse_address
 from dnsrouter.errors import ConfigError
 from dnsrouter.purges import PurgeLog
+from dnsrouter.ratelimit import RateTable
 from dnsrouter.settings import SETTINGS, Config
 
 from . import privileges, sockets, workerset
@@ -78,6 +79,9 @@ class Supervisor:
         self.health = HealthChecker(self._health_settings(config), lambda up, checked: self.post("health", (up, checked)))
         self.metrics = Metrics(self._metrics_state, control.LATENCY_BUCKETS)
         self.purges = PurgeLog()  # NOTIFY and dnsrouterctl purge reach every worker's cache through it
+        # One table of accounts per limit, every worker charging it: a limit holds for the router.
+        self.limits = RateTable(config.limits_table_size) if config.limits_client_qps else None
+        self.rrl = RateTable(config.rrl_table_size) if config.rrl_responses_per_second else None
         self.loaded = False  # the registry has published at least once
         # Backends whose first check the loop has taken in: the health thread's
         # own states run ahead of the "health" news still in the queue.
@@ -148,7 +152,8 @@ class Supervisor:
     def spawn(self, index: int) -> None:
         udp, tcp = self.sockets[index]
         # The current config: a worker replaced after a SIGHUP starts with the live settings applied.
-        spec = control.WorkerSpec(index, self._cpu(index), udp, tcp, self.config, self.purges)
+        spec = control.WorkerSpec(index, self._cpu(index), udp, tcp, self.config, self.purges,
+                                  self.limits, self.rrl)
         handle = workerset.spawn(spec, self.worker_main)
         self.workers[index] = handle
         self._send_routes([handle])
@@ -310,7 +315,9 @@ class Supervisor:
                 "workers": {i: h.pid for i, h in list(self.workers.items())},
                 "fast_path": {i: h.fast_path for i, h in list(self.workers.items()) if h.fast_path is not None},
                 "srtt": [h.srtt for h in list(self.workers.values())],
-                "cache": [h.cache for h in list(self.workers.values())]}
+                "cache": [h.cache for h in list(self.workers.values())],
+                "limits_networks": self.limits.tracked() if self.limits else 0,
+                "rrl_accounts": self.rrl.tracked() if self.rrl else 0}
 
     def routes(self) -> dict:
         """The live table with each backend's health (``/routes``)."""

@@ -121,6 +121,11 @@ class Metrics:
                                 value=sum(entries for entries, _ in state["cache"]))
         yield GaugeMetricFamily("dnsrouter_cache_bytes", "Memory the packet caches of all workers hold",
                                 value=sum(size for _, size in state["cache"]))
+        # The limits' tables are the workers' shared memory, which the supervisor made and reads.
+        yield GaugeMetricFamily("dnsrouter_limits_networks", "Client networks [limits] tracks now (at most "
+                                "its table_size)", value=state["limits_networks"])
+        yield GaugeMetricFamily("dnsrouter_rrl_accounts", "(Network, answer) accounts response rate limiting "
+                                "tracks now (at most its table_size)", value=state["rrl_accounts"])
 
     # -- HTTP -------------------------------------------------------------------------
     def serve(self, address: Address, routes: Callable[[], dict], healthy: Callable[[], tuple[bool, str]],

@@ -56,7 +56,8 @@ def test_the_compiled_path_s_keys_are_declared_at_import():
 
 def test_every_declared_counter_is_a_family_of_the_metrics_page():
     metrics = Metrics(lambda: {"health": {}, "srtt": [], "invalid": 0, "version": 1, "updated": 0.0, "routes": 0,
-                               "restarts": 0, "workers": {}, "fast_path": {}, "cache": []}, LATENCY_BUCKETS)
+                               "restarts": 0, "workers": {}, "fast_path": {}, "cache": [],
+                               "limits_networks": 0, "rrl_accounts": 0}, LATENCY_BUCKETS)
     metrics.add({(c.kind, "x"): 1 for c in counters.COUNTERS})
     page = generate_latest(metrics.registry).decode()
     samples = {(s.name, tuple(s.labels.items())) for f in text_string_to_metric_families(page) for s in f.samples}

@@ -127,3 +127,39 @@ cdef struct _Entry:  # one slot of the packet cache (cache.Cache's parallel arra
 cdef struct _Bucket:  # the index over the slots: open addressing, linear probing, backward-shift deletion
     unsigned int tag  # the key's hash, its low 32 bits (a first check before the key's bytes)
     int slot  # -1: empty
+
+# -- rate limits (ratelimit.py's accounts in C) --------------------------------
+
+cdef struct _RateSlot:  # ratelimit._SLOT: an account's key hash (0: empty) and its tat (ns)
+    unsigned long long key
+    long long tat
+
+cdef extern from *:
+    """
+    /* Accounts other workers change at the same time: loads and swaps that are whole. */
+    static inline unsigned long long dnsrouter_load_u64(const void *p) {
+        return __atomic_load_n((const unsigned long long *)p, __ATOMIC_RELAXED);
+    }
+    static inline long long dnsrouter_load_i64(const void *p) {
+        return __atomic_load_n((const long long *)p, __ATOMIC_RELAXED);
+    }
+    static inline int dnsrouter_cas_u64(void *p, unsigned long long old, unsigned long long new_) {
+        return __atomic_compare_exchange_n((unsigned long long *)p, &old, new_, 0, __ATOMIC_ACQ_REL,
+                                           __ATOMIC_RELAXED);
+    }
+    static inline int dnsrouter_cas_i64(void *p, long long old, long long new_) {
+        return __atomic_compare_exchange_n((long long *)p, &old, new_, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+    }
+    """
+    unsigned long long _load_u64 "dnsrouter_load_u64" (const void *p) nogil
+    long long _load_i64 "dnsrouter_load_i64" (const void *p) nogil
+    bint _cas_u64 "dnsrouter_cas_u64" (void *p, unsigned long long old, unsigned long long new) nogil
+    bint _cas_i64 "dnsrouter_cas_i64" (void *p, long long old, long long new) nogil
+
+cdef enum:  # what the limits count: indexes into Counters.limits and _LIMIT_KEYS
+    CLIENT_QPS = 0  # a query over [limits] client_qps, dropped
+    RRL_DROPPED, RRL_SLIPPED  # a limited response dropped, or sent truncated
+    RRL_LIMITED  # + the account's kind (ratelimit.KINDS): RRL_LIMITED + 0, 1, 2
+    LIMIT_COUNTS = RRL_LIMITED + 3
+    RATE_WAYS = 4  # ratelimit.WAYS (checked at import)
+    RATE_KEY = 280  # room for an RRL key: a network (9 bytes), the kind, a name, type and class

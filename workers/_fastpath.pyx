@@ -96,6 +96,12 @@ cdef inline double _monotonic() noexcept nogil:
     return t.tv_sec + t.tv_nsec * 1e-9
 
 
+cdef inline long long _monotonic_ns() noexcept nogil:
+    cdef timespec t
+    clock_gettime(CLOCK_MONOTONIC, &t)  # what time.monotonic_ns reads on Linux
+    return t.tv_sec * 1_000_000_000LL + t.tv_nsec
+
+
 cdef int _classify(const unsigned char *p, Py_ssize_t n, unsigned char *key) noexcept nogil:
     """For a query the compiled path takes: the end of its question, with the
     question (name, type, class) lower-cased into ``key``; else -1, and the
@@ -487,6 +493,7 @@ cdef class Counters:
     cdef double latency_sum
     cdef long long backend_queries[BACKENDS]
     cdef long long late_replies[BACKENDS]
+    cdef long long limits[LIMIT_COUNTS]
     cdef dict slots  # backend -> its index in the two arrays above
     cdef list backends
 
@@ -519,6 +526,9 @@ cdef class Counters:
         for i in range(REASONS):
             if self.handoffs[i]:
                 out[_HANDOFF_KEYS[i]] = self.handoffs[i]
+        for i in range(LIMIT_COUNTS):
+            if self.limits[i]:
+                out[_LIMIT_KEYS[i]] = self.limits[i]
         for i in range(RCODES):
             if self.responses[i]:
                 out["responses", i] = self.responses[i]
@@ -1335,6 +1345,304 @@ cdef class PacketCache:
 
 # -- the client side -----------------------------------------------------------
 
+# -- rate limits (issue 28) ------------------------------------------------------
+#
+# dnsrouter/ratelimit.py's accounts, in C, on the same shared table: the
+# hash, the network, the GCRA charge and the RRL account of a reply, each
+# naming the function it mirrors (tests/test_ratelimit.py holds them to it).
+# The charge is lock-free: the account's tat moves by compare-and-swap, so
+# two workers charging one account at once both count.
+
+from dnsrouter import ratelimit as _ratelimit
+
+if _ratelimit.WAYS != RATE_WAYS:
+    raise ImportError("ratelimit.WAYS and _fastpath.pxd's RATE_WAYS differ")
+_LIMIT_KEYS = (_key("dropped", "client_qps"), _key("rrl", "dropped"), _key("rrl", "slipped")) + tuple(
+    _key("rrl_limited", kind) for kind in _ratelimit.KINDS)
+if len(_LIMIT_KEYS) != LIMIT_COUNTS:
+    raise ImportError("the limits' counter keys and _fastpath.pxd's LIMIT_COUNTS differ")
+cdef Py_ssize_t _RATE_HEAD = _ratelimit._HEAD.size
+
+cdef unsigned long long _hash64(unsigned long long seed, const unsigned char *p, Py_ssize_t n) noexcept nogil:
+    """ratelimit.hash64."""
+    cdef unsigned long long h = seed ^ (<unsigned long long>n * 0x9E3779B97F4A7C15ULL), w
+    cdef Py_ssize_t at = 0, k
+    while at < n:
+        w = 0
+        for k in range(min(8, n - at)):
+            w |= (<unsigned long long>p[at + k]) << (8 * k)
+        h = (h ^ w) * 0xBF58476D1CE4E5B9ULL
+        h ^= h >> 31
+        at += 8
+    h *= 0x94D049BB133111EBULL
+    h ^= h >> 32
+    return h if h else 1
+
+
+cdef Py_ssize_t _network(const unsigned char *addr, Py_ssize_t n, int ipv4_prefix, int ipv6_prefix,
+                         unsigned char *out) noexcept nogil:
+    """ratelimit.network, written to ``out``: its length, -1 for None."""
+    cdef unsigned int family = addr[0] | addr[1] << 8 if n >= 2 else 0
+    cdef unsigned long long bits = 0
+    cdef int i
+    if family == 2 and n >= 8:
+        for i in range(4):
+            bits = bits << 8 | addr[4 + i]
+        bits &= (0xFFFFFFFFFFFFFFFFULL << (32 - ipv4_prefix)) & 0xFFFFFFFFULL
+        out[0] = 4
+        for i in range(4):
+            out[1 + i] = (bits >> (24 - 8 * i)) & 0xFF
+        return 5
+    if family == 10 and n >= 24:
+        for i in range(8):
+            bits = bits << 8 | addr[8 + i]
+        bits &= 0xFFFFFFFFFFFFFFFFULL << (64 - ipv6_prefix) if ipv6_prefix else 0
+        out[0] = 6
+        for i in range(8):
+            out[1 + i] = (bits >> (56 - 8 * i)) & 0xFF
+        return 9
+    return -1
+
+
+cdef bint _charge(_RateSlot *slots, unsigned long long buckets, unsigned long long h, long long now,
+                  long long interval, long long burst, long long window) noexcept nogil:
+    """RateTable.charge for the account whose key hashes to ``h``."""
+    cdef _RateSlot *bucket = slots + (h & (buckets - 1)) * RATE_WAYS
+    cdef _RateSlot *slot
+    cdef _RateSlot *victim
+    cdef unsigned long long key, victim_key = 0
+    cdef long long tat, least = 0, new
+    cdef int way
+    cdef bint allowed
+    while True:  # RateTable._find
+        slot = victim = NULL
+        for way in range(RATE_WAYS):
+            key = _load_u64(&bucket[way].key)
+            if key == h:
+                slot = bucket + way
+                break
+            tat = _load_i64(&bucket[way].tat)
+            if victim == NULL or tat < least:
+                victim, victim_key, least = bucket + way, key, tat
+        if slot != NULL:
+            break
+        if _cas_u64(&victim.key, victim_key, h):  # ours now; another worker's claim: look again
+            while True:  # a new account: tat 0 (a charge of the old one may land after: it is forgotten)
+                tat = _load_i64(&victim.tat)
+                if _cas_i64(&victim.tat, tat, 0):
+                    break
+            slot = victim
+            break
+    while True:
+        tat = _load_i64(&slot.tat)
+        new = tat if tat > now else now
+        allowed = new + interval - now <= burst * interval
+        if not allowed and not window:
+            return False
+        new += interval
+        if window and new > now + window:
+            new = now + window
+        if _cas_i64(&slot.tat, tat, new):
+            return allowed
+
+
+cdef class _Accounts:
+    """What the two limits share: the table (mapped by ``ratelimit.RateTable``,
+    kept alive here), the networks' prefixes, the exempt test."""
+
+    cdef object table, exempt
+    cdef _RateSlot *slots
+    cdef unsigned long long buckets, seed
+    cdef int ipv4_prefix, ipv6_prefix
+
+    def __cinit__(self, table, *args):
+        self.table = table
+        self.slots = <_RateSlot *><size_t>(table.address() + _RATE_HEAD)
+        self.buckets, self.seed = table.buckets, table.seed
+
+    cdef inline Py_ssize_t network(self, const unsigned char *addr, Py_ssize_t n, unsigned char *out) except -2:
+        """The client's network, -1: not one to limit (another family, or exempt)."""
+        cdef Py_ssize_t size = _network(addr, n, self.ipv4_prefix, self.ipv6_prefix, out)
+        if size < 0 or (self.exempt is not None and self.exempt(PyBytes_FromStringAndSize(<char *>addr, n))):
+            return -1
+        return size
+
+
+cdef class QueryLimit(_Accounts):
+    """ratelimit.QueryLimit."""
+
+    cdef long long interval, burst
+
+    def __init__(self, table, int qps, int burst, int ipv4_prefix, int ipv6_prefix, exempt):
+        self.interval = 1_000_000_000 // qps
+        self.burst = burst or qps
+        self.ipv4_prefix, self.ipv6_prefix = ipv4_prefix, ipv6_prefix
+        self.exempt = exempt
+
+    cdef bint admit(self, const unsigned char *addr, Py_ssize_t n, long long now) except -1:
+        cdef unsigned char net[16]
+        cdef Py_ssize_t size = self.network(addr, n, net)
+        if size < 0:
+            return True
+        return _charge(self.slots, self.buckets, _hash64(self.seed, net, size), now, self.interval, self.burst, 0)
+
+    def allow(self, bytes addr, long long now):
+        return self.admit(<const unsigned char *>PyBytes_AS_STRING(addr), PyBytes_GET_SIZE(addr), now)
+
+
+cdef Py_ssize_t _read_name(const unsigned char *p, Py_ssize_t n, Py_ssize_t pos, unsigned char *out) noexcept nogil:
+    """ratelimit.read_name, lower-cased (as its callers lower it) into
+    ``out`` (room for 256 bytes): its length, -1 for None."""
+    cdef Py_ssize_t size = 0, i
+    cdef int hops
+    cdef unsigned char length
+    for hops in range(128):
+        if pos >= n:
+            return -1
+        length = p[pos]
+        if length & 0xC0 == 0xC0:
+            if pos + 1 >= n:
+                return -1
+            pos = (length & 0x3F) << 8 | p[pos + 1]
+            continue
+        if length > 63:
+            return -1
+        if length == 0:
+            out[size] = 0
+            return size + 1 if size < 255 else -1
+        if pos + 1 + length > n or size + 1 + length > 255:  # longer than 255 in the end: None
+            return -1
+        out[size] = length
+        for i in range(length):
+            out[size + 1 + i] = _lower(p[pos + 1 + i])
+        size += 1 + length
+        pos += 1 + length
+    return -1
+
+
+cdef Py_ssize_t _soa_owner(const unsigned char *r, Py_ssize_t n, Py_ssize_t end, unsigned char *out) noexcept nogil:
+    """ratelimit.soa_owner, lower-cased into ``out``: its length, -1 for None."""
+    cdef unsigned int an = _u16(r + 6), ns = _u16(r + 8), index
+    cdef Py_ssize_t pos = end, owner
+    for index in range(an + ns):
+        owner = pos
+        pos = _skip_name(r, n, pos)
+        if pos < 0 or pos + 10 > n:
+            return -1
+        if index >= an and _u16(r + pos) == _TYPE_SOA:
+            return _read_name(r, n, owner, out)
+        pos += 10 + _u16(r + pos + 8)
+    return -1
+
+
+cdef Py_ssize_t _account(const unsigned char *r, Py_ssize_t n, unsigned char *out) noexcept nogil:
+    """ratelimit.account: the kind in ``out[0]``, then what tells accounts
+    of the kind apart; the length written."""
+    cdef unsigned int rcode = r[3] & 0xF
+    cdef Py_ssize_t end, size, i
+    if rcode != 0 and rcode != 3:
+        out[0] = 2  # ERRORS
+        return 1
+    end = _question_end(r, n)
+    if end < 0 or r[4] or r[5] != 1:
+        out[0] = 2
+        return 1
+    if rcode == 0:
+        out[0] = 0  # RESPONSES: the name, type and class (as they are: 65 is no 97)
+        for i in range(end - 16):
+            out[1 + i] = _lower(r[12 + i])
+        memcpy(out + 1 + end - 16, r + end - 4, 4)
+        return 1 + end - 12
+    out[0] = 1  # NXDOMAINS: the zone
+    size = _soa_owner(r, n, end, out + 1)
+    if size < 0:
+        for i in range(end - 16):
+            out[1 + i] = _lower(r[12 + i])
+        size = end - 16
+    return 1 + size
+
+
+def rate_hash(unsigned long long seed, bytes data):
+    return _hash64(seed, <const unsigned char *>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+
+
+def rate_network(bytes addr, int ipv4_prefix, int ipv6_prefix):
+    cdef unsigned char out[16]
+    cdef Py_ssize_t size = _network(<const unsigned char *>PyBytes_AS_STRING(addr), PyBytes_GET_SIZE(addr),
+                                    ipv4_prefix, ipv6_prefix, out)
+    return PyBytes_FromStringAndSize(<char *>out, size) if size >= 0 else None
+
+
+def rate_account(bytes reply):
+    """ratelimit.account's kind and detail, as one key: kind byte + detail."""
+    cdef unsigned char out[RATE_KEY]
+    if PyBytes_GET_SIZE(reply) < 12:
+        raise ValueError("shorter than a header")
+    return PyBytes_FromStringAndSize(<char *>out, _account(<const unsigned char *>PyBytes_AS_STRING(reply),
+                                                           PyBytes_GET_SIZE(reply), out))
+
+
+cdef class ResponseLimit(_Accounts):
+    """ratelimit.ResponseLimit."""
+
+    cdef long long intervals[3]
+    cdef long long rates[3]
+    cdef long long window
+    cdef public long long limited  # limited responses in this worker, for the slip
+    cdef int slip
+
+    def __init__(self, table, rates, int slip, int window, int ipv4_prefix, int ipv6_prefix, exempt):
+        cdef int kind
+        for kind in range(3):
+            self.rates[kind] = rates[kind]
+            self.intervals[kind] = 1_000_000_000 // rates[kind] if rates[kind] else 0
+        self.slip = slip
+        self.window = window * 1_000_000_000LL
+        self.ipv4_prefix, self.ipv6_prefix = ipv4_prefix, ipv6_prefix
+        self.exempt = exempt
+
+    cdef int limit(self, unsigned char *reply, Py_ssize_t *size, const unsigned char *addr, Py_ssize_t n,
+                   long long now) except -2:
+        """ResponseLimit.check in place: -1, send the reply as it is; else
+        the kind of account that limited it, and ``size`` 0 (drop it) or
+        that of its truncated form, written over it."""
+        cdef unsigned char key[RATE_KEY]
+        cdef Py_ssize_t length = size[0], net, end
+        cdef int kind
+        if length < 12:
+            return -1
+        net = self.network(addr, n, key)
+        if net < 0:
+            return -1
+        length = net + _account(reply, length, key + net)
+        kind = key[net]
+        if not self.intervals[kind] or _charge(self.slots, self.buckets, _hash64(self.seed, key, length), now,
+                                               self.intervals[kind], self.rates[kind], self.window):
+            return -1
+        self.limited += 1
+        if not self.slip or self.limited % self.slip:
+            size[0] = 0
+            return kind
+        end = _question_end(reply, size[0])  # ratelimit.truncated
+        if end < 0 or reply[4] or reply[5] != 1:
+            end = 12
+        reply[2] |= 0x02
+        reply[4] = 0
+        reply[5] = end > 12
+        memset(reply + 6, 0, 6)
+        size[0] = end
+        return kind
+
+    def check(self, bytes reply, bytes addr, long long now):
+        cdef bytearray out = bytearray(reply)
+        cdef Py_ssize_t size = len(out)
+        cdef int kind = self.limit(<unsigned char *><char *>out, &size, <const unsigned char *>PyBytes_AS_STRING(addr),
+                                   PyBytes_GET_SIZE(addr), now)
+        if kind < 0:
+            return reply, -1
+        return (bytes(out[:size]) if size else None), kind
+
+
 cdef class Pending:
     """``upstream.Pending`` as a C struct: one query waiting for a backend's
     reply. The forwarder makes its entries of this class while the fast path
@@ -1379,6 +1687,8 @@ cdef class _Queries:
     cdef dict peers
     cdef RouteCache routes
     cdef PacketCache cache  # the forwarder's, or None: the cache is off
+    cdef QueryLimit limits  # the forwarder's [limits] and [rrl], or None: off
+    cdef ResponseLimit rrl
     cdef int client_fd
     # Per datagram of a batch: the end of its question (or -1), the question's hash, the question lower-cased.
     cdef int *ends
@@ -1399,6 +1709,7 @@ cdef class _Queries:
         self.routes = RouteCache()
         # Read once: while the fast path runs the forwarder's cache is one of ours (None: off).
         self.cache = forwarder.cache
+        self.limits, self.rrl = forwarder.limits, forwarder.rrl
         self.client_fd = client.fd
         cdef size_t n = self.receiver.n
         self.ends = <int *>malloc(n * sizeof(int))
@@ -1426,6 +1737,10 @@ cdef class _Queries:
         cdef double now, batch_time = 0
         cdef Pending entry
         cdef PacketCache cache = self.cache
+        cdef QueryLimit limits = self.limits
+        cdef ResponseLimit rrl = self.rrl
+        cdef long long batch_ns = 0
+        cdef int kind
         try:
             got = receiver.wait()
         except OSError as e:  # EAGAIN: nothing there (a read of a socket shut down does not say so)
@@ -1450,12 +1765,21 @@ cdef class _Queries:
         cycle = pending = waiting_by = None
         if cache is not None:
             batch_time = _monotonic()
+        if limits is not None or rrl is not None:
+            batch_ns = _monotonic_ns()
         for i in range(got):
             length = receiver.length(i)
             end = self.ends[i]
+            slot_data = <unsigned char *>receiver.data(i)
+            # [limits], as Forwarder._handle: a query (no response, 12 bytes at least), before anything costs
+            if limits is not None and length >= 12 and not slot_data[2] & 0x80 and \
+                    not limits.admit(receiver.name(i), receiver.name_length(i), batch_ns):
+                counters.fixed[QUERIES] += 1
+                counters.limits[CLIENT_QPS] += 1
+                continue
             if end < 0 or python_only >= 0:
                 counters.handoffs[NOT_SIMPLE if end < 0 else python_only] += 1
-                handle(receiver.payload(i), receiver.peer(i), client, counts, outbox=outbox)
+                handle(receiver.payload(i), receiver.peer(i), client, counts, outbox=outbox, admitted=True)
                 continue
             try:
                 way = self.routes.find(self.keys + i * KEY, end - 12, self.hashes[i])
@@ -1463,16 +1787,19 @@ cdef class _Queries:
                 if pool is not last_pool:  # a batch is mostly one pool's: its attributes read once
                     if pool is None or pool.modes:  # SERVFAIL, or a member that learns the client's address
                         counters.handoffs[NO_ROUTE if pool is None else CLIENT_ADDRESS] += 1
-                        handle(receiver.payload(i), receiver.peer(i), client, counts, outbox=outbox)
+                        handle(receiver.payload(i), receiver.peer(i), client, counts, outbox=outbox,
+                               admitted=True)
                         continue
                     last_pool, cycle = pool, pool.rotation
                 taken += 1
                 if cache is not None:
                     # A hit is answered in the slot the query came in (its ID and
                     # question are there already): no object made, nothing forwarded.
-                    slot_data = <unsigned char *>receiver.data(i)
                     size = cache.answer_into(slot_data, length, end, False, batch_time, slot_data)
                     if size >= 0:
+                        if rrl is not None and self.limited(rrl, slot_data, &size, receiver.name(i),
+                                                            receiver.name_length(i), batch_ns):
+                            continue
                         counters.responses[slot_data[3] & 0xF] += 1
                         outbox.add_from(self.client_fd, slot_data, size, receiver.name(i), receiver.name_length(i))
                         continue
@@ -1509,8 +1836,7 @@ cdef class _Queries:
                 waiting = <object>found if found != NULL else waiting_by.setdefault(backend, _deque())
                 waiting.append(entry)
                 raw = peer[0]
-                slot_data = <unsigned char *>receiver.data(i)  # our ID in the slot: entry.query keeps the client's
-                slot_data[0] = uid >> 8
+                slot_data[0] = uid >> 8  # our ID in the slot: entry.query keeps the client's
                 slot_data[1] = uid & 0xFF
                 outbox.add_from(fd, slot_data, length, <const unsigned char *>PyBytes_AS_STRING(raw),
                                 PyBytes_GET_SIZE(raw))
@@ -1524,6 +1850,23 @@ cdef class _Queries:
                 self.failed()
         counters.fixed[QUERIES] += taken
         return True
+
+    cdef inline bint limited(self, ResponseLimit rrl, unsigned char *reply, Py_ssize_t *size,
+                             const unsigned char *addr, Py_ssize_t n, long long now) except -1:
+        """Forwarder._respond's [rrl] for an answer in ``reply``: True when it
+        is dropped; a slip is written over it (``size``)."""
+        return _rrl(rrl, self.counters, reply, size, addr, n, now)
+
+
+cdef bint _rrl(ResponseLimit rrl, Counters counters, unsigned char *reply, Py_ssize_t *size,
+               const unsigned char *addr, Py_ssize_t n, long long now) except -1:
+    """Forwarder._respond's [rrl], counted: True when the answer is dropped."""
+    cdef int kind = rrl.limit(reply, size, addr, n, now)
+    if kind < 0:
+        return False
+    counters.limits[RRL_LIMITED + kind] += 1
+    counters.limits[RRL_DROPPED if size[0] == 0 else RRL_SLIPPED] += 1
+    return size[0] == 0
 
 
 def serve(sock, forwarder, counts, Counters counters, stopping, client, failed, replies=()):
@@ -1547,6 +1890,7 @@ cdef class Replies:
 
     cdef object upstream, pending, policy, counts
     cdef PacketCache cache  # the policy's (the forwarder's), or None: the cache is off
+    cdef ResponseLimit rrl  # the policy's [rrl], or None: off
     cdef dict rtts, last_answered, rtos  # the policy's tables: filled in place, never replaced
     cdef double retry_min, half_timeout
     cdef Counters counters
@@ -1570,6 +1914,7 @@ cdef class Replies:
         self.keys = {}  # backend -> the part of a raw address that names it
         self.rtts, self.last_answered, self.rtos = self.policy.rtts, self.policy.last_answered, self.policy.rtos
         self.cache = self.policy.cache
+        self.rrl = self.policy.rrl
 
     cdef void answered(self, backend, double sent, double rtt) except *:
         """``Forwarder.answered`` (with stats.observe_latency and Rtt.sample),
@@ -1606,6 +1951,7 @@ cdef class Replies:
         cdef bint retry
         cdef Pending entry
         cdef PacketCache cache = self.cache
+        cdef ResponseLimit rrl = self.rrl
         pending = self.pending
         keys = self.keys
         try:  # self.got is 0 here: the loop resets it after the clocks
@@ -1668,24 +2014,30 @@ cdef class Replies:
                 self.policy.reply(entry, receiver.payload(i), self.counts, outbox)
                 continue
             # Forwarder._relay for a query forwarded as it came: the client's ID back, in the slot
-            counters.responses[p[3] & 0xF] += 1
             query = entry.query
             addr = entry.addr
             memcpy(<unsigned char *>p, PyBytes_AS_STRING(query), 2)
-            if entry.client is not last_client:  # a listening socket's, mostly the same one
-                last_client = entry.client
-                fd = last_client.fd
-            outbox.add_from(fd, <unsigned char *>p, length, <const unsigned char *>PyBytes_AS_STRING(addr),
-                            PyBytes_GET_SIZE(addr))
             if cache is not None:
                 # Cached as the client asked it (entry.query; its question ends where entry.question
                 # does), as of when the answering try was sent. The ID in the slot is the client's
-                # now; it is never served (a hit takes the asker's).
+                # now; it is never served (a hit takes the asker's). Before [rrl], which may cut it.
                 try:
                     cache.insert_from(<const unsigned char *>PyBytes_AS_STRING(query), PyBytes_GET_SIZE(query),
                                       12 + PyBytes_GET_SIZE(question), p, length, now, entry.sent)
                 except Exception:  # the purge log's read: a bug must cost one insert, never the loop
                     counters.fixed[ERROR] += 1
+            if rrl is not None:
+                size = length
+                if _rrl(rrl, counters, <unsigned char *>p, &size, <const unsigned char *>PyBytes_AS_STRING(addr),
+                        PyBytes_GET_SIZE(addr), _monotonic_ns()):
+                    continue
+                length = size
+            counters.responses[p[3] & 0xF] += 1
+            if entry.client is not last_client:  # a listening socket's, mostly the same one
+                last_client = entry.client
+                fd = last_client.fd
+            outbox.add_from(fd, <unsigned char *>p, length, <const unsigned char *>PyBytes_AS_STRING(addr),
+                            PyBytes_GET_SIZE(addr))
         return got
 
     cdef bint clocks(self, double now, double tick, bint rang, Outbox outbox) except -1:

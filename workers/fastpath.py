@@ -28,6 +28,8 @@ class FastPath(Protocol):
     Counters: type[_fastpath.Counters]
     PacketCache: type[_fastpath.PacketCache]
     Pending: type[_fastpath.Pending]
+    QueryLimit: type[_fastpath.QueryLimit]
+    ResponseLimit: type[_fastpath.ResponseLimit]
     Replies: type[_fastpath.Replies]
 
     def serve(self, sock: socket.socket, forwarder: Forwarder, counts: Counts, counters: _fastpath.Counters,

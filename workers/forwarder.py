@@ -7,12 +7,13 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
-from dnsrouter import cache, ecs, wire
+from dnsrouter import cache, ecs, ratelimit, wire
 from dnsrouter.address import Address
 from dnsrouter.control import LATENCY_BUCKETS
 from dnsrouter.purges import PurgeLog
+from dnsrouter.ratelimit import RateTable
 from dnsrouter.routes import Matcher
 from dnsrouter.settings import Config
 from dnsrouter.snapshot import Snapshot
@@ -35,6 +36,12 @@ _FORMERR, _SERVFAIL, _REFUSED, _NOTIMP = wire.FORMERR, wire.SERVFAIL, wire.REFUS
 # The cache's byte limit per entry of ``[cache] size``: a signed NXDOMAIN
 # with NSEC3 proofs is about 1 KiB, a plain answer a few hundred bytes.
 CACHE_BYTES_PER_ENTRY = 2048
+
+
+def _exempt(networks: tuple[object, ...]) -> Callable[[bytes], bool] | None:
+    """``[limits]``/``[rrl]`` exempt as a test of a raw client address; None: nobody."""
+    test = acl.make(networks)  # type: ignore[arg-type]
+    return None if test is None else (lambda addr: test(mmsg.host(addr)))
 
 
 @dataclass(frozen=True)
@@ -66,11 +73,13 @@ class Forwarder:
     SOCKETS = 4
 
     def __init__(self, config: Config, stats: Stats, fast: FastPath | None = None,
-                 purges: PurgeLog | None = None) -> None:
+                 purges: PurgeLog | None = None, limits: RateTable | None = None,
+                 rrl: RateTable | None = None) -> None:
         """Every value from ``config``; ``fast``: the compiled UDP path
         (workers/fastpath.py, as ``[server] fast_path`` allows), or None: all
-        in Python; ``purges``: the log of cache purges every worker reads (a
-        worker's own if None)."""
+        in Python; ``purges``: the log of cache purges every worker reads,
+        ``limits`` and ``rrl`` the tables of the rate limits' accounts (each
+        a worker's own if None and the limit is on)."""
         # timeout, retry_min and query_log change on SIGHUP (workers/live.py);
         # the packet path reads them where it uses them.
         self.timeout = config.forward_timeout
@@ -94,6 +103,20 @@ class Forwarder:
             cache_class = fast.PacketCache if fast else cache.PacketCache
             self.cache = stats.add(cache_class(config.cache_size, config.cache_size * CACHE_BYTES_PER_ENTRY,
                                                config.cache_max_ttl, config.cache_max_negative_ttl, self.purges))
+        # [limits] and [rrl] (dnsrouter/ratelimit.py; compiled twins with the fast path). None: off.
+        self.limits: ratelimit.QueryLimit | _fastpath.QueryLimit | None = None
+        self.rrl: ratelimit.ResponseLimit | _fastpath.ResponseLimit | None = None
+        if config.limits_client_qps:
+            self.limits = (fast.QueryLimit if fast else ratelimit.QueryLimit)(
+                limits or RateTable(config.limits_table_size), config.limits_client_qps, config.limits_burst,
+                config.limits_ipv4_prefix, config.limits_ipv6_prefix, _exempt(config.limits_exempt))
+        if config.rrl_responses_per_second:
+            rate = config.rrl_responses_per_second
+            rates = (rate, rate if config.rrl_nxdomains_per_second is None else config.rrl_nxdomains_per_second,
+                     rate if config.rrl_errors_per_second is None else config.rrl_errors_per_second)
+            self.rrl = (fast.ResponseLimit if fast else ratelimit.ResponseLimit)(
+                rrl or RateTable(config.rrl_table_size), rates, config.rrl_slip, config.rrl_window,
+                config.rrl_ipv4_prefix, config.rrl_ipv6_prefix, _exempt(config.rrl_exempt))
         self.notify_allowed = acl.make(config.cache_notify_allow)  # None: nobody (acl.make's None is everyone)
         self._routes: tuple[object, ...] = ()  # the routes the cache's entries were answered under
         # Passive health evidence: unanswered tries and ICMP errors in a row
@@ -186,17 +209,19 @@ class Forwarder:
 
     # -- the packet path -------------------------------------------------
     def handle(self, data: bytes, addr: bytes | None, client: Client, counts: Counts, tcp: bool = False,
-               outbox: Outbox | None = None) -> None:
+               outbox: Outbox | None = None, admitted: bool = False) -> None:
         """One query from a client (``addr``: its raw address, None over TCP);
-        what it sends goes with ``outbox`` if given, else at once. Never raises."""
+        what it sends goes with ``outbox`` if given, else at once.
+        ``admitted``: the compiled path has charged it to ``[limits]``
+        already. Never raises."""
         try:
-            self._handle(data, addr, client, counts, tcp, outbox)
+            self._handle(data, addr, client, counts, tcp, outbox, admitted)
         except Exception:  # a bug must cost one query, never the worker
             counts["dropped", "error"] += 1
             log.exception("query handling failed")
 
     def _handle(self, data: bytes, addr: bytes | None, client: Client, counts: Counts, tcp: bool,
-                outbox: Outbox | None) -> None:
+                outbox: Outbox | None, admitted: bool = False) -> None:
         if len(data) < 12:
             counts["dropped", "short"] += 1
             return
@@ -205,6 +230,11 @@ class Forwarder:
             counts["dropped", "response"] += 1
             return
         counts["queries", "tcp" if tcp else "udp"] += 1
+        # [limits]: UDP only, where sources can be forged and floods are cheap; before anything costs.
+        if self.limits is not None and addr is not None and not admitted and \
+                not self.limits.allow(addr, time.monotonic_ns()):
+            counts["dropped", "client_qps"] += 1
+            return
         if self.allowed is not None and addr is not None and not self.allowed(mmsg.host(addr)):
             if self.deny_action == "drop":
                 counts["dropped", "acl"] += 1
@@ -225,9 +255,7 @@ class Forwarder:
         if self.cache is not None and not pool.modes:  # a reply shaped by the client's address is its own
             cached = self.cache.lookup(data, end, tcp, time.monotonic())
             if cached is not None:
-                counts["responses", cached[3] & 0xF] += 1
-                client.send(cached, addr, outbox)
-                return
+                return self._respond(client, cached, addr, counts, outbox)
         strip_opt = False
         query = data
         if tcp:
@@ -288,8 +316,22 @@ class Forwarder:
                 addr: bytes | None, client: Client, counts: Counts, outbox: Outbox | None,
                 authoritative: bool = False) -> None:
         edns = bool(end) and wire.has_opt(data, end)
-        counts["responses", rcode] += 1
-        client.send(wire.make_answer(data, rcode, question, edns, authoritative), addr, outbox)
+        self._respond(client, wire.make_answer(data, rcode, question, edns, authoritative), addr, counts, outbox)
+
+    def _respond(self, client: Client, reply: bytes, addr: bytes | None, counts: Counts,
+                 outbox: Outbox | None = None) -> None:
+        """Every answer to a client goes here: ``[rrl]`` for UDP ones (TCP
+        is never limited: its source cannot be forged), then out."""
+        if self.rrl is not None and addr is not None:
+            limited, kind = self.rrl.check(reply, addr, time.monotonic_ns())
+            if kind >= 0:
+                counts["rrl_limited", ratelimit.KINDS[kind]] += 1
+                counts["rrl", "dropped" if limited is None else "slipped"] += 1
+                if limited is None:
+                    return
+                reply = limited
+        counts["responses", reply[3] & 0xF] += 1
+        client.send(reply, addr, outbox)
 
     # -- the upstream sockets' policy (upstream.Policy), on their threads ----
     def rto(self, backend: Address) -> float:
@@ -358,8 +400,7 @@ class Forwarder:
                 reply = wire.without_opt(reply)
             except (wire.WireError, struct.error):
                 pass  # relayed as it is: the client copes with an OPT better than with nothing
-        counts["responses", data[3] & 0xF] += 1
-        entry.client.send(reply, entry.addr, outbox)
+        self._respond(entry.client, reply, entry.addr, counts, outbox)
 
     def _fetch_tcp(self, entry: Pending, counts: Counts) -> None:
         """On a thread of the fetch pool; ``counts`` are that thread's."""
@@ -379,6 +420,5 @@ class Forwarder:
         qname, qtype, qclass, end = wire.parse_question(entry.query)
         # An OPT the router added for a TCP client is not the client's EDNS.
         edns = not entry.strip_opt and wire.has_opt(entry.query, end)
-        counts["responses", _SERVFAIL] += 1
-        entry.client.send(wire.make_answer(entry.query, _SERVFAIL, (qname, qtype, qclass), edns),
-                          entry.addr)
+        self._respond(entry.client, wire.make_answer(entry.query, _SERVFAIL, (qname, qtype, qclass), edns),
+                      entry.addr, counts)

@@ -68,7 +68,7 @@ class Worker:
         self.stopping = threading.Event()
         self.fast, why = fastpath.load(spec.config.server_fast_path)
         log.info("worker %d: fast path %s", spec.index, why)  # the operator sees which path serves
-        self.forwarder = Forwarder(spec.config, self.stats, self.fast, spec.purges)
+        self.forwarder = Forwarder(spec.config, self.stats, self.fast, spec.purges, spec.limits, spec.rrl)
         self.snapshot: Snapshot | None = None
         self.udp_threads: list[threading.Thread] = []
 
