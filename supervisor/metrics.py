@@ -122,10 +122,11 @@ class Metrics:
         yield GaugeMetricFamily("dnsrouter_cache_bytes", "Memory the packet caches of all workers hold",
                                 value=sum(size for _, size in state["cache"]))
         # The limits' tables are the workers' shared memory, which the supervisor made and reads.
-        yield GaugeMetricFamily("dnsrouter_limits_networks", "Client networks [limits] tracks now (at most "
-                                "its table_size)", value=state["limits_networks"])
-        yield GaugeMetricFamily("dnsrouter_rrl_accounts", "(Network, answer) accounts response rate limiting "
-                                "tracks now (at most its table_size)", value=state["rrl_accounts"])
+        yield GaugeMetricFamily("dnsrouter_limits_networks", "Client networks whose [limits] account "
+                                "holds anything now (charged within the last burst / client_qps seconds; at most "
+                                "table_size)", value=state["limits_networks"])
+        yield GaugeMetricFamily("dnsrouter_rrl_accounts", "(Network, answer) accounts of response rate "
+                                "limiting that hold anything now (at most [rrl] table_size)", value=state["rrl_accounts"])
 
     # -- HTTP -------------------------------------------------------------------------
     def serve(self, address: Address, routes: Callable[[], dict], healthy: Callable[[], tuple[bool, str]],
