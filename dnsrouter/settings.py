@@ -352,7 +352,7 @@ class Config:
         "limits", "exempt", "", _networks, "addresses or CIDR networks never limited")
     limits_table_size: int = declare(
         "limits", "table_size", "65536", _int_in(1024, 1 << 26),
-        "client networks tracked at once (32 bytes each, shared by the workers); beyond it the least "
+        "client networks tracked at once (16 bytes each, shared by the workers); beyond it the least "
         "limited network is forgotten")
     rrl_responses_per_second: int = declare(
         "rrl", "responses_per_second", "0", _non_negative_int,
@@ -381,7 +381,7 @@ class Config:
         "rrl", "exempt", "", _networks, "addresses or CIDR networks whose answers are never limited")
     rrl_table_size: int = declare(
         "rrl", "table_size", "65536", _int_in(1024, 1 << 26),
-        "(network, answer) accounts tracked at once (32 bytes each, shared by the workers); beyond it the "
+        "(network, answer) accounts tracked at once (16 bytes each, shared by the workers); beyond it the "
         "least limited account is forgotten")
     metrics_listen: Address | None = declare(
         "metrics", "listen", "", _optional(parse_address),

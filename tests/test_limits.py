@@ -64,18 +64,24 @@ def test_client_qps_drops_over_the_limit_for_that_network_only(router):
                                          reason="client_qps") == 400 - len(flood), timeout=5)
 
 
-def test_rrl_slips_and_drops_identical_answers(router):
+@pytest.mark.parametrize("cache", ["cache", "no_cache"])
+def test_rrl_slips_and_drops_identical_answers(router, cache):
     """responses_per_second 5: 60 identical queries at once from one network
     get 5 full answers and then, every second one (slip 2), an empty TC
     reply that a real client takes to TCP, where it gets the answer; another
-    name's account is its own."""
+    name's account is its own. Answers from the packet cache are limited
+    alike (with the cache, the backend sees the name once)."""
     metrics_port = free_port()
     with FakeBackend() as backend:
-        r = router(args=["--rrl", "5", "--metrics", f"{HOST}:{metrics_port}"])
+        args = ["--rrl", "5", "--metrics", f"{HOST}:{metrics_port}"]
+        r = router(args=args + (["--cache-size", "1000"] if cache == "cache" else []))
         r.route("all", f"{backend.addr},.*")
         wait_until(lambda: routed(r, "ready.example."), timeout=10)
+        assert routed(r, "same.example.")  # from 127.0.0.1: in the cache, if there is one
         replies = [dns.message.from_wire(w) for w in
                    _burst(r.port, [_query("same.example.", n) for n in range(60)], "127.0.5.1")]
+        if cache == "cache":  # all 60 were hits, limited alike
+            assert sum(1 for q in backend.received if q.qname == "same.example.") == 1
         full = [m for m in replies if not m.flags & dns.flags.TC]
         slipped = [m for m in replies if m.flags & dns.flags.TC]
         assert len(full) == 5, len(full)
