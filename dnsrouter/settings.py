@@ -351,7 +351,7 @@ class Config:
     limits_exempt: tuple[IPNetwork, ...] = declare(
         "limits", "exempt", "", _networks, "addresses or CIDR networks never limited")
     limits_table_size: int = declare(
-        "limits", "table_size", "65536", _int_in(1024, 1 << 26),
+        "limits", "table_size", "65536", _int_in(1024, 1 << 22),
         "client networks tracked at once (16 bytes each, shared by the workers); beyond it the least "
         "limited network is forgotten")
     rrl_responses_per_second: int = declare(
@@ -380,7 +380,7 @@ class Config:
     rrl_exempt: tuple[IPNetwork, ...] = declare(
         "rrl", "exempt", "", _networks, "addresses or CIDR networks whose answers are never limited")
     rrl_table_size: int = declare(
-        "rrl", "table_size", "65536", _int_in(1024, 1 << 26),
+        "rrl", "table_size", "65536", _int_in(1024, 1 << 22),
         "(network, answer) accounts tracked at once (16 bytes each, shared by the workers); beyond it the "
         "least limited account is forgotten")
     metrics_listen: Address | None = declare(
