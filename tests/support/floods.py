@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import ipaddress
 import multiprocessing
 import multiprocessing.sharedctypes
@@ -55,10 +56,14 @@ def _loopback(address: str) -> str:
 JUNK_KINDS = ("random", "bitflip", "loop", "truncated", "qr", "qdcount", "axfr", "label")
 
 
+@functools.lru_cache(maxsize=8192)
+def _template(name: str, rdtype: str) -> bytes:
+    return dns.message.make_query(name, rdtype).to_wire()
+
+
 def _question(name: str, rdtype: str = "A", qid: int = 0) -> bytes:
-    query = dns.message.make_query(name, rdtype)
-    query.id = qid  # dnspython draws a random one: the seed must decide
-    return query.to_wire()
+    """dnspython's query for name, with qid for the random ID it draws (the seed must decide)."""
+    return struct.pack("!H", qid) + _template(name, rdtype)[2:]
 
 
 def junk(count: int, seed: int, names: Sequence[str]) -> list[bytes]:
@@ -386,20 +391,18 @@ class Blaster(_Sender):
         return got
 
 
-def _checksum(header: bytes) -> int:
-    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+_IP_UDP = struct.Struct("!BBHHHBBH4s4sHHHH")
 
 
 def ip_udp(source: tuple[str, int], destination: tuple[str, int], payload: bytes, ident: int = 0) -> bytes:
-    """An IPv4 + UDP datagram (no options, UDP checksum 0: "none", which IPv4 allows) carrying payload."""
-    length = 20 + 8 + len(payload)
-    src, dst = socket.inet_aton(source[0]), socket.inet_aton(destination[0])
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, length, ident & 0xFFFF, 0x4000, 64, socket.IPPROTO_UDP, 0, src, dst)
-    ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
-    return ip + struct.pack("!HHHH", source[1], destination[1], 8 + len(payload), 0) + payload
+    """An IPv4 + UDP datagram carrying payload, for a raw socket with IP_HDRINCL.
+
+    The IP checksum is left 0: Linux always fills it in on such a socket
+    (raw(7)). The UDP checksum is 0 too: "none", which IPv4 allows.
+    """
+    return _IP_UDP.pack(0x45, 0, 28 + len(payload), ident & 0xFFFF, 0x4000, 64, socket.IPPROTO_UDP, 0,
+                        socket.inet_aton(source[0]), socket.inet_aton(destination[0]),
+                        source[1], destination[1], 8 + len(payload), 0) + payload
 
 
 def many_sources(i: int) -> str:
