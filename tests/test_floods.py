@@ -30,7 +30,8 @@ import dns.rcode
 import psutil
 import pytest
 
-from support.floods import Blaster, PacedClient, PacedReport, Spoofer, Victim, junk, many_sources
+from support.floods import (Blaster, PacedClient, PacedReport, Spoofer, Victim, junk, many_sources,
+                            udp_drops)
 from support.knot import KnotServer
 from support.metrics import Samples, samples, value
 from support.net import HOST, free_port, query, wait_until
@@ -183,7 +184,7 @@ def test_floods_from_four_networks_cost_a_fifth_nothing(router, backend, tmp_pat
     qfile.write_text("".join(f"{name} A\n" for name in NAMES))
     garbage = junk(20_000, seed=28, names=NAMES)
     seconds = 8
-    before = samples(r.mport)
+    before, kernel = samples(r.mport), udp_drops(r.port)
     with open(tmp_path / "dnsperf.out", "wb") as out:
         perfs = [_dnsperf(r.port, "127.0.1.1", str(qfile), seconds + 3, out),
                  _dnsperf(r.port, "127.0.2.1", str(qfile), seconds + 3, out)]
@@ -205,7 +206,12 @@ def test_floods_from_four_networks_cost_a_fifth_nothing(router, backend, tmp_pat
     after = settled(r)
     limited = value(after, "dnsrouter_dropped_total", reason="client_qps") - \
         value(before, "dnsrouter_dropped_total", reason="client_qps")
-    print(f"legit {report}; dropped over client_qps {limited}")
+    seen = sum(v - before.get(k, 0) for k, v in after.items()
+               if k[0] in ("dnsrouter_queries_total", "dnsrouter_dropped_total"))
+    overflowed = udp_drops(r.port) - kernel
+    print(f"legit {report}; the router counted {seen:.0f} (queries + dropped), {limited:.0f} over client_qps; "
+          f"the kernel dropped {overflowed} datagrams for the router's full receive buffers")
+    assert seen > 200_000, "the floods never reached the router"
     all_answered(report)
     assert limited > 0, "client_qps dropped nothing from four networks at full speed"
 
@@ -236,7 +242,7 @@ def test_junk_beside_a_client_costs_it_nothing(router, backend, tmp_path):
     r = floods_router(router, backend, tmp_path, "")
     workers = r.worker_pids()
     garbage = junk(300_000, seed=7, names=NAMES)
-    before = samples(r.mport)
+    before, kernel = samples(r.mport), udp_drops(r.port)
     with Blaster(r.port, garbage, sockets=4, sources=[f"127.0.3.{i}" for i in range(1, 5)], rate=25_000,
                  count=len(garbage)) as blaster:
         legit = PacedClient(r.port, NAMES, qps=50, duration=len(garbage) / 25_000, source=LEGIT).start()
@@ -248,7 +254,8 @@ def test_junk_beside_a_client_costs_it_nothing(router, backend, tmp_path):
     after = settled(r)
     seen = sum(v - before.get(k, 0) for k, v in after.items()
                if k[0] in ("dnsrouter_queries_total", "dnsrouter_dropped_total"))
-    print(f"junk sent {sent}, the router counted {seen:.0f} (queries + dropped); legit {report}")
+    print(f"junk sent {sent}, the router counted {seen:.0f} (queries + dropped); legit {report}; "
+          f"the kernel dropped {udp_drops(r.port) - kernel} datagrams for the router's full receive buffers")
     assert sent == len(garbage)
     all_answered(report)
     assert r.worker_pids() == workers, "a worker died under junk"
@@ -258,7 +265,7 @@ def test_junk_beside_a_client_costs_it_nothing(router, backend, tmp_path):
 # -- a million sources -------------------------------------------------------------
 
 TABLE_SIZE = 4096
-RSS_GROWTH = 16 << 20  # bytes per worker: the tables at 4,096 entries are well under 1 MiB
+RSS_GROWTH = 8 << 20  # bytes per worker: 0.2-2.9 MiB seen without a limiter; tables of 4,096 entries add well under 1 MiB
 
 
 def _rss(r) -> dict[int, int]:
@@ -309,7 +316,8 @@ def test_a_million_sources_leave_the_limiters_tables_bounded(router, backend, tm
     assert all(g < RSS_GROWTH for g in grown.values()), grown
     assert networks is not None, "dnsrouter_limits_networks is not exported"
     assert accounts is not None, "dnsrouter_rrl_accounts is not exported"
-    assert 0 < networks <= TABLE_SIZE and 0 < accounts <= TABLE_SIZE, (networks, accounts)
+    # (Not "> 0": a limiter may forget a network whose tokens refilled, and the flood is over.)
+    assert networks <= TABLE_SIZE and accounts <= TABLE_SIZE, (networks, accounts)
     # And the router still serves a client afterwards.
     legit = PacedClient(r.port, NAMES, qps=50, duration=1, source=LEGIT).start()
     all_answered(legit.join())

@@ -658,3 +658,18 @@ class PacedClient:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def udp_drops(port: int) -> int:
+    """Datagrams the kernel dropped, for a full receive buffer, on the UDP sockets bound to
+    port (the router's: one per worker; /proc/net/udp's last column): a lost query with this
+    moving was dropped before the router read it (the machine, or a worker too slow to
+    read), not by the router's choice."""
+    total = 0
+    with open("/proc/net/udp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if int(fields[1].split(":")[1], 16) == port:
+                total += int(fields[-1])
+    return total
