@@ -18,27 +18,18 @@ lower-cased). A reader more than ``CAPACITY`` entries behind cannot know
 what it missed, and purges everything.
 
 Writers (any process) take the lock; readers take it only when the number
-moved, so that what they read is whole. The memory is a memfd that the
-workers inherit (multiprocessing hands its descriptor over at spawn, as it
-does the sockets) and the lock a record lock on it (``lockf``), beside a
-thread lock for the threads of one process: a named semaphore (what
-multiprocessing's Lock is) is the supervisor's, and a worker that runs as
-``[server] user`` may not open it.
+moved, so that what they read is whole. The memory and its lock are a
+``shared.SharedMap``, which the workers inherit.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import fcntl
-import mmap
-import os
 import struct
-import threading
 import time
-import weakref
 from dataclasses import dataclass
-from multiprocessing import reduction
-from typing import Any, Iterator
+from typing import Any
+
+from .shared import SharedMap
 
 CAPACITY = 256
 CAUSES = ("notify", "ctl", "routes", "behind")  # why entries were purged; "behind": a reader missed entries
@@ -60,28 +51,13 @@ class PurgeLog:
 
     def __init__(self, fd: int | None = None) -> None:
         """A new log, or (``fd``) the log another process made."""
-        if fd is None:
-            fd = os.memfd_create("dnsrouter-purges", os.MFD_CLOEXEC)
-            os.ftruncate(fd, _SIZE)
-        self._fd = fd
-        weakref.finalize(self, os.close, fd)  # the mapping keeps a descriptor of its own
-        self._map = mmap.mmap(fd, _SIZE)  # MAP_SHARED: every process maps the same pages
-        self._memory: Any = (ctypes.c_ubyte * _SIZE).from_buffer(self._map)
+        self._shared = SharedMap("dnsrouter-purges", _SIZE, fd)
+        self._memory = self._shared.memory
         self._seq = ctypes.c_uint64.from_buffer(self._memory)
-        self._threads = threading.Lock()  # lockf locks per process: the threads of one take turns here
+        self._locked = self._shared.locked
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _attach, (reduction.DupFd(self._fd),)
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """This process's threads take turns, then the processes."""
-        with self._threads:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.lockf(self._fd, fcntl.LOCK_UN)
+        return _attach, (self._shared.inherited(),)
 
     @property
     def seq(self) -> int:
@@ -90,7 +66,7 @@ class PurgeLog:
 
     def address(self) -> int:
         """Where the sequence number is, for the compiled cache's load."""
-        return ctypes.addressof(self._memory)
+        return self._shared.address()
 
     def append(self, name: bytes, subtree: bool, cause: str) -> int:
         """Write a purge of ``name`` (wire format, lower-cased); the new sequence number."""

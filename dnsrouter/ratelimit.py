@@ -29,26 +29,20 @@ above the rate stays limited until it has slowed down for the window.
 
 Slots are 16 bytes: the account's 64-bit key hash (0: empty) and its
 ``tat``. The compiled path updates them with compare-and-swap, this one
-under a lock (a record lock on the memfd beside a thread lock, as the purge
-log's); both hash keys with ``hash64`` and the table's seed, drawn when it
-is made, so that nobody outside can aim names at one bucket.
+under the ``shared.SharedMap``'s lock; both hash keys with ``hash64`` and
+the table's seed, drawn when it is made, so that nobody outside can aim
+names at one bucket.
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import fcntl
-import mmap
 import os
 import struct
-import threading
 import time
-import weakref
-from multiprocessing import reduction
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from . import wire
 from .errors import WireError
+from .shared import SharedMap
 
 WAYS = 4  # slots per bucket: one 64-byte cache line
 _SLOT = struct.Struct("=Qq")  # key hash, tat (ns)
@@ -97,38 +91,24 @@ class RateTable:
         """A new table of at least ``slots`` slots (``seed``: random, but
         for tests), or (``fd``) the table another process made."""
         if fd is None:
-            seed = int.from_bytes(os.urandom(8), "little") if seed is None else seed
             buckets = 1 << max(0, (max(slots, WAYS) // WAYS - 1).bit_length())
-            fd = os.memfd_create("dnsrouter-rates", os.MFD_CLOEXEC)
-            os.ftruncate(fd, _HEAD.size + buckets * WAYS * _SLOT.size)
-            os.pwrite(fd, _HEAD.pack(seed, buckets), 0)
-        self._fd = fd
-        weakref.finalize(self, os.close, fd)
-        self.seed, self.buckets = _HEAD.unpack(os.pread(fd, _HEAD.size, 0))
-        self.size = _HEAD.size + self.buckets * WAYS * _SLOT.size
-        self._map = mmap.mmap(fd, self.size)  # MAP_SHARED: every process maps the same pages
-        self._memory: Any = (ctypes.c_ubyte * self.size).from_buffer(self._map)
-        self._threads = threading.Lock()
+            self._shared = SharedMap("dnsrouter-rates", _HEAD.size + buckets * WAYS * _SLOT.size)
+            seed = int.from_bytes(os.urandom(8), "little") if seed is None else seed
+            _HEAD.pack_into(self._shared.map, 0, seed, buckets)
+        else:
+            self._shared = SharedMap("dnsrouter-rates", fd=fd)
+        self.seed, self.buckets = _HEAD.unpack_from(self._shared.map, 0)
+        self.size = self._shared.size
+        self._map, self._memory = self._shared.map, self._shared.memory
+        self._locked = self._shared.locked
+        self.address = self._shared.address  # for the compiled twins
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _attach, (reduction.DupFd(self._fd),)
+        return _attach, (self._shared.inherited(),)
 
     @property
     def slots(self) -> int:
         return self.buckets * WAYS
-
-    def address(self) -> int:
-        """Where the table is mapped in this process, for the compiled twins."""
-        return ctypes.addressof(self._memory)
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        with self._threads:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
     def charge(self, key: bytes, now: int, interval: int, burst: int, window: int = 0) -> bool:
         """Whether the account ``key`` may have one more at ``now`` (ns).
@@ -137,6 +117,12 @@ class RateTable:
         h = hash64(self.seed, key)
         first = _HEAD.size + (h & (self.buckets - 1)) * WAYS * _SLOT.size
         memory = self._map
+        if not window:
+            # A refusal changes nothing, and tat only grows: decided without the
+            # lock (two system calls), which a flood of refused queries would pay each.
+            at, tat = self._find(memory, first, h, now)
+            if max(tat, now) + interval - now > burst * interval:
+                return False
         with self._locked():
             at, tat = self._find(memory, first, h, now)
             tat = max(tat, now)
@@ -147,7 +133,7 @@ class RateTable:
             return allowed
 
     @staticmethod
-    def _find(memory: mmap.mmap, first: int, h: int, now: int) -> tuple[int, int]:
+    def _find(memory: Any, first: int, h: int, now: int) -> tuple[int, int]:
         """The slot of account ``h`` in its bucket and its ``tat``; a new
         account takes the first empty or past slot, else the one whose
         ``tat`` is the least (``tat`` 0: new)."""
