@@ -312,7 +312,7 @@ def test_a_million_sources_leave_the_limiters_tables_bounded(router, backend, tm
         wait_until(lambda: flood.sent > 300_000, 30, message="the flood never got going")
         mid = samples(r.mport)
         during.append((total(mid, "dnsrouter_limits_networks") or 0, total(mid, "dnsrouter_rrl_accounts") or 0))
-        flood.wait(60)
+        assert flood.wait(90) == 1_000_000
         took = time.monotonic() - started
     after = settled(r)
     grown = {pid: rss - baseline.get(pid, rss) for pid, rss in _rss(r).items()}
@@ -320,7 +320,6 @@ def test_a_million_sources_leave_the_limiters_tables_bounded(router, backend, tm
     print(f"a million spoofed sources in {took:.1f} s; RSS growth per worker {grown}; "
           f"limits networks {networks}, rrl accounts {accounts} after, {during} during")
     assert all(0 < n <= TABLE_SIZE for n in during[0]), during
-    assert took < 45
     assert sorted(grown) == sorted(baseline), "a worker was replaced during the flood"
     assert all(g < RSS_GROWTH for g in grown.values()), grown
     assert networks is not None, "dnsrouter_limits_networks is not exported"
