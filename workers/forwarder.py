@@ -81,7 +81,10 @@ class Forwarder:
         self.retry_min = config.forward_retry_min
         self.stats = stats
         self.allowed = acl.make(config.server_allow)
+        self.allow = config.server_allow  # the same networks, for the compiled path's matcher (_fastpath.Networks)
         self.deny_action = config.server_deny_action
+        # The answer to a query no route (or no usable backend) is there for: [forward] no_route.
+        self.no_route = _REFUSED if config.forward_no_route == "refused" else _SERVFAIL
         self._per_socket = -(-config.server_max_in_flight // self.SOCKETS)
         self.matcher = Matcher(())
         self.version = -1
@@ -95,6 +98,7 @@ class Forwarder:
             self.cache = stats.add(cache_class(config.cache_size, config.cache_size * CACHE_BYTES_PER_ENTRY,
                                                config.cache_max_ttl, config.cache_max_negative_ttl, self.purges))
         self.notify_allowed = acl.make(config.cache_notify_allow)  # None: nobody (acl.make's None is everyone)
+        self.notify_allow = config.cache_notify_allow  # the same networks, for the compiled path
         self._routes: tuple[object, ...] = ()  # the routes the cache's entries were answered under
         # Passive health evidence: unanswered tries and ICMP errors in a row
         # per backend, "in a row" by the order queries were sent. A backend
@@ -219,9 +223,10 @@ class Forwarder:
         if self.query_log:
             assert question is not None  # check_query gives one with rcode 0
             qlog.info("%s %s %s %d -> %s", "tcp" if tcp else "udp", mmsg.host(addr) if addr else "-",
-                      wire.name_to_text(question[0]), question[1], pool.route.pattern if pool else "SERVFAIL")
+                      wire.name_to_text(question[0]), question[1],
+                      pool.route.pattern if pool else "REFUSED" if self.no_route == _REFUSED else "SERVFAIL")
         if pool is None:
-            return self._answer(data, _SERVFAIL, question, end, addr, client, counts, outbox)
+            return self._answer(data, self.no_route, question, end, addr, client, counts, outbox)
         if self.cache is not None and not pool.modes:  # a reply shaped by the client's address is its own
             cached = self.cache.lookup(data, end, tcp, time.monotonic())
             if cached is not None:
