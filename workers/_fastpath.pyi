@@ -1,7 +1,8 @@
 """The compiled UDP path's Python API (built from _fastpath.pyx), for mypy."""
+import ipaddress
 import socket
 import threading
-from typing import Callable
+from typing import Callable, Iterable
 
 from dnsrouter.purges import PurgeLog
 from dnsrouter.routes import Matcher, Pool
@@ -49,6 +50,19 @@ class PacketCache:
 def classify(packet: bytes) -> tuple[int, bytes] | None:
     """(end of the question, the question lower-cased) of a query the
     compiled path takes, else None."""
+
+def decide(packet: bytes, peer: bytes, allow: Networks | None = None, drop_denied: bool = False,
+           notify: Networks | None = None, no_route: int = 2, routed: bool = True,
+           counters: Counters | None = None) -> tuple[str, object]:
+    """What the compiled loop does with one datagram from raw address
+    ``peer``: ("forward", (end, question)), ("answer", bytes), ("drop",
+    reason) or ("python", handoff reason); counted in ``counters``."""
+
+class Networks:
+    """IPv4 and IPv6 networks matched in C against raw peer addresses."""
+    def __init__(self, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] = ...) -> None: ...
+    def __len__(self) -> int: ...
+    def __contains__(self, sockaddr: bytes) -> bool: ...
 
 class RouteCache:
     def __init__(self) -> None: ...

@@ -6,22 +6,29 @@ interpreter in the loop.
 The pure-Python modules stay the reference: this one does the same thing
 for the packets it takes and hands every other packet, unchanged, to the
 Python code (``Forwarder.handle`` on the client side, ``Forwarder.reply`` on
-the reply side). Timeouts, retries, ICMP errors, SERVFAIL, the router's own
-answers and TCP never come here. With the packet cache on
-(``Forwarder.cache``, a ``PacketCache`` of this module), a query it takes
-is answered from the cache when it can be, in the slot it came in, and a
-reply it relays is inserted (``cache.py``'s rules, written here in C).
+the reply side). Timeouts, retries, ICMP errors, the SERVFAIL they end in,
+and TCP never come here. With the packet cache on (``Forwarder.cache``, a
+``PacketCache`` of this module), a query it takes is answered from the
+cache when it can be, in the slot it came in, and a reply it relays is
+inserted (``cache.py``'s rules, written here in C).
 
-What it takes: a query of at least 12 bytes that is not a response, opcode
-QUERY, QDCOUNT 1, an uncompressed question name of at most 255 bytes whose
-type and class are there, not AXFR or IXFR, while the worker has no ACL and
-no query log, whose route is a pool of members that all get the query as it
-is (``client_address = none``). A reply: from the member asked, with our ID
-and the question asked, to a UDP client whose query was not changed.
+What it decides itself, for every datagram (``_decide``, the order of
+``Forwarder._handle``): a drop (short, a response, a client ``[server]
+allow`` refuses with ``deny_action = drop``), the router's own answer
+(REFUSED for the ACL and for a NOTIFY from outside ``[cache]
+notify_allow``, NOTIMP, FORMERR, and ``[forward] no_route``'s SERVFAIL or
+REFUSED once the route lookup finds no pool), written over the query in
+its receive slot by ``_own_answer`` and queued at one place,
+``_Queries.answer``; or the query to forward. The networks of the ACL and
+of notify_allow are matched in C (``Networks``). What it hands to Python: a
+NOTIFY from notify_allow (the purge), every query to route while the query
+log is on, and a query whose pool has members that learn the client's
+address (``client_address`` other than none). A reply: from the member
+asked, with our ID and the question asked, to a UDP client whose query was
+not changed.
 
 Each packet handed to the Python code is counted by why
-(``HANDOFF_REASONS``, ``dnsrouter_fast_path_handoffs_total``): a worker
-whose ACL or query log sends every query there shows it.
+(``HANDOFF_REASONS``, ``dnsrouter_fast_path_handoffs_total``).
 
 The contract with the Python modules: this one reads and calls only their
 public names (``Forwarder.handle``, ``upstreams``, ``upstreams_for``,
