@@ -32,7 +32,8 @@ Each packet handed to the Python code is counted by why
 
 The contract with the Python modules: this one reads and calls only their
 public names (``Forwarder.handle``, ``upstreams``, ``upstreams_for``,
-``rtos``, ``matcher``, ``allowed``, ``query_log``, ``timeout``, ``cache``;
+``rtos``, ``matcher``, ``allow``, ``deny_action``, ``notify_allow``, ``no_route``,
+``query_log``, ``timeout``, ``cache``;
 ``Pool.rotation``, ``modes``, ``backends``; ``Upstream.pending``,
 ``waiting``, ``limit``, ``fd``, ``sock``, ``policy``, ``counts``, ``tick``,
 ``errors``, ``retry``, ``closing``; the policy's ``rtts``, ``rtos``,
