@@ -157,7 +157,12 @@ cdef class Networks:
         return _in_networks(&self.c, sockaddr, n)
 
     def __contains__(self, bytes sockaddr):
-        return self.contains(<const unsigned char *>PyBytes_AS_STRING(sockaddr), PyBytes_GET_SIZE(sockaddr))
+        cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(sockaddr)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(sockaddr)
+        cdef bint found
+        with nogil:  # as a loop calls it: a typed Networks, the GIL let go
+            found = self.contains(p, n)
+        return found
 
 
 cdef bint _in_networks(const _Networks *networks, const unsigned char *sockaddr, Py_ssize_t n) noexcept nogil:
