@@ -43,8 +43,8 @@ COUNTERS: tuple[Counter, ...] = (
     Counter("client_address_failed", "dnsrouter_client_address_failed_total",
             "Queries forwarded without the client's address (one no header or option can carry)", "mode"),
     Counter("fast_path_handoffs", "dnsrouter_fast_path_handoffs_total",
-            "Queries the compiled UDP path handed to the Python path, by why (an ACL or the query log hands "
-            "over every query)", "reason"),
+            "Queries the compiled UDP path handed to the Python path, by why (the query log hands over every "
+            "query to route; an allowed NOTIFY is purged there)", "reason"),
     Counter("cache_lookups", "dnsrouter_cache_lookups_total",
             "Packet cache lookups, by result: hit (answered from the cache) or miss (forwarded; a cached "
             "reply too big for the client counts here)", "result"),

@@ -5,8 +5,8 @@
 Each input is fed to the wire-format helpers of the packet path
 (``parse_question``, ``find_opt``, ``with_large_buffer``, ``without_opt``,
 and on a parsed question ``name_to_text`` and ``make_answer``, which the
-worker calls next), to the compiled path's ``classify`` (which must decide
-as the Python path does) and to the registry value parser ``parse_value``. They
+worker calls next), to the compiled path's ``classify`` and ``decide``
+(which must decide as the Python path does, its own answers byte for byte) and to the registry value parser ``parse_value``. They
 may refuse an input with their own error (``WireError``,
 ``ValueParseError``) and nothing else: any other exception escapes and
 libFuzzer reports it as a crash (exit code non-zero, the input saved as
@@ -71,6 +71,10 @@ def check_packet(packet: bytes) -> None:
         if rcode == 0:
             expected = (routed_end, key)
     assert COMPILED.classify(packet) == expected, (COMPILED.classify(packet), expected)
+    # And what it makes of the rest, in C: the same drop or answer, byte for
+    # byte (no ACL, NOTIFY from nobody, no route for any name).
+    decided = COMPILED.decide(packet, PEER, routed=False)
+    assert decided == python_decides(packet), (decided, python_decides(packet))
 
     if len(packet) < HEADER:
         return
@@ -107,6 +111,24 @@ def check_packet(packet: bytes) -> None:
             if question is not None:
                 assert answer[4:6] == b"\x00\x01"
                 assert answer[HEADER:HEADER + len(qname) + 4] == packet[HEADER:end]
+
+
+PEER = bytes(16)  # a raw IPv4 peer address (0.0.0.0)
+
+
+def python_decides(packet: bytes) -> tuple[str, object]:
+    """What Forwarder._handle does with a datagram while no route matches,
+    no ACL is set and no NOTIFY is allowed, from wire's own functions."""
+    if len(packet) < HEADER:
+        return "drop", "short"
+    if packet[2] & 0x80:
+        return "drop", "response"
+    rcode, question, end, _ = wire.check_query(packet)
+    if rcode == wire.NOTIMP and (packet[2] >> 3) & 0xF == wire.OPCODE_NOTIFY:
+        rcode = wire.FORMERR if question is None or packet[4] or packet[5] != 1 else wire.REFUSED
+    elif not rcode:
+        rcode = wire.SERVFAIL
+    return "answer", wire.make_answer(packet, rcode, question, bool(end) and wire.has_opt(packet, end))
 
 
 def check_value(data: bytes) -> None:

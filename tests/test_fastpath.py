@@ -6,7 +6,9 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
+import ipaddress
 import socket
+import struct
 import sys
 import threading
 from collections import defaultdict
@@ -29,8 +31,9 @@ from dnsrouter.workers.forwarder import Forwarder
 from dnsrouter.workers.stats import Stats
 from dnsrouter.workers.types import Counts
 from dnsrouter.workers.upstream import Upstream, serve_together
-from dnsrouter.workers import fastpath, mmsg, udp
+from dnsrouter.workers import acl, fastpath, mmsg, udp
 from support.fake_backend import FakeBackend
+from support.mutations import mutate, mutations
 from support.net import wait_until
 
 
@@ -370,3 +373,231 @@ def test_the_stub_mypy_reads_names_what_the_module_has(compiled):
             continue
         checked += 1
     assert checked >= 12
+
+
+# -- the router's own answers, decided in C (_fastpath.decide: _Queries.take's code) --------------
+
+ALLOW = "10.0.0.0/8 192.0.2.1 ::1 2001:db8::/33 ::ffff:198.51.100.0/120"
+NOTIFY_ALLOW = {"nobody": "", "loopback": "127.0.0.0/8 ::1", "ten": "10.1.0.0/16"}
+PEERS = {  # raw peer addresses as recvmmsg writes them: IPv4 socket, IPv6 socket (IPv4 clients mapped)
+    name: mmsg.raw_address(parse_address(address)) for name, address in {
+        "127.0.0.1": "127.0.0.1:5353", "10.1.2.3": "10.1.2.3:53", "192.0.2.1": "192.0.2.1:1",
+        "192.0.2.2": "192.0.2.2:1", "::1": "[::1]:5353", "2001:db8::5": "[2001:db8::5]:53",
+        "2001:db8:8000::1": "[2001:db8:8000::1]:53", "::ffff:10.1.2.3": "[::ffff:10.1.2.3]:53",
+        "::ffff:198.51.100.7": "[::ffff:198.51.100.7]:53"}.items()}
+
+
+def _networks(text: str) -> tuple:
+    return tuple(ipaddress.ip_network(n) for n in text.split())
+
+
+class _Reference(Forwarder):
+    """The Python path with a policy: what it forwards (the question), answers
+    (the bytes) and drops, and what it counts."""
+
+    def __init__(self, allow: str, deny_action: str, notify_allow: str, no_route: str, routed: bool) -> None:
+        super().__init__(defaults(forward_timeout=2.0, server_allow=_networks(allow), server_deny_action=deny_action,
+                                  cache_notify_allow=_networks(notify_allow), forward_no_route=no_route), Stats())
+        self.matcher = Matcher([Route("^", (parse_address("127.0.0.1:53"),))] if routed else [])
+        self.forwarded: list[bytes] = []
+        self.answered: list[bytes] = []
+
+    def _send(self, entry, counts, outbox=None) -> None:
+        self.forwarded.append(entry.question)
+
+    def send(self, data: bytes, addr: bytes | None, outbox=None) -> None:
+        self.answered.append(data)
+
+    def host(self, addr: bytes | None) -> str:
+        assert addr is not None
+        return mmsg.host(addr)
+
+
+@functools.cache
+def _reference(*policy) -> _Reference:
+    return _Reference(*policy)
+
+
+@functools.cache
+def _compiled_networks(compiled, text: str):
+    return compiled.Networks(_networks(text))
+
+
+def _python_decides(packet: bytes, peer: bytes, policy: tuple) -> tuple[tuple[str, object], dict]:
+    forwarder = _reference(*policy)
+    forwarder.forwarded.clear()
+    forwarder.answered.clear()
+    counts: Counts = defaultdict(int)
+    forwarder.handle(packet, peer, forwarder, counts)
+    assert len(forwarder.forwarded) + len(forwarder.answered) <= 1
+    if forwarder.forwarded:
+        question = forwarder.forwarded[0]
+        outcome: tuple[str, object] = ("forward", (12 + len(question), question))
+    elif forwarder.answered:
+        outcome = ("answer", forwarder.answered[0])
+    else:
+        (reason,) = [label for kind, label in counts if kind == "dropped"]
+        outcome = ("drop", reason)
+    return outcome, {k: v for k, v in counts.items() if v}
+
+
+def _compiled_decides(compiled, packet: bytes, peer: bytes, policy: tuple) -> tuple[tuple[str, object], dict]:
+    allow, deny_action, notify_allow, no_route, routed = policy
+    counters = compiled.Counters()
+    outcome = compiled.decide(packet, peer, _compiled_networks(compiled, allow) if allow else None,
+                              deny_action == "drop", _compiled_networks(compiled, notify_allow),
+                              wire.REFUSED if no_route == "refused" else wire.SERVFAIL, routed, counters)
+    return outcome, counters.snapshot()
+
+
+def _header(flags: int, qdcount: int = 1) -> bytes:
+    return struct.pack("!HHHHHH", 0x1234, flags, qdcount, 0, 0, 0)
+
+
+def _compression_loop(draw) -> bytes:
+    """A question name that points (at itself, at a pointer, into the header)."""
+    target = draw(st.sampled_from([12, 14, 0, 4]))
+    return _header(0x0100) + draw(st.sampled_from([b"", b"\x01a"])) + bytes([0xC0, target]) + b"\0\1\0\1"
+
+
+@st.composite
+def junk_and_queries(draw) -> tuple[str, bytes]:
+    """(what kind, a datagram): queries mutated near every edge the decision
+    guards, and junk: random bytes, bit flips, compression loops,
+    truncation, QR set, QDCOUNT 0 and 2, AXFR, NOTIFY."""
+    kind = draw(st.sampled_from(["valid", "mutated", "random", "bit flips", "compression loop", "truncated",
+                                 "QR set", "QDCOUNT 0", "QDCOUNT 2", "AXFR", "IXFR", "NOTIFY", "opcode"]))
+    packet = draw(valid_queries())
+    if kind == "mutated":
+        for mutation in draw(st.lists(st.sampled_from(sorted(MUTATIONS)), min_size=1, max_size=2)):
+            if len(packet) > 12:
+                packet = MUTATIONS[mutation](packet, draw)
+        packet, _ = mutate(packet, draw(mutations([0, 1, 63, 64, 0xC0, 0xFF, 41, 252])))
+    elif kind == "random":
+        packet = draw(st.binary(max_size=80))
+    elif kind == "bit flips":
+        flips = draw(st.lists(st.tuples(st.integers(0, len(packet) - 1), st.integers(0, 7)), min_size=1, max_size=4))
+        data = bytearray(packet)
+        for at, bit in flips:
+            data[at] ^= 1 << bit
+        packet = bytes(data)
+    elif kind == "compression loop":
+        packet = _compression_loop(draw)
+    elif kind == "truncated":
+        packet = packet[:draw(st.integers(0, len(packet) - 1))]
+    elif kind == "QR set":
+        packet = _set(packet, 2, bytes([packet[2] | 0x80]))
+    elif kind in ("QDCOUNT 0", "QDCOUNT 2"):
+        packet = _set(packet, 4, b"\0\0" if kind == "QDCOUNT 0" else b"\0\2")
+    elif kind in ("AXFR", "IXFR"):
+        end = wire.parse_question(packet)[3]
+        packet = _set(packet, end - 4, b"\0\xfc" if kind == "AXFR" else b"\0\xfb")
+    elif kind == "NOTIFY":
+        packet = _set(packet, 2, bytes([0x20 | (packet[2] & 0x87)]))
+        packet = _set(packet, 4, draw(st.sampled_from([b"\0\1", b"\0\1", b"\0\0", b"\0\2"])))
+    elif kind == "opcode":
+        packet = _set(packet, 2, bytes([draw(st.sampled_from([1, 2, 3, 5, 6, 15])) << 3 | (packet[2] & 0x87)]))
+    return kind, packet
+
+
+policies = st.tuples(st.sampled_from(["", ALLOW]), st.sampled_from(["refuse", "drop"]),
+                     st.sampled_from(sorted(NOTIFY_ALLOW.values())), st.sampled_from(["servfail", "refused"]),
+                     st.booleans())
+
+
+@settings(max_examples=4000, deadline=None)
+@given(junk_and_queries(), st.sampled_from(sorted(PEERS)), policies)
+def test_the_compiled_decision_is_the_python_path_s_answer_bytes_and_counts(compiled, case, peer_name, policy):
+    """_fastpath.decide runs _Queries.take's C (_decide, _own_answer, the
+    counting) on one datagram: the same drop, the same answer byte for byte,
+    the same counts as Forwarder.handle, for every [server] allow /
+    deny_action / notify_allow / no_route; only an allowed NOTIFY (the
+    purge) goes to Python."""
+    kind, packet = case
+    peer = PEERS[peer_name]
+    event(f"datagram: {kind}")
+    want, want_counts = _python_decides(packet, peer, policy)
+    got, got_counts = _compiled_decides(compiled, packet, peer, policy)
+    if got == ("python", "notify"):
+        event("handed over: an allowed NOTIFY")
+        answer = want[1]
+        assert want[0] == "answer" and isinstance(answer, bytes)
+        assert answer[2] & 0x7C == 0x24 and answer[3] & 0xF == 0  # NOTIFY, AA, NOERROR: the purge ran
+        assert got_counts == {("fast_path_handoffs", "notify"): 1}
+        return
+    if want[0] == "answer":
+        answer = want[1]
+        assert isinstance(answer, bytes)
+        outcome = f"answer rcode {answer[3] & 0xF}" + (" with OPT" if answer[11] else "")
+    else:
+        outcome = f"{want[0]} {want[1] if want[0] == 'drop' else ''}".strip()
+    event(f"both: {outcome}" + (" (ACL)" if policy[0] else ""))
+    assert got == want
+    assert got_counts == want_counts
+
+
+def test_each_own_answer_and_drop_is_reached_with_its_policy(compiled):
+    """The cases by name, each with the verdict it must get (and the Python path's)."""
+    query = dns.message.make_query("www.example.com.", "A", use_edns=0)
+    plain = query.to_wire()
+    notify = _set(plain, 2, b"\x20")  # opcode NOTIFY, RD clear
+    cases = {
+        "short": (plain[:11], "127.0.0.1", ("", "refuse", "", "servfail", True), ("drop", "short")),
+        "QR set": (_set(plain, 2, b"\x81"), "127.0.0.1", ("", "refuse", "", "servfail", True), ("drop", "response")),
+        "ACL drop": (plain, "127.0.0.1", (ALLOW, "drop", "", "servfail", True), ("drop", "acl")),
+        "ACL refuse": (plain, "192.0.2.2", (ALLOW, "refuse", "", "servfail", True), wire.REFUSED),
+        "ACL allows ::1": (plain, "::1", (ALLOW, "refuse", "", "servfail", True), "forward"),
+        "ACL allows a mapped IPv4 by an IPv6 network": (plain, "::ffff:198.51.100.7",
+                                                        (ALLOW, "drop", "", "servfail", True), "forward"),
+        "ACL: a mapped IPv4 is no IPv4": (plain, "::ffff:10.1.2.3", (ALLOW, "drop", "", "servfail", True),
+                                          ("drop", "acl")),
+        "QDCOUNT 0": (_set(plain, 4, b"\0\0"), "127.0.0.1", ("", "refuse", "", "servfail", True), wire.FORMERR),
+        "QDCOUNT 2": (_set(plain, 4, b"\0\2"), "127.0.0.1", ("", "refuse", "", "servfail", True), wire.FORMERR),
+        "compression loop": (_header(0x0100) + b"\xc0\x0c\0\1\0\1", "127.0.0.1", ("", "refuse", "", "servfail", True),
+                             wire.FORMERR),
+        "AXFR": (dns.message.make_query("example.com.", "AXFR").to_wire(), "127.0.0.1",
+                 ("", "refuse", "", "servfail", True), wire.NOTIMP),
+        "STATUS": (_set(plain, 2, b"\x10"), "127.0.0.1", ("", "refuse", "", "servfail", True), wire.NOTIMP),
+        "NOTIFY from nobody's list": (notify, "127.0.0.1", ("", "refuse", "", "servfail", True), wire.REFUSED),
+        "NOTIFY from elsewhere": (notify, "10.1.2.3", ("", "refuse", "127.0.0.0/8 ::1", "servfail", True),
+                                  wire.REFUSED),
+        "NOTIFY, QDCOUNT 2": (_set(notify, 4, b"\0\2"), "127.0.0.1", ("", "refuse", "127.0.0.0/8 ::1", "servfail", True),
+                              wire.FORMERR),
+        "NOTIFY allowed": (notify, "::1", ("", "refuse", "127.0.0.0/8 ::1", "servfail", True), ("python", "notify")),
+        "no route": (plain, "127.0.0.1", ("", "refuse", "", "servfail", False), wire.SERVFAIL),
+        "no route, refused": (plain, "127.0.0.1", ("", "refuse", "", "refused", False), wire.REFUSED),
+    }
+    for name, (packet, peer, policy, verdict) in cases.items():
+        got, counts = _compiled_decides(compiled, packet, PEERS[peer], policy)
+        want, want_counts = _python_decides(packet, PEERS[peer], policy)
+        if isinstance(verdict, int):
+            assert got[0] == "answer" and got[1][3] & 0xF == verdict, name
+            assert dns.message.from_wire(got[1], question_only=True).rcode() == verdict, name
+        elif verdict == "forward":
+            assert got[0] == "forward", name
+        else:
+            assert got == verdict, name
+        if got[0] != "python":
+            assert (got, counts) == (want, want_counts), name
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.one_of(
+    st.tuples(st.just(4), st.binary(min_size=4, max_size=4), st.integers(0, 32)),
+    st.tuples(st.just(6), st.binary(min_size=16, max_size=16), st.integers(0, 128))), max_size=4),
+    st.one_of(st.binary(min_size=4, max_size=4), st.binary(min_size=16, max_size=16)), st.data())
+def test_networks_matches_as_the_python_acl_does(compiled, nets, address, data):
+    """Networks (the compiled matcher the ACL, notify_allow and the rate
+    limiter's exemptions use) against acl.make's test of mmsg.host."""
+    networks = tuple(ipaddress.ip_network((ipaddress.ip_address(raw), prefix), strict=False)
+                     for _, raw, prefix in nets)
+    if networks and data.draw(st.booleans()):  # an address inside one of them, at its edge
+        net = data.draw(st.sampled_from(networks))
+        inside = net.network_address if data.draw(st.booleans()) else net.broadcast_address
+        address = inside.packed
+    ip = ipaddress.ip_address(address)
+    raw = mmsg.raw_address(parse_address(f"[{ip}]:53" if ip.version == 6 else f"{ip}:53"))
+    allowed = acl.make(networks)
+    want = allowed is not None and allowed(mmsg.host(raw))
+    event(f"IPv{ip.version}, {'in' if want else 'not in'} the networks")
+    assert (raw in compiled.Networks(networks)) == want

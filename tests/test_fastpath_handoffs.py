@@ -1,12 +1,18 @@
 """Which queries the compiled UDP path hands to the Python path, and why
 (dnsrouter_fast_path_handoffs_total{reason}), against a real router: the
 counters are otherwise the same either way, so only these tell that the
-compiled loop, not Python, forwarded a routable query."""
+compiled loop, not Python, forwarded a routable query or made an answer of
+its own. The tests that take ``packet_path`` run on both paths and show the
+same answers and counts from each."""
 from __future__ import annotations
 
+import socket
+import struct
 import time
 
+import dns.flags
 import dns.message
+import dns.opcode
 import dns.query
 import dns.rcode
 import pytest
@@ -22,7 +28,8 @@ QUERIES = "dnsrouter_queries_total"
 
 
 def compiled_router(router, tmp_path, backend: FakeBackend, ini: str = "") -> tuple[object, int]:
-    """A router on the compiled path (its start checks that), routing .test. to ``backend``:
+    """A router on the compiled path (its start checks that; with the
+    ``packet_path`` fixture, on that path), routing .test. to ``backend``:
     (the router, its metrics port)."""
     conf = tmp_path / "dnsrouter.ini"
     conf.write_text(ini)
@@ -63,7 +70,90 @@ def handoffs(diff: dict[tuple, float]) -> dict[str, float]:
     return {dict(labels)["reason"]: v for (name, labels), v in diff.items() if name == HANDOFFS and v}
 
 
-def test_a_routable_query_is_never_handed_over_and_a_formerr_or_unrouted_one_is(router, tmp_path):
+def rcode_of(reply: bytes | None) -> int:
+    assert reply is not None, "no answer"
+    return dns.message.from_wire(reply, question_only=True).rcode()
+
+
+def from_source(source: str, port: int, payload: bytes, timeout: float = 1.0) -> bytes | None:
+    """raw_udp from another loopback address (the whole of 127/8 is local)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((source, 0))
+        s.settimeout(timeout)
+        s.sendto(payload, (HOST, port))
+        try:
+            return s.recv(65535)
+        except socket.timeout:
+            return None
+
+
+def header(flags: int, qdcount: int = 1) -> bytes:
+    return struct.pack("!HHHHHH", 0x1234, flags, qdcount, 0, 0, 0)
+
+
+# The router's own answers: (datagram, rcode). QUERY unless named.
+OWN_ANSWERS = {
+    "QDCOUNT 0": (header(0x0100, 0), dns.rcode.FORMERR),
+    "QDCOUNT 2": (header(0x0100, 2) + b"\x01a\x00\x00\x01\x00\x01" * 2, dns.rcode.FORMERR),
+    "compression loop": (header(0x0100) + b"\xc0\x0c\x00\x01\x00\x01", dns.rcode.FORMERR),
+    "truncated name": (header(0x0100) + b"\x07exam", dns.rcode.FORMERR),
+    "AXFR": (dns.message.make_query("w.test.", "AXFR").to_wire(), dns.rcode.NOTIMP),
+    "STATUS": (header(0x1100) + b"\x01a\x00\x00\x01\x00\x01", dns.rcode.NOTIMP),
+    "no route": (dns.message.make_query("nowhere.other.", "A").to_wire(), dns.rcode.SERVFAIL),
+    "NOTIFY from elsewhere": (header(0x2000) + b"\x04test\x00\x00\x06\x00\x01", dns.rcode.REFUSED),
+}
+
+
+def test_the_router_s_own_answers_and_drops_are_made_without_python_on_the_compiled_path(router, tmp_path,
+                                                                                       packet_path):
+    """FORMERR, NOTIMP, SERVFAIL, REFUSED and the drops: the same answers and
+    counts on both paths, none of them handed over by the compiled one; a
+    NOTIFY from [cache] notify_allow (the purge) is."""
+    with FakeBackend("ok") as fake:
+        r, mport = compiled_router(router, tmp_path, fake, "[cache]\nnotify_allow = 127.0.0.2\n")
+        base = settled(mport)
+        response = dns.message.make_response(dns.message.make_query("w.test.", "A")).to_wire()
+        for payload in (b"", b"x" * 11, response):  # dropped: no answer, no query counted
+            assert raw_udp(r.port, payload, timeout=0.3) is None
+        for name, (payload, rcode) in OWN_ANSWERS.items():
+            assert rcode_of(raw_udp(r.port, payload)) == rcode, name
+        notify = dns.message.make_query("test.", "SOA")
+        notify.set_opcode(dns.opcode.NOTIFY)
+        reply = dns.message.from_wire(from_source("127.0.0.2", r.port, notify.to_wire()))
+        assert reply.rcode() == dns.rcode.NOERROR and reply.flags & dns.flags.AA  # purged
+        diff = after(mport, base, len(OWN_ANSWERS) + 1)
+        assert handoffs(diff) == ({"notify": 1} if packet_path == "compiled" else {})
+        assert {reason: value(diff, "dnsrouter_dropped_total", reason=reason) for reason in ("short", "response")} \
+            == {"short": 2, "response": 1}
+        answered = {rcode: value(diff, "dnsrouter_responses_total", rcode=rcode)
+                    for rcode in ("NOERROR", "FORMERR", "SERVFAIL", "NOTIMP", "REFUSED")}
+        assert answered == {"NOERROR": 1, "FORMERR": 4, "SERVFAIL": 1, "NOTIMP": 2, "REFUSED": 1}
+
+
+@pytest.mark.parametrize("deny_action", ["refuse", "drop"])
+def test_an_acl_keeps_allowed_queries_on_the_fast_path_and_refuses_or_drops_the_others(router, tmp_path, packet_path,
+                                                                                      deny_action):
+    with FakeBackend("ok") as fake:
+        r, mport = compiled_router(router, tmp_path, fake,
+                                   f"[server]\nallow = 127.0.0.1 ::1\ndeny_action = {deny_action}\n")
+        base = settled(mport)
+        for i in range(10):
+            assert dns.query.udp(dns.message.make_query(f"q{i}.test.", "A"), HOST, port=r.port,
+                                 timeout=2).rcode() == dns.rcode.NOERROR
+        denied = [from_source("127.0.0.2", r.port, dns.message.make_query(f"d{i}.test.", "A").to_wire(),
+                              timeout=0.5 if deny_action == "drop" else 2) for i in range(3)]
+        if deny_action == "drop":
+            assert denied == [None] * 3
+        else:
+            assert [rcode_of(reply) for reply in denied] == [dns.rcode.REFUSED] * 3
+        diff = after(mport, base, 13)
+        assert handoffs(diff) == {}  # on the compiled path the ACL is matched in C; Python's has no hand-offs
+        assert value(diff, "dnsrouter_dropped_total", reason="acl") == (3 if deny_action == "drop" else 0)
+        assert value(diff, "dnsrouter_responses_total", rcode="REFUSED") == (3 if deny_action == "refuse" else 0)
+        assert fake.count("udp") >= 10
+
+
+def test_a_routable_query_is_never_handed_over(router, tmp_path):
     with FakeBackend("ok") as fake:
         r, mport = compiled_router(router, tmp_path, fake)
         base = settled(mport)
@@ -74,20 +164,13 @@ def test_a_routable_query_is_never_handed_over_and_a_formerr_or_unrouted_one_is(
         assert handoffs(diff) == {}  # 30 forwarded, every one by the compiled loop
         assert fake.count("udp") >= 30
 
-        no_question = b"\x12\x34\x01\x00" + bytes(8)  # QDCOUNT 0: FORMERR, from Python
-        assert dns.message.from_wire(raw_udp(r.port, no_question), question_only=True).rcode() == dns.rcode.FORMERR
-        assert dns.query.udp(dns.message.make_query("nowhere.other.", "A"), HOST, port=r.port,
-                             timeout=2).rcode() == dns.rcode.SERVFAIL
-        diff = after(mport, base, 32)
-        assert handoffs(diff) == {"not_simple": 1, "no_route": 1}
-        assert value(diff, "dnsrouter_responses_total", rcode="FORMERR") == 1
 
-
-def test_an_acl_hands_every_query_over(router, tmp_path):
+def test_the_query_log_hands_every_query_to_route_over_and_nothing_else(router, tmp_path):
     with FakeBackend("ok") as fake:
-        r, mport = compiled_router(router, tmp_path, fake, "[server]\nallow = 127.0.0.0/8\n")
+        r, mport = compiled_router(router, tmp_path, fake, "[log]\nqueries = yes\n")
         base = settled(mport)
         for i in range(10):
             assert dns.query.udp(dns.message.make_query(f"q{i}.test.", "A"), HOST, port=r.port,
                                  timeout=2).rcode() == dns.rcode.NOERROR
-        assert handoffs(after(mport, base, 10)) == {"acl": 10}
+        assert rcode_of(raw_udp(r.port, header(0x0100, 0))) == dns.rcode.FORMERR  # not logged: decided in C
+        assert handoffs(after(mport, base, 11)) == {"query_log": 10}

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from support.fake_backend import FakeBackend
-from support.net import HOST, raw_udp, routed, wait_until
+from support.net import HOST, free_port, raw_udp, routed, wait_until
 from support.processes import gone
 
 # Every test here runs against both UDP packet paths (conftest.PACKET_PATHS).
@@ -147,6 +147,30 @@ def test_servfail_when_no_route_matches(router, knots):
     assert reply.flags & dns.flags.RD and reply.edns == 0  # RD and OPT echoed
     plain = dns.query.udp(dns.message.make_query("www.example.org.", "A"), HOST, port=r.port, timeout=2)
     assert plain.edns == -1 and plain.rcode() == dns.rcode.SERVFAIL
+
+
+@pytest.mark.parametrize("no_route", ["servfail", "refused"])
+def test_forward_no_route_answers_a_name_no_route_matches_and_a_pool_all_down(router, tmp_path, no_route):
+    """[forward] no_route: SERVFAIL (the default) or REFUSED, for a name no
+    route matches and for one whose every backend is down (the same "no
+    pool"), over UDP and TCP, the ID, question, RD and EDNS echoed."""
+    conf = tmp_path / "dnsrouter.ini"
+    conf.write_text(f"[forward]\nno_route = {no_route}\n[health]\ninterval = 0.2\ntimeout = 0.2\nfall = 1\n")
+    r = router(args=["--config", str(conf)])
+    r.route("dead", rf"{HOST}:{free_port('tcp')},\.dead\.example\.$")  # nothing listens: down at its first check
+    want = dns.rcode.REFUSED if no_route == "refused" else dns.rcode.SERVFAIL
+    wait_until(lambda: dns.query.udp(dns.message.make_query("x.dead.example.", "A"), HOST, port=r.port,
+                                     timeout=2).rcode() == want, 10, message="the dead pool was not taken down")
+    for name in ("www.example.org.", "x.dead.example."):
+        query = dns.message.make_query(name, "A", use_edns=0)
+        for reply in (dns.query.udp(query, HOST, port=r.port, timeout=2),
+                      dns.query.tcp(query, HOST, port=r.port, timeout=2)):
+            assert reply.rcode() == want, name
+            assert reply.id == query.id and reply.question == query.question
+            assert reply.flags & dns.flags.RD and not reply.flags & dns.flags.AA
+        assert dns.query.udp(query, HOST, port=r.port, timeout=2).edns == 0  # OPT echoed
+        plain = dns.query.udp(dns.message.make_query(name, "A"), HOST, port=r.port, timeout=2)
+        assert plain.edns == -1 and plain.rcode() == want
 
 
 @pytest.mark.parametrize("qtype", ["AXFR", "IXFR"])

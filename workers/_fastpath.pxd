@@ -36,6 +36,7 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t sendto(int fd, const void *buf, size_t n, int flags, const void *addr, socklen_t len)
     enum: MSG_WAITFORONE
     enum: MSG_DONTWAIT
+    enum: AF_INET
     enum: AF_INET6
 
 cdef extern from "<sys/epoll.h>" nogil:
@@ -80,11 +81,42 @@ cdef enum:
 
 cdef enum:  # the counters with a fixed key: indexes into Counters.fixed and _FIXED_KEYS
     SHORT = 0
-    UNKNOWN, WRONG_SOURCE, WRONG_QUESTION, IN_FLIGHT, ERROR, QUERIES, FIXED
+    UNKNOWN, WRONG_SOURCE, WRONG_QUESTION, IN_FLIGHT, ERROR, QUERIES
+    DROPPED_SHORT, DROPPED_RESPONSE, DROPPED_ACL  # dropped{short, response, acl}: what _decide drops
+    FIXED
 
 cdef enum:  # why a query goes to the Python path: indexes into Counters.handoffs and HANDOFF_REASONS
-    NOT_SIMPLE = 0  # _classify refuses it: the Python path answers it, or drops it
-    ACL, QUERY_LOG, NO_ROUTE, CLIENT_ADDRESS, REASONS
+    QUERY_LOG = 0  # [log] queries is on: a query to route is logged there
+    NOTIFY_ALLOWED  # a NOTIFY from [cache] notify_allow: the purge
+    CLIENT_ADDRESS  # a pool member takes PROXY or ECS
+    REASONS
+
+cdef enum:  # what _decide makes of a datagram: _Verdict.action
+    FORWARD = 0  # a query to route: its question lower-cased in the key, its end in _Verdict.end
+    DROP  # dropped: _Verdict.reason is the counter (DROPPED_SHORT, DROPPED_RESPONSE, DROPPED_ACL)
+    ANSWER  # the router's own answer (_own_answer): _Verdict.rcode, end, echo
+    TO_PYTHON  # Forwarder.handle decides: _Verdict.reason is the handoff reason
+
+cdef struct _Verdict:
+    int action
+    int reason
+    int rcode
+    int end  # where the question ends as wire.parse_question reads it; 0: it does not parse
+    bint echo  # ANSWER: the question is echoed
+
+cdef struct _Net:  # one network of a Networks: the address masked to its prefix
+    int family  # 4 or 6
+    int prefix  # bits
+    unsigned char address[16]  # 4 bytes used for IPv4
+
+cdef struct _Networks:
+    Py_ssize_t count
+    _Net *nets
+
+cdef struct _Policy:  # what _decide reads of the forwarder's settings
+    const _Networks *allow  # [server] allow; NULL: everyone
+    bint drop_denied  # [server] deny_action = drop
+    const _Networks *notify  # [cache] notify_allow (empty: nobody)
 
 cdef struct _Way:
     Py_hash_t hash

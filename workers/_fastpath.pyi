@@ -1,10 +1,12 @@
 """The compiled UDP path's Python API (built from _fastpath.pyx), for mypy."""
+import ipaddress
 import socket
 import threading
-from typing import Callable
+from typing import Callable, Iterable, Sequence
 
 from dnsrouter.purges import PurgeLog
 from dnsrouter.ratelimit import RateTable
+from dnsrouter.settings import IPNetwork
 from dnsrouter.routes import Matcher, Pool
 from dnsrouter.workers.forwarder import Forwarder
 from dnsrouter.workers.types import Client, CountKey, Counts, Outbox as OutboxType
@@ -51,6 +53,19 @@ def classify(packet: bytes) -> tuple[int, bytes] | None:
     """(end of the question, the question lower-cased) of a query the
     compiled path takes, else None."""
 
+def decide(packet: bytes, peer: bytes, allow: Networks | None = None, drop_denied: bool = False,
+           notify: Networks | None = None, no_route: int = 2, routed: bool = True,
+           counters: Counters | None = None) -> tuple[str, object]:
+    """What the compiled loop does with one datagram from raw address
+    ``peer``: ("forward", (end, question)), ("answer", bytes), ("drop",
+    reason) or ("python", handoff reason); counted in ``counters``."""
+
+class Networks:
+    """IPv4 and IPv6 networks matched in C against raw peer addresses."""
+    def __init__(self, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] = ...) -> None: ...
+    def __len__(self) -> int: ...
+    def __contains__(self, sockaddr: bytes) -> bool: ...
+
 class RouteCache:
     def __init__(self) -> None: ...
     def lookup(self, matcher: Matcher, question: bytes) -> tuple[bytes, Pool | None]: ...
@@ -72,14 +87,14 @@ def rate_account(reply: bytes) -> bytes: ...
 class QueryLimit:
     """ratelimit.QueryLimit over the same shared table."""
     def __init__(self, table: RateTable, qps: int, burst: int, ipv4_prefix: int, ipv6_prefix: int,
-                 exempt: Callable[[bytes], bool] | None) -> None: ...
+                 exempt: Sequence[IPNetwork]) -> None: ...
     def allow(self, addr: bytes, now: int) -> bool: ...
 
 class ResponseLimit:
     """ratelimit.ResponseLimit over the same shared table."""
     limited: int
     def __init__(self, table: RateTable, rates: tuple[int, int, int], slip: int, window: int, ipv4_prefix: int,
-                 ipv6_prefix: int, exempt: Callable[[bytes], bool] | None) -> None: ...
+                 ipv6_prefix: int, exempt: Sequence[IPNetwork]) -> None: ...
     def check(self, reply: bytes, addr: bytes, now: int) -> tuple[bytes | None, int]: ...
 
 class Counters:

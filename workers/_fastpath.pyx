@@ -6,26 +6,34 @@ interpreter in the loop.
 The pure-Python modules stay the reference: this one does the same thing
 for the packets it takes and hands every other packet, unchanged, to the
 Python code (``Forwarder.handle`` on the client side, ``Forwarder.reply`` on
-the reply side). Timeouts, retries, ICMP errors, SERVFAIL, the router's own
-answers and TCP never come here. With the packet cache on
-(``Forwarder.cache``, a ``PacketCache`` of this module), a query it takes
-is answered from the cache when it can be, in the slot it came in, and a
-reply it relays is inserted (``cache.py``'s rules, written here in C).
+the reply side). Timeouts, retries, ICMP errors, the SERVFAIL they end in,
+and TCP never come here. With the packet cache on (``Forwarder.cache``, a
+``PacketCache`` of this module), a query it takes is answered from the
+cache when it can be, in the slot it came in, and a reply it relays is
+inserted (``cache.py``'s rules, written here in C).
 
-What it takes: a query of at least 12 bytes that is not a response, opcode
-QUERY, QDCOUNT 1, an uncompressed question name of at most 255 bytes whose
-type and class are there, not AXFR or IXFR, while the worker has no ACL and
-no query log, whose route is a pool of members that all get the query as it
-is (``client_address = none``). A reply: from the member asked, with our ID
-and the question asked, to a UDP client whose query was not changed.
+What it decides itself, for every datagram (``_decide``, the order of
+``Forwarder._handle``): a drop (short, a response, a client ``[server]
+allow`` refuses with ``deny_action = drop``), the router's own answer
+(REFUSED for the ACL and for a NOTIFY from outside ``[cache]
+notify_allow``, NOTIMP, FORMERR, and ``[forward] no_route``'s SERVFAIL or
+REFUSED once the route lookup finds no pool), written over the query in
+its receive slot by ``_own_answer`` and queued at one place,
+``_Queries.answer``; or the query to forward. The networks of the ACL and
+of notify_allow are matched in C (``Networks``). What it hands to Python: a
+NOTIFY from notify_allow (the purge), every query to route while the query
+log is on, and a query whose pool has members that learn the client's
+address (``client_address`` other than none). A reply: from the member
+asked, with our ID and the question asked, to a UDP client whose query was
+not changed.
 
 Each packet handed to the Python code is counted by why
-(``HANDOFF_REASONS``, ``dnsrouter_fast_path_handoffs_total``): a worker
-whose ACL or query log sends every query there shows it.
+(``HANDOFF_REASONS``, ``dnsrouter_fast_path_handoffs_total``).
 
 The contract with the Python modules: this one reads and calls only their
 public names (``Forwarder.handle``, ``upstreams``, ``upstreams_for``,
-``rtos``, ``matcher``, ``allowed``, ``query_log``, ``timeout``, ``cache``;
+``rtos``, ``matcher``, ``allow``, ``deny_action``, ``notify_allow``, ``no_route``,
+``query_log``, ``timeout``, ``cache``;
 ``Pool.rotation``, ``modes``, ``backends``; ``Upstream.pending``,
 ``waiting``, ``limit``, ``fd``, ``sock``, ``policy``, ``counts``, ``tick``,
 ``errors``, ``retry``, ``closing``; the policy's ``rtts``, ``rtos``,
@@ -102,31 +110,186 @@ cdef inline long long _monotonic_ns() noexcept nogil:
     return t.tv_sec * 1_000_000_000LL + t.tv_nsec
 
 
-cdef int _classify(const unsigned char *p, Py_ssize_t n, unsigned char *key) noexcept nogil:
-    """For a query the compiled path takes: the end of its question, with the
-    question (name, type, class) lower-cased into ``key``; else -1, and the
-    Python path decides (and counts) what the packet gets."""
-    cdef Py_ssize_t pos
-    cdef int qtype
-    if n < 12 or p[2] & 0xF8 or p[4] or p[5] != 1:  # a response, an opcode, QDCOUNT
-        return -1
-    pos = _question_end(p, n)  # labels of at most 63 bytes, no pointer, at most 255 bytes of name
-    if pos < 0:
-        return -1
-    qtype = p[pos - 4] << 8 | p[pos - 3]
-    if qtype == 251 or qtype == 252:  # IXFR, AXFR: refused by the Python path
-        return -1
+# wire.make_answer's OPT record (the router's EDNS buffer size, wire.ANSWER_PAYLOAD).
+cdef unsigned char _OPT_ANSWER[11]
+memset(_OPT_ANSWER, 0, sizeof(_OPT_ANSWER))
+_OPT_ANSWER[2] = 41
+_OPT_ANSWER[3] = wire.ANSWER_PAYLOAD >> 8
+_OPT_ANSWER[4] = wire.ANSWER_PAYLOAD & 0xFF
+cdef int _FORMERR = wire.FORMERR, _SERVFAIL = wire.SERVFAIL, _NOTIMP = wire.NOTIMP, _REFUSED = wire.REFUSED
+cdef int _OPCODE_NOTIFY = wire.OPCODE_NOTIFY
+
+
+cdef class Networks:
+    """A set of IPv4 and IPv6 networks (``ipaddress`` objects, as a Config
+    holds them: ``[server] allow``, ``[cache] notify_allow``) matched in C
+    against a raw peer address (the ``struct sockaddr`` bytes recvmmsg
+    writes), with ``contains`` (nogil) or, from Python, ``in``. The same
+    verdict as ``acl.make``'s test of ``mmsg.host(sockaddr)``: an AF_INET6
+    address of 24 bytes or more is IPv6 (an IPv4-mapped one matches IPv6
+    networks only, as ``ipaddress`` has it), anything else IPv4."""
+
+    cdef _Networks c
+
+    def __cinit__(self, networks=()):
+        networks = tuple(networks)
+        self.c.count = 0
+        self.c.nets = <_Net *>calloc(max(len(networks), 1), sizeof(_Net))
+        if self.c.nets == NULL:
+            raise MemoryError()
+        cdef _Net *net
+        cdef bytes packed
+        cdef int i
+        for network in networks:
+            packed = network.network_address.packed  # masked to the prefix already (ip_network)
+            net = self.c.nets + self.c.count
+            net.family = network.version
+            net.prefix = network.prefixlen
+            if len(packed) != (4 if net.family == 4 else 16) or not 0 <= net.prefix <= 8 * len(packed):
+                raise ValueError(f"not a network: {network!r}")
+            memcpy(net.address, <const unsigned char *>PyBytes_AS_STRING(packed), len(packed))
+            for i in range(net.prefix, 8 * len(packed)):  # host bits clear, whatever came
+                net.address[i >> 3] &= ~(0x80 >> (i & 7))
+            self.c.count += 1
+
+    def __dealloc__(self):
+        free(self.c.nets)
+
+    def __len__(self):
+        return self.c.count
+
+    cdef bint contains(self, const unsigned char *sockaddr, Py_ssize_t n) noexcept nogil:
+        """Whether the peer at ``sockaddr`` (``n`` bytes) is in one of the networks."""
+        return _in_networks(&self.c, sockaddr, n)
+
+    def __contains__(self, bytes sockaddr):
+        cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(sockaddr)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(sockaddr)
+        cdef bint found
+        with nogil:  # as a loop calls it: a typed Networks, the GIL let go
+            found = self.contains(p, n)
+        return found
+
+
+cdef bint _in_networks(const _Networks *networks, const unsigned char *sockaddr, Py_ssize_t n) noexcept nogil:
+    """Networks.contains, for the C code that holds the struct (_decide)."""
+    cdef unsigned short family
+    cdef const unsigned char *address
+    cdef int version, whole, bits
     cdef Py_ssize_t i
+    cdef const _Net *net
+    if n < 8:
+        return False  # no address at all (mmsg.host would raise: never a client's)
+    memcpy(&family, sockaddr, sizeof(family))
+    if n >= 24 and family == AF_INET6:
+        version, address = 6, sockaddr + 8
+    else:
+        version, address = 4, sockaddr + 4
+    for i in range(networks.count):
+        net = networks.nets + i
+        if net.family != version:
+            continue
+        whole = net.prefix >> 3
+        if memcmp(net.address, address, whole) != 0:
+            continue
+        bits = net.prefix & 7
+        if bits and (address[whole] ^ net.address[whole]) & (0xFF00 >> bits) & 0xFF:
+            continue
+        return True
+    return False
+
+
+cdef void _decide(const unsigned char *p, Py_ssize_t n, const unsigned char *peer, Py_ssize_t peer_size,
+                  const _Policy *policy, unsigned char *key, _Verdict *v) noexcept nogil:
+    """``Forwarder._handle`` up to the route lookup, for a datagram of ``n``
+    bytes from ``peer``: into ``v``, what it gets (a drop, the router's own
+    answer, Python's decision, or FORWARD: its question lower-cased into
+    ``key``, as ``wire.check_query`` keys it: the name as bytes.lower() has
+    it, type and class as they are). The Python path is the reference
+    (test_fastpath holds this to ``Forwarder.handle``)."""
+    cdef Py_ssize_t end, i
+    cdef int opcode, qtype
     cdef unsigned char c
-    for i in range(pos - 16):  # the name as bytes.lower() has it: ASCII letters only
+    v.reason = v.rcode = v.end = 0
+    v.echo = False
+    if n < 12:
+        v.action, v.reason = DROP, DROPPED_SHORT
+        return
+    if p[2] & 0x80:
+        v.action, v.reason = DROP, DROPPED_RESPONSE
+        return
+    if policy.allow != NULL and not _in_networks(policy.allow, peer, peer_size):
+        if policy.drop_denied:
+            v.action, v.reason = DROP, DROPPED_ACL
+        else:
+            v.action, v.rcode = ANSWER, _REFUSED  # no question, no OPT: Forwarder._handle's end 0
+        return
+    end = _question_end(p, n)  # labels of at most 63 bytes, no pointer, at most 255 bytes of name
+    if end > 0:
+        v.end = <int>end
+    opcode = (p[2] >> 3) & 0xF
+    v.action = ANSWER
+    if opcode:
+        if opcode != _OPCODE_NOTIFY:
+            v.rcode, v.echo = _NOTIMP, end > 0
+        elif end < 0 or p[4] or p[5] != 1:  # Forwarder._notify: the question echoed if it parses
+            v.rcode, v.echo = _FORMERR, end > 0
+        elif not _in_networks(policy.notify, peer, peer_size):
+            v.rcode, v.echo = _REFUSED, True
+        else:
+            v.action, v.reason = TO_PYTHON, NOTIFY_ALLOWED  # the purge
+        return
+    if p[4] or p[5] != 1 or end < 0:  # QDCOUNT, a question: none echoed (wire.check_query)
+        v.rcode = _FORMERR
+        return
+    qtype = p[end - 4] << 8 | p[end - 3]
+    if qtype == 251 or qtype == 252:  # IXFR, AXFR
+        v.rcode, v.echo = _NOTIMP, True
+        return
+    for i in range(end - 16):  # the name as bytes.lower() has it: ASCII letters only
         c = p[12 + i]
         key[i] = c + 32 if 65 <= c <= 90 else c
-    memcpy(key + pos - 16, p + pos - 4, 4)  # type and class as they are: 65 is no 97
-    return <int>pos
+    memcpy(key + end - 16, p + end - 4, 4)  # type and class as they are: 65 is no 97
+    v.action = FORWARD
+
+
+cdef Py_ssize_t _own_answer(unsigned char *p, Py_ssize_t n, int rcode, Py_ssize_t end, bint echo) noexcept nogil:
+    """Every answer the compiled path makes itself, written over the query
+    (``n`` bytes at ``p``, its receive slot): ``wire.make_answer(query,
+    rcode, question if echo else None, edns)``, ``edns`` as
+    ``Forwarder._answer`` reckons it (``end``: where the question ends, 0 if
+    it does not parse; the OPT found past it by ``wire.has_opt``). Its size,
+    at most ``n``: what it adds to the query's header (the question, the
+    OPT) is in the query already, or (an OPT) no longer than the record it
+    found there."""
+    cdef Py_ssize_t start, stop, size = end if echo and end > 0 else 12
+    cdef bint edns = end > 0 and _find_opt(p, n, end, &start, &stop) == 1
+    p[2] = 0x80 | (p[2] & 0x79)  # QR, the opcode, RD; AA and TC clear
+    p[3] = rcode & 0xF
+    memset(p + 4, 0, 8)
+    p[5] = size > 12  # QDCOUNT
+    p[11] = edns  # ARCOUNT
+    if edns:
+        memcpy(p + size, _OPT_ANSWER, 11)
+        size += 11
+    return size
+
+
+cdef inline void _count_verdict(Counters counters, const _Verdict *v) noexcept:
+    """What Forwarder._handle counts of a datagram _decide did not forward
+    (an answer's response is counted where it is queued)."""
+    if v.action == DROP:
+        counters.fixed[v.reason] += 1
+        if v.reason == DROPPED_ACL:
+            counters.fixed[QUERIES] += 1
+    elif v.action == ANSWER:
+        counters.fixed[QUERIES] += 1
+    elif v.action == TO_PYTHON:
+        counters.handoffs[v.reason] += 1
 
 
 cdef inline bint _same_question(const unsigned char *p, const unsigned char *q, Py_ssize_t n) noexcept nogil:
-    """Whether the question at ``p`` is ``q`` (a key of ``n`` bytes from _classify)."""
+    """Whether the question at ``p`` is ``q`` (a key of ``n`` bytes from _decide)."""
     cdef Py_ssize_t i
     cdef unsigned char c
     for i in range(n - 4):
@@ -217,7 +380,7 @@ cdef class RouteCache:
         return 0
 
     cdef _Way *find(self, const unsigned char *key, Py_ssize_t n, Py_hash_t hash) except NULL:
-        """The entry of question ``key`` (``n`` bytes from _classify, its hash
+        """The entry of question ``key`` (``n`` bytes from _decide, its hash
         ``hash``), found or made."""
         cdef _Way *ways = self.ways + (<size_t>hash & (SETS - 1)) * WAYS
         cdef _Way *way
@@ -248,7 +411,7 @@ cdef class RouteCache:
         """(question, pool) for a lower-cased question, as ``serve`` looks it
         up, for the tests: the question object is the cached one on a hit."""
         cdef Py_ssize_t pos = 0, n = PyBytes_GET_SIZE(question)
-        while pos < n - 4 and question[pos]:  # _route reads a well-formed name only, as _classify leaves it
+        while pos < n - 4 and question[pos]:  # _route reads a well-formed name only, as _decide leaves it
             pos += question[pos] + 1
         if pos != n - 5 or n - 4 > 255:
             raise ValueError("not a question")
@@ -258,14 +421,67 @@ cdef class RouteCache:
         return <object>way.question, <object>way.pool
 
 
+cdef _Networks _NOBODY  # no networks: a NOTIFY policy of nobody
+_NOBODY.count = 0
+_NOBODY.nets = NULL
+
+
 def classify(bytes packet):
     """The compiled check of one query, for the tests: (end, lower-cased
-    question) or None when the Python path takes the packet."""
+    question) of one the compiled path routes (with no ACL), or None."""
     cdef unsigned char key[KEY]
-    cdef int end = _classify(<const unsigned char *>PyBytes_AS_STRING(packet), PyBytes_GET_SIZE(packet), key)
-    if end < 0:
+    cdef _Verdict v
+    cdef _Policy policy
+    policy.allow = NULL
+    policy.drop_denied = False
+    policy.notify = &_NOBODY
+    _decide(<const unsigned char *>PyBytes_AS_STRING(packet), PyBytes_GET_SIZE(packet), NULL, 0, &policy, key, &v)
+    if v.action != FORWARD:
         return None
-    return end, PyBytes_FromStringAndSize(<char *>key, end - 12)
+    return v.end, PyBytes_FromStringAndSize(<char *>key, v.end - 12)
+
+
+def decide(bytes packet, bytes peer, Networks allow=None, bint drop_denied=False, Networks notify=None,
+           int no_route=2, bint routed=True, Counters counters=None):
+    """What ``_Queries.take`` does with one datagram from raw address
+    ``peer``, with the same C (for the tests): ("forward", (end, lower-cased
+    question)); ("answer", its bytes); ("drop", the reason dropped{} counts);
+    ("python", the handoff reason). ``allow``: ``[server] allow`` (None:
+    everyone), ``drop_denied``: ``deny_action = drop``, ``notify``: ``[cache]
+    notify_allow`` (None: nobody); ``routed``: whether the route lookup finds
+    a pool, else the ``no_route`` answer. Counted in ``counters`` as take counts."""
+    cdef unsigned char key[KEY]
+    cdef _Verdict v
+    cdef _Policy policy
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(packet), size
+    policy.allow = &allow.c if allow is not None else NULL
+    policy.drop_denied = drop_denied
+    policy.notify = &notify.c if notify is not None else &_NOBODY
+    cdef unsigned char *slot = <unsigned char *>malloc(n + 1)  # the answer is written over the query, as in its slot
+    if slot == NULL:
+        raise MemoryError()
+    try:
+        memcpy(slot, PyBytes_AS_STRING(packet), n)
+        _decide(slot, n, <const unsigned char *>PyBytes_AS_STRING(peer), PyBytes_GET_SIZE(peer), &policy, key, &v)
+        if v.action == FORWARD and not routed:
+            v.action, v.rcode, v.echo = ANSWER, no_route, True
+        if counters is not None:
+            if v.action == FORWARD:
+                counters.fixed[QUERIES] += 1
+            else:
+                _count_verdict(counters, &v)
+        if v.action == FORWARD:
+            return "forward", (v.end, PyBytes_FromStringAndSize(<char *>key, v.end - 12))
+        if v.action == DROP:
+            return "drop", _FIXED_KEYS[v.reason][1]
+        if v.action == TO_PYTHON:
+            return "python", HANDOFF_REASONS[v.reason]
+        size = _own_answer(slot, n, v.rcode, v.end, v.echo)
+        if counters is not None:
+            counters.responses[v.rcode & 0xF] += 1
+        return "answer", PyBytes_FromStringAndSize(<char *>slot, size)
+    finally:
+        free(slot)
 
 
 cdef class Receiver:
@@ -470,9 +686,10 @@ cdef inline void _count(object counts, object key, long n=1):
 _key = _counters.key  # a kind not declared in dnsrouter.counters fails the import
 _FIXED_KEYS = (_key("ignored_replies", "short"), _key("ignored_replies", "unknown_id"),
                _key("ignored_replies", "wrong_source"), _key("ignored_replies", "wrong_question"),
-               _key("dropped", "in_flight_limit"), _key("dropped", "error"), _key("queries", "udp"))
+               _key("dropped", "in_flight_limit"), _key("dropped", "error"), _key("queries", "udp"),
+               _key("dropped", "short"), _key("dropped", "response"), _key("dropped", "acl"))
 # Why the compiled loop hands a query to Python (Forwarder.handle), in the order of the enum in the .pxd.
-HANDOFF_REASONS = ("not_simple", "acl", "query_log", "no_route", "client_address")
+HANDOFF_REASONS = ("query_log", "notify", "client_address")
 _HANDOFF_KEYS = tuple(_key("fast_path_handoffs", reason) for reason in HANDOFF_REASONS)
 if len(_FIXED_KEYS) != FIXED or len(HANDOFF_REASONS) != REASONS:  # snapshot reads the keys unchecked
     raise ImportError("the counter keys and their indexes in _fastpath.pxd differ")
@@ -1450,7 +1667,8 @@ cdef class _Accounts:
     """What the two limits share: the table (mapped by ``ratelimit.RateTable``,
     kept alive here), the networks' prefixes, the exempt test."""
 
-    cdef object table, exempt
+    cdef object table
+    cdef Networks exempt  # None: nobody
     cdef _RateSlot *slots
     cdef unsigned long long buckets, seed
     cdef int ipv4_prefix, ipv6_prefix
@@ -1460,10 +1678,10 @@ cdef class _Accounts:
         self.slots = <_RateSlot *><size_t>(table.address() + _RATE_HEAD)
         self.buckets, self.seed = table.buckets, table.seed
 
-    cdef inline Py_ssize_t network(self, const unsigned char *addr, Py_ssize_t n, unsigned char *out) except -2:
+    cdef inline Py_ssize_t network(self, const unsigned char *addr, Py_ssize_t n, unsigned char *out) noexcept:
         """The client's network, -1: not one to limit (another family, or exempt)."""
         cdef Py_ssize_t size = _network(addr, n, self.ipv4_prefix, self.ipv6_prefix, out)
-        if size < 0 or (self.exempt is not None and self.exempt(PyBytes_FromStringAndSize(<char *>addr, n))):
+        if size < 0 or (self.exempt is not None and self.exempt.contains(addr, n)):
             return -1
         return size
 
@@ -1477,7 +1695,7 @@ cdef class QueryLimit(_Accounts):
         self.interval = 1_000_000_000 // qps
         self.burst = burst or qps
         self.ipv4_prefix, self.ipv6_prefix = ipv4_prefix, ipv6_prefix
-        self.exempt = exempt
+        self.exempt = Networks(exempt) if exempt else None
 
     cdef bint admit(self, const unsigned char *addr, Py_ssize_t n, long long now) except -1:
         cdef unsigned char net[16]
@@ -1599,7 +1817,7 @@ cdef class ResponseLimit(_Accounts):
         self.slip = slip
         self.window = window * 1_000_000_000LL
         self.ipv4_prefix, self.ipv6_prefix = ipv4_prefix, ipv6_prefix
-        self.exempt = exempt
+        self.exempt = Networks(exempt) if exempt else None
 
     cdef int limit(self, unsigned char *reply, Py_ssize_t *size, const unsigned char *addr, Py_ssize_t n,
                    long long now) except -2:
@@ -1689,9 +1907,13 @@ cdef class _Queries:
     cdef PacketCache cache  # the forwarder's, or None: the cache is off
     cdef QueryLimit limits  # the forwarder's [limits] and [rrl], or None: off
     cdef ResponseLimit rrl
+    cdef long long batch_ns  # the batch's time for the limits (CLOCK_MONOTONIC ns)
     cdef int client_fd
-    # Per datagram of a batch: the end of its question (or -1), the question's hash, the question lower-cased.
-    cdef int *ends
+    cdef Networks allow, notify  # [server] allow (None: everyone), [cache] notify_allow
+    cdef _Policy policy  # the two for _decide, and deny_action
+    cdef int no_route  # the rcode of a query no pool is there for ([forward] no_route)
+    # Per datagram of a batch: what _decide made of it, the question's hash, the question lower-cased.
+    cdef _Verdict *verdicts
     cdef Py_hash_t *hashes
     cdef unsigned char *keys
 
@@ -1711,15 +1933,22 @@ cdef class _Queries:
         self.cache = forwarder.cache
         self.limits, self.rrl = forwarder.limits, forwarder.rrl
         self.client_fd = client.fd
+        # Not live settings: read once, the networks matched in C.
+        self.allow = Networks(forwarder.allow) if forwarder.allow else None
+        self.notify = Networks(forwarder.notify_allow)
+        self.policy.allow = &self.allow.c if self.allow is not None else NULL
+        self.policy.drop_denied = forwarder.deny_action == "drop"
+        self.policy.notify = &self.notify.c
+        self.no_route = forwarder.no_route
         cdef size_t n = self.receiver.n
-        self.ends = <int *>malloc(n * sizeof(int))
+        self.verdicts = <_Verdict *>malloc(n * sizeof(_Verdict))
         self.hashes = <Py_hash_t *>malloc(n * sizeof(Py_hash_t))
         self.keys = <unsigned char *>malloc(n * KEY)
-        if self.ends == NULL or self.hashes == NULL or self.keys == NULL:
+        if self.verdicts == NULL or self.hashes == NULL or self.keys == NULL:
             raise MemoryError()
 
     def __dealloc__(self):
-        free(self.ends)
+        free(self.verdicts)
         free(self.hashes)
         free(self.keys)
 
@@ -1738,18 +1967,19 @@ cdef class _Queries:
         cdef Pending entry
         cdef PacketCache cache = self.cache
         cdef QueryLimit limits = self.limits
-        cdef ResponseLimit rrl = self.rrl
-        cdef long long batch_ns = 0
-        cdef int kind
+        cdef _Verdict *verdict
+        cdef bint query_log
         try:
             got = receiver.wait()
         except OSError as e:  # EAGAIN: nothing there (a read of a socket shut down does not say so)
             return e.errno == EINTR or not self.stopping.is_set()
         with nogil:
             for i in range(got):
-                end = self.ends[i] = _classify(receiver.data(i), receiver.length(i), self.keys + i * KEY)
-                if end >= 0:
-                    self.hashes[i] = _Py_HashBytes(self.keys + i * KEY, end - 12)
+                verdict = self.verdicts + i
+                _decide(receiver.data(i), receiver.length(i), receiver.name(i), receiver.name_length(i),
+                        &self.policy, self.keys + i * KEY, verdict)
+                if verdict.action == FORWARD:
+                    self.hashes[i] = _Py_HashBytes(self.keys + i * KEY, verdict.end - 12)
         forwarder = self.forwarder
         handle = self.handle
         client = self.client
@@ -1757,36 +1987,45 @@ cdef class _Queries:
         peers = self.peers
         # Read once a batch: a new table or setting takes effect from the next batch.
         self.routes.use(forwarder.matcher)
-        # Every query goes to Python while the worker has an ACL or logs queries (counted: see HANDOFF_REASONS).
-        python_only = ACL if forwarder.allowed is not None else QUERY_LOG if forwarder.query_log else -1
+        query_log = forwarder.query_log  # every query to route goes to Python, which logs it (counted)
         by_family = self.upstreams
         rtos = self.rtos
         last_pool = last_upstream = _UNSET  # None is a pool (no route) and gets its check
         cycle = pending = waiting_by = None
         if cache is not None:
             batch_time = _monotonic()
-        if limits is not None or rrl is not None:
-            batch_ns = _monotonic_ns()
+        if limits is not None or self.rrl is not None:
+            self.batch_ns = _monotonic_ns()
         for i in range(got):
             length = receiver.length(i)
-            end = self.ends[i]
+            verdict = self.verdicts + i
+            end = verdict.end
             slot_data = <unsigned char *>receiver.data(i)
-            # [limits], as Forwarder._handle: a query (no response, 12 bytes at least), before anything costs
-            if limits is not None and length >= 12 and not slot_data[2] & 0x80 and \
-                    not limits.admit(receiver.name(i), receiver.name_length(i), batch_ns):
+            # [limits], as Forwarder._handle: after the short and QR drops, before anything costs
+            if limits is not None and not (verdict.action == DROP and verdict.reason != DROPPED_ACL) and \
+                    not limits.admit(receiver.name(i), receiver.name_length(i), self.batch_ns):
                 counters.fixed[QUERIES] += 1
                 counters.limits[CLIENT_QPS] += 1
                 continue
-            if end < 0 or python_only >= 0:
-                counters.handoffs[NOT_SIMPLE if end < 0 else python_only] += 1
+            if verdict.action == TO_PYTHON or (query_log and verdict.action == FORWARD):
+                counters.handoffs[verdict.reason if verdict.action == TO_PYTHON else QUERY_LOG] += 1
                 handle(receiver.payload(i), receiver.peer(i), client, counts, outbox=outbox, admitted=True)
                 continue
             try:
+                if verdict.action != FORWARD:  # decided here: dropped or answered
+                    _count_verdict(counters, verdict)
+                    if verdict.action == ANSWER:
+                        self.answer(outbox, i, verdict.rcode, end, verdict.echo)
+                    continue
                 way = self.routes.find(self.keys + i * KEY, end - 12, self.hashes[i])
                 question, pool = <object>way.question, <object>way.pool  # ours: a later miss may reuse the way
                 if pool is not last_pool:  # a batch is mostly one pool's: its attributes read once
-                    if pool is None or pool.modes:  # SERVFAIL, or a member that learns the client's address
-                        counters.handoffs[NO_ROUTE if pool is None else CLIENT_ADDRESS] += 1
+                    if pool is None:  # no route, or no usable backend: [forward] no_route
+                        taken += 1
+                        self.answer(outbox, i, self.no_route, end, True)
+                        continue
+                    if pool.modes:  # a member that learns the client's address
+                        counters.handoffs[CLIENT_ADDRESS] += 1
                         handle(receiver.payload(i), receiver.peer(i), client, counts, outbox=outbox,
                                admitted=True)
                         continue
@@ -1797,11 +2036,7 @@ cdef class _Queries:
                     # question are there already): no object made, nothing forwarded.
                     size = cache.answer_into(slot_data, length, end, False, batch_time, slot_data)
                     if size >= 0:
-                        if rrl is not None and self.limited(rrl, slot_data, &size, receiver.name(i),
-                                                            receiver.name_length(i), batch_ns):
-                            continue
-                        counters.responses[slot_data[3] & 0xF] += 1
-                        outbox.add_from(self.client_fd, slot_data, size, receiver.name(i), receiver.name_length(i))
+                        self.respond(outbox, i, slot_data, size)
                         continue
                 data = receiver.payload(i)
                 addr = receiver.peer(i)
@@ -1851,11 +2086,26 @@ cdef class _Queries:
         counters.fixed[QUERIES] += taken
         return True
 
-    cdef inline bint limited(self, ResponseLimit rrl, unsigned char *reply, Py_ssize_t *size,
-                             const unsigned char *addr, Py_ssize_t n, long long now) except -1:
-        """Forwarder._respond's [rrl] for an answer in ``reply``: True when it
-        is dropped; a slip is written over it (``size``)."""
-        return _rrl(rrl, self.counters, reply, size, addr, n, now)
+    cdef int answer(self, Outbox outbox, int i, int rcode, Py_ssize_t end, bint echo) except -1:
+        """The one place the compiled path queues an answer of its own: the
+        datagram ``i`` of the batch answered with ``rcode`` (_own_answer, in
+        its slot) and counted, as Forwarder._answer does, after [rrl]."""
+        cdef Receiver receiver = self.receiver
+        cdef unsigned char *slot_data = <unsigned char *>receiver.data(i)
+        cdef Py_ssize_t size = _own_answer(slot_data, receiver.length(i), rcode, end, echo)
+        self.respond(outbox, i, slot_data, size)
+        return 0
+
+    cdef inline int respond(self, Outbox outbox, int i, unsigned char *reply, Py_ssize_t size) except -1:
+        """Forwarder._respond for an answer in the slot of datagram ``i``
+        (the router's own, or from the cache): [rrl], counted, queued."""
+        cdef Receiver receiver = self.receiver
+        if self.rrl is not None and _rrl(self.rrl, self.counters, reply, &size, receiver.name(i),
+                                         receiver.name_length(i), self.batch_ns):
+            return 0
+        self.counters.responses[reply[3] & 0xF] += 1
+        outbox.add_from(self.client_fd, reply, size, receiver.name(i), receiver.name_length(i))
+        return 0
 
 
 cdef bint _rrl(ResponseLimit rrl, Counters counters, unsigned char *reply, Py_ssize_t *size,

@@ -7,7 +7,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from dnsrouter import cache, ecs, ratelimit, wire
 from dnsrouter.address import Address
@@ -36,12 +36,6 @@ _FORMERR, _SERVFAIL, _REFUSED, _NOTIMP = wire.FORMERR, wire.SERVFAIL, wire.REFUS
 # The cache's byte limit per entry of ``[cache] size``: a signed NXDOMAIN
 # with NSEC3 proofs is about 1 KiB, a plain answer a few hundred bytes.
 CACHE_BYTES_PER_ENTRY = 2048
-
-
-def _exempt(networks: tuple[object, ...]) -> Callable[[bytes], bool] | None:
-    """``[limits]``/``[rrl]`` exempt as a test of a raw client address; None: nobody."""
-    test = acl.make(networks)  # type: ignore[arg-type]
-    return None if test is None else (lambda addr: test(mmsg.host(addr)))
 
 
 @dataclass(frozen=True)
@@ -90,7 +84,10 @@ class Forwarder:
         self.retry_min = config.forward_retry_min
         self.stats = stats
         self.allowed = acl.make(config.server_allow)
+        self.allow = config.server_allow  # the same networks, for the compiled path's matcher (_fastpath.Networks)
         self.deny_action = config.server_deny_action
+        # The answer to a query no route (or no usable backend) is there for: [forward] no_route.
+        self.no_route = _REFUSED if config.forward_no_route == "refused" else _SERVFAIL
         self._per_socket = -(-config.server_max_in_flight // self.SOCKETS)
         self.matcher = Matcher(())
         self.version = -1
@@ -109,15 +106,16 @@ class Forwarder:
         if config.limits_client_qps:
             self.limits = (fast.QueryLimit if fast else ratelimit.QueryLimit)(
                 limits or RateTable(config.limits_table_size), config.limits_client_qps, config.limits_burst,
-                config.limits_ipv4_prefix, config.limits_ipv6_prefix, _exempt(config.limits_exempt))
+                config.limits_ipv4_prefix, config.limits_ipv6_prefix, config.limits_exempt)
         if config.rrl_responses_per_second:
             rate = config.rrl_responses_per_second
             rates = (rate, rate if config.rrl_nxdomains_per_second is None else config.rrl_nxdomains_per_second,
                      rate if config.rrl_errors_per_second is None else config.rrl_errors_per_second)
             self.rrl = (fast.ResponseLimit if fast else ratelimit.ResponseLimit)(
                 rrl or RateTable(config.rrl_table_size), rates, config.rrl_slip, config.rrl_window,
-                config.rrl_ipv4_prefix, config.rrl_ipv6_prefix, _exempt(config.rrl_exempt))
+                config.rrl_ipv4_prefix, config.rrl_ipv6_prefix, config.rrl_exempt)
         self.notify_allowed = acl.make(config.cache_notify_allow)  # None: nobody (acl.make's None is everyone)
+        self.notify_allow = config.cache_notify_allow  # the same networks, for the compiled path
         self._routes: tuple[object, ...] = ()  # the routes the cache's entries were answered under
         # Passive health evidence: unanswered tries and ICMP errors in a row
         # per backend, "in a row" by the order queries were sent. A backend
@@ -249,9 +247,10 @@ class Forwarder:
         if self.query_log:
             assert question is not None  # check_query gives one with rcode 0
             qlog.info("%s %s %s %d -> %s", "tcp" if tcp else "udp", mmsg.host(addr) if addr else "-",
-                      wire.name_to_text(question[0]), question[1], pool.route.pattern if pool else "SERVFAIL")
+                      wire.name_to_text(question[0]), question[1],
+                      pool.route.pattern if pool else "REFUSED" if self.no_route == _REFUSED else "SERVFAIL")
         if pool is None:
-            return self._answer(data, _SERVFAIL, question, end, addr, client, counts, outbox)
+            return self._answer(data, self.no_route, question, end, addr, client, counts, outbox)
         if self.cache is not None and not pool.modes:  # a reply shaped by the client's address is its own
             cached = self.cache.lookup(data, end, tcp, time.monotonic())
             if cached is not None:
