@@ -54,6 +54,9 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+_RATE = _int_in(0, 100_000_000)  # a rate or burst: more is no limit, and the arithmetic stays in 64 bits
+
+
 def _workers(text: str) -> int:
     """``auto`` is one worker per CPU this process may run on."""
     if text.strip().lower() == "auto":
@@ -337,11 +340,11 @@ class Config:
         "addresses or CIDR networks whose NOTIFY for a zone purges it from every worker's cache "
         "(answered NOERROR); from elsewhere NOTIFY is REFUSED; empty: nobody")
     limits_client_qps: int = declare(
-        "limits", "client_qps", "0", _non_negative_int,
+        "limits", "client_qps", "0", _RATE,
         "UDP queries a second each client network may send, all workers together; over it they are "
         "dropped (0: no limit)", flag="--client-qps", metavar="N")
     limits_burst: int = declare(
-        "limits", "burst", "0", _non_negative_int,
+        "limits", "burst", "0", _RATE,
         "queries a client network may send at once above its rate, after a quiet spell (0: client_qps, "
         "one second's worth)")
     limits_ipv4_prefix: int = declare(
@@ -355,14 +358,14 @@ class Config:
         "client networks tracked at once (16 bytes each, shared by the workers); beyond it the least "
         "limited network is forgotten")
     rrl_responses_per_second: int = declare(
-        "rrl", "responses_per_second", "0", _non_negative_int,
+        "rrl", "responses_per_second", "0", _RATE,
         "response rate limiting (BIND's RRL): identical answers (name, type) a second to one client "
         "network over UDP (0: off)", flag="--rrl", metavar="N")
     rrl_nxdomains_per_second: int | None = declare(
-        "rrl", "nxdomains_per_second", "", _optional(_non_negative_int),
+        "rrl", "nxdomains_per_second", "", _optional(_RATE),
         "NXDOMAIN answers a second to one client network for one zone (empty: responses_per_second; 0: no limit)")
     rrl_errors_per_second: int | None = declare(
-        "rrl", "errors_per_second", "", _optional(_non_negative_int),
+        "rrl", "errors_per_second", "", _optional(_RATE),
         "error answers (SERVFAIL, REFUSED, FORMERR, NOTIMP) a second to one client network, all together "
         "(empty: responses_per_second; 0: no limit)")
     rrl_slip: int = declare(

@@ -419,3 +419,34 @@ def test_cache_settings_and_their_bad_values(tmp_path):
     for line, says in (("max_ttl = 0", "[cache] max_ttl"), ("max_negative_ttl = 3000000000", "max_negative_ttl"),
                        ("notify_allow = ns1.example.com", "not an address or network")):
         assert says in _error(_ini(tmp_path, f"[cache]\n{line}\n", name="bad.ini"))
+
+
+def test_limits_and_rrl_settings_and_their_bad_values(tmp_path):
+    path = _ini(tmp_path, """
+        [forward]
+        no_route = REFUSED
+        [limits]
+        client_qps = 2000
+        exempt = 192.0.2.0/24
+        [rrl]
+        responses_per_second = 5
+        errors_per_second = 0
+        window = 30
+        """)
+    config, _ = _load("--config", path, "--rrl", "10")
+    assert (config.forward_no_route, config.limits_client_qps, config.limits_burst) == ("refused", 2000, 0)
+    assert (config.rrl_responses_per_second, config.rrl_nxdomains_per_second, config.rrl_errors_per_second,
+            config.rrl_slip, config.rrl_window) == (10, None, 0, 2, 30)
+    assert [str(n) for n in config.limits_exempt] == ["192.0.2.0/24"]
+    defaults = _load()[0]
+    assert (defaults.forward_no_route, defaults.limits_client_qps, defaults.rrl_responses_per_second) == \
+        ("servfail", 0, 0)  # off unless asked for
+    for flag, bad in (("--client-qps", "-1"), ("--client-qps", "200000000"), ("--rrl", "many"),
+                      ("--no-route", "nxdomain")):
+        with pytest.raises(ConfigError, match=flag):
+            _load(flag, bad)
+    for section, line, says in (("limits", "ipv6_prefix = 65", "[limits] ipv6_prefix"),
+                                ("limits", "table_size = 10", "[limits] table_size"),
+                                ("rrl", "slip = 11", "[rrl] slip"), ("rrl", "window = 0", "[rrl] window"),
+                                ("rrl", "exempt = resolvers", "not an address or network")):
+        assert says in _error(_ini(tmp_path, f"[{section}]\n{line}\n", name="bad.ini"))

@@ -41,24 +41,24 @@ _sendto.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int
 STALE_ERRORS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN})
 
 
-class _Iovec(ctypes.Structure):
+class Iovec(ctypes.Structure):  # the C structs, public: tests/support/floods.py sends with them too
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
-class _Msghdr(ctypes.Structure):
+class Msghdr(ctypes.Structure):
     _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32), ("iov", ctypes.c_void_p),
                 ("iovlen", ctypes.c_size_t), ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
                 ("flags", ctypes.c_int)]
 
 
-class _Mmsghdr(ctypes.Structure):
-    _fields_ = [("hdr", _Msghdr), ("len", ctypes.c_uint)]
+class Mmsghdr(ctypes.Structure):
+    _fields_ = [("hdr", Msghdr), ("len", ctypes.c_uint)]
 
 
-_HDR = ctypes.sizeof(_Mmsghdr)
-_LEN = _Mmsghdr.len.offset
-_IOV = ctypes.sizeof(_Iovec)
-_IOV_LEN = _Iovec.len.offset
+_HDR = ctypes.sizeof(Mmsghdr)
+_LEN = Mmsghdr.len.offset
+_IOV = ctypes.sizeof(Iovec)
+_IOV_LEN = Iovec.len.offset
 _U32 = struct.Struct("I")
 _FAMILY = struct.Struct("=H")  # sa_family_t, in the machine's byte order
 _SIZE = struct.Struct("N")  # size_t
@@ -81,8 +81,8 @@ class _Vector:
         # datagrams of 64 KiB costs a page per slot while they stay small.
         self.buffer = mmap.mmap(-1, n * MAX_DATAGRAM)
         self.names = mmap.mmap(-1, n * self.name_size)
-        self._iov = (_Iovec * n)()
-        self._hdrs = (_Mmsghdr * n)()
+        self._iov = (Iovec * n)()
+        self._hdrs = (Mmsghdr * n)()
         self.base = base = ctypes.addressof(ctypes.c_char.from_buffer(self.buffer))
         names = ctypes.addressof(ctypes.c_char.from_buffer(self.names))
         for i in range(n):

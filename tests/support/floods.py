@@ -33,6 +33,8 @@ import dns.flags
 import dns.message
 import dns.rcode
 
+from dnsrouter.workers import mmsg
+
 from support.net import HOST
 from support.processes import die_with_parent
 
@@ -127,20 +129,6 @@ def junk(count: int, seed: int, names: Sequence[str]) -> list[bytes]:
 
 # -- sendmmsg ------------------------------------------------------------------
 
-class _Iovec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
-
-
-class _Msghdr(ctypes.Structure):
-    _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32), ("iov", ctypes.c_void_p),
-                ("iovlen", ctypes.c_size_t), ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
-                ("flags", ctypes.c_int)]
-
-
-class _Mmsghdr(ctypes.Structure):
-    _fields_ = [("hdr", _Msghdr), ("len", ctypes.c_uint)]
-
-
 def _sockaddr_in(host: str, port: int) -> bytes:
     """struct sockaddr_in (16 bytes) for host:port."""
     return struct.pack("=H", socket.AF_INET) + struct.pack("!H", port) + socket.inet_aton(host) + bytes(8)
@@ -157,8 +145,8 @@ class _Ring:
         self.count = len(datagrams)
         self._buffers = [ctypes.create_string_buffer(d, max(1, len(d))) for d in datagrams]
         self._name = ctypes.create_string_buffer(destination, len(destination))
-        self._iov = (_Iovec * n)()
-        self._hdrs = (_Mmsghdr * n)()
+        self._iov = (mmsg.Iovec * n)()
+        self._hdrs = (mmsg.Mmsghdr * n)()
         for i in range(n):
             j = i % self.count
             self._iov[i].base = ctypes.addressof(self._buffers[j])
@@ -169,7 +157,7 @@ class _Ring:
             hdr.iov = ctypes.addressof(self._iov[i])
             hdr.iovlen = 1
         self._base = ctypes.addressof(self._hdrs)
-        self._size = ctypes.sizeof(_Mmsghdr)
+        self._size = ctypes.sizeof(mmsg.Mmsghdr)
 
     def send(self, fd: int, start: int, n: int) -> int:
         """Send datagrams start..start+n-1 (n <= BATCH) on fd; how many went (a refused one counts as gone)."""
@@ -191,8 +179,8 @@ class _Payloads:
         self._room = size
         self._buffer = ctypes.create_string_buffer(BATCH * size)
         self._name = ctypes.create_string_buffer(destination, len(destination))
-        self._iov = (_Iovec * BATCH)()
-        self._hdrs = (_Mmsghdr * BATCH)()
+        self._iov = (mmsg.Iovec * BATCH)()
+        self._hdrs = (mmsg.Mmsghdr * BATCH)()
         for i in range(BATCH):
             self._iov[i].base = ctypes.addressof(self._buffer) + i * size
             hdr = self._hdrs[i].hdr
@@ -200,7 +188,7 @@ class _Payloads:
             hdr.namelen = len(destination)
             hdr.iov = ctypes.addressof(self._iov[i])
             hdr.iovlen = 1
-        self._size = ctypes.sizeof(_Mmsghdr)
+        self._size = ctypes.sizeof(mmsg.Mmsghdr)
 
     def send(self, fd: int, datagrams: Sequence[bytes]) -> int:
         for i, d in enumerate(datagrams):
