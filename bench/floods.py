@@ -17,10 +17,10 @@ shared machine hits every kind alike), and the median kept:
 * **no route**: dnsperf on names no route matches (SERVFAIL, or REFUSED
   with ``[forward] no_route = refused``, made by the router itself);
 * **AXFR**: dnsperf asking AXFR over UDP (NOTIMP, made by the router itself);
-* **limits on**: a second router with ``[limits] client_qps`` and
+* **limits on**, against **limits off**: a router with ``[limits] client_qps`` and
   ``[rrl] responses_per_second`` at 10,000,000 (the checks run on every
-  query, and never limit), routed names, against the same router with them
-  off. Only when the router exports ``dnsrouter_limits_networks`` (the
+  query, and never limit), routed names, against a router with them off;
+  both answer routed queries only, none of the junk. Only when the router exports ``dnsrouter_limits_networks`` (the
   limiter exists); otherwise the script says it skipped them.
 
     .venv/bin/python bench/floods.py [--duration 10] [--repeat 3] [--keep]
@@ -155,12 +155,15 @@ def main() -> None:
         off, off_m = make_router(workdir, "off", knot, "")
         routers.append(off)
         limiter = "dnsrouter_limits_networks" in {name for name, _ in samples(off_m)}
-        on = None
+        on = plain = None
         if limiter:
+            # Two more routers that answer routed queries only, one with the limits: the one
+            # above also takes the junk, and a router's state after a blast is not a fresh one's.
             on, _ = make_router(workdir, "on", knot, f"[limits]\nclient_qps = {HIGH}\n"
                                                      f"[rrl]\nresponses_per_second = {HIGH}\n")
-            routers.append(on)
-        kinds = ["routed", "junk", "no route", "AXFR"] + (["limits on"] if on else [])
+            plain, _ = make_router(workdir, "plain", knot, "")
+            routers += [on, plain]
+        kinds = ["routed", "junk", "no route", "AXFR"] + (["limits off", "limits on"] if on else [])
         runs: dict[str, list[Perf]] = {k: [] for k in kinds}
         sent_rates: list[float] = []
         for i in range(args.repeat):
@@ -169,9 +172,10 @@ def main() -> None:
                 if kind == "junk":
                     _, sent_rate, perf = blast(off, off_m, garbage, args)
                     sent_rates.append(sent_rate)
-                elif kind == "limits on":
-                    assert on is not None
-                    perf = dnsperf(on.port, files["routed"], args, log, on)
+                elif kind.startswith("limits"):
+                    r = on if kind == "limits on" else plain
+                    assert r is not None
+                    perf = dnsperf(r.port, files["routed"], args, log, r)
                 else:
                     perf = dnsperf(off.port, files[kind], args, log, off)
                 runs[kind].append(perf)
@@ -193,7 +197,12 @@ def main() -> None:
                 f"blasted {median(sent_rates):,.0f}/s"
             print(f"| {kind} | {rng} | {base.qps:,.0f} | **{ratio:.2f}** | {perf.cpu_us:.1f} | "
                   f"{base.cpu_us:.1f} | {cpu_ratio:.2f} | {rcodes} |")
-        if not on:
+        if on:
+            off_perf, on_perf = med["limits off"], med["limits on"]
+            print(f"\nlimits on against limits off (routers that answer routed queries only): "
+                  f"**{on_perf.qps / off_perf.qps:.3f}**x the qps, {on_perf.cpu_us / off_perf.cpu_us:.3f}x "
+                  f"the router CPU a query")
+        else:
             print("\nlimits on: not measured, this router exports no dnsrouter_limits_networks "
                   "(the limiter is not there yet)")
     finally:

@@ -122,11 +122,11 @@ class RateTable:
         if not window:
             # A refusal changes nothing, and tat only grows: decided without the
             # lock (two system calls), which a flood of refused queries would pay each.
-            at, tat = self._find(memory, first, h, now)
+            at, tat = self._find(memory, first, h)
             if max(tat, now) + interval - now > burst * interval:
                 return False
         with self._locked():
-            at, tat = self._find(memory, first, h, now)
+            at, tat = self._find(memory, first, h)
             tat = max(tat, now)
             allowed = tat + interval - now <= burst * interval
             if allowed or window:
@@ -135,10 +135,10 @@ class RateTable:
             return allowed
 
     @staticmethod
-    def _find(memory: Any, first: int, h: int, now: int) -> tuple[int, int]:
+    def _find(memory: Any, first: int, h: int) -> tuple[int, int]:
         """The slot of account ``h`` in its bucket and its ``tat``; a new
-        account takes the first empty or past slot, else the one whose
-        ``tat`` is the least (``tat`` 0: new)."""
+        account takes the slot whose ``tat`` is the least (an empty one's is
+        0, a settled one's behind any live one's), with ``tat`` 0: new."""
         victim, least = -1, 0
         for way in range(WAYS):
             at = first + way * _SLOT.size

@@ -30,4 +30,5 @@ ldd workers/_fastpath.*.so | grep -q libasan || { echo "asan.sh: the module was 
 LD_PRELOAD="$(gcc -print-file-name=libasan.so)" \
 ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:print_summary=1" DNSROUTER_PACKET_PATHS=compiled \
     .venv/bin/pytest -q -p no:cacheprovider tests/test_fastpath.py tests/test_fastpath_seam.py \
-    tests/test_fastpath_handoffs.py tests/test_cache_compiled.py tests/test_hostile.py tests/test_fuzz.py "$@"
+    tests/test_fastpath_handoffs.py tests/test_cache_compiled.py tests/test_ratelimit.py tests/test_hostile.py \
+    tests/test_fuzz.py "$@"
