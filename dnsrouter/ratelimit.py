@@ -49,6 +49,9 @@ from .shared import SharedMap
 WAYS = 4  # slots per bucket: one 64-byte cache line
 _SLOT = struct.Struct("=Qq")  # key hash, tat (ns)
 _HEAD = struct.Struct("=QQ")  # seed, buckets
+# Where the buckets start: a cache line in, so that each bucket is one line (two workers
+# charging one account move one line between their CPUs, not two).
+HEAD = 64
 _MASK = (1 << 64) - 1
 _M1, _M2, _M3 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
@@ -94,7 +97,7 @@ class RateTable:
         for tests), or (``fd``) the table another process made."""
         if fd is None:
             buckets = 1 << max(0, (max(slots, WAYS) // WAYS - 1).bit_length())
-            self._shared = SharedMap("dnsrouter-rates", _HEAD.size + buckets * WAYS * _SLOT.size)
+            self._shared = SharedMap("dnsrouter-rates", HEAD + buckets * WAYS * _SLOT.size)
             seed = int.from_bytes(os.urandom(8), "little") if seed is None else seed
             _HEAD.pack_into(self._shared.map, 0, seed, buckets)
         else:
@@ -117,7 +120,7 @@ class RateTable:
         ``window`` 0: only what is allowed is charged; else every charge is,
         up to ``window`` ns ahead of now."""
         h = hash64(self.seed, key)
-        first = _HEAD.size + (h & (self.buckets - 1)) * WAYS * _SLOT.size
+        first = HEAD + (h & (self.buckets - 1)) * WAYS * _SLOT.size
         memory = self._map
         if not window:
             # A refusal changes nothing, and tat only grows: decided without the
@@ -152,7 +155,7 @@ class RateTable:
     def tracked(self, now: int | None = None) -> int:
         """Accounts that matter now: those whose ``tat`` is still ahead."""
         now = time.monotonic_ns() if now is None else now
-        view = memoryview(self._map)[_HEAD.size:self.size].cast("q")
+        view = memoryview(self._map)[HEAD:self.size].cast("q")
         return sum(1 for tat in view[1::2] if tat > now)
 
 

@@ -156,7 +156,7 @@ def test_memory_is_bounded_whatever_the_sources():
     for n in range(1_000_000):
         first += compiled.allow(v4(socket.inet_ntoa(struct.pack("!I", 0x7F000000 + n + 1))), now + n * 1000)
     assert first == 1_000_000
-    assert table.size == size == ratelimit._HEAD.size + 4096 * 16
+    assert table.size == size == ratelimit.HEAD + 4096 * 16
     assert 1000 < table.tracked(now + 1_000_000 * 1000) <= table.slots == 4096
 
 

@@ -1578,7 +1578,7 @@ _LIMIT_KEYS = (_key("dropped", "client_qps"), _key("rrl", "dropped"), _key("rrl"
     _key("rrl_limited", kind) for kind in _ratelimit.KINDS)
 if len(_LIMIT_KEYS) != LIMIT_COUNTS:
     raise ImportError("the limits' counter keys and _fastpath.pxd's LIMIT_COUNTS differ")
-cdef Py_ssize_t _RATE_HEAD = _ratelimit._HEAD.size
+cdef Py_ssize_t _RATE_HEAD = _ratelimit.HEAD
 
 cdef unsigned long long _hash64(unsigned long long seed, const unsigned char *p, Py_ssize_t n) noexcept nogil:
     """ratelimit.hash64."""
@@ -2279,7 +2279,7 @@ cdef class Replies:
             if rrl is not None:
                 size = length
                 if _rrl(rrl, counters, <unsigned char *>p, &size, <const unsigned char *>PyBytes_AS_STRING(addr),
-                        PyBytes_GET_SIZE(addr), _monotonic_ns()):
+                        PyBytes_GET_SIZE(addr), <long long>(now * 1e9)):
                     continue
                 length = size
             counters.responses[p[3] & 0xF] += 1
