@@ -22,6 +22,8 @@ from support.zones import make_split_zone
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.option.markexpr.strip() == quick_loop.QUICK:
         quick_loop.fewer_examples(items)
+    elif os.environ.get("DNSROUTER_MOST_EXAMPLES"):  # scripts/asan.sh: the instrumented build, slower
+        quick_loop.fewer_examples(items, int(os.environ["DNSROUTER_MOST_EXAMPLES"]))
 
 
 def _guard(item: pytest.Item) -> contextlib.AbstractContextManager[None]:
