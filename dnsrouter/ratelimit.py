@@ -152,6 +152,22 @@ class RateTable:
                 victim, least = at, tat
         return victim, 0
 
+    def refuses(self, key: bytes, now: int, interval: int, burst: int) -> tuple[int, int] | None:
+        """Where account ``key`` is (its slot, its key hash) if a charge at
+        ``now`` would be refused (window 0): what ``QueryLimit`` remembers
+        of a flooding sender, to decide its next ones from the slot alone."""
+        h = hash64(self.seed, key)
+        first = HEAD + (h & (self.buckets - 1)) * WAYS * _SLOT.size
+        at, tat = self._find(self._map, first, h)
+        return (at, h) if tat and max(tat, now) + interval - now > burst * interval else None
+
+    def refused(self, at: int, h: int, now: int, interval: int, burst: int) -> bool:
+        """Whether the account at slot ``at`` is still ``h``'s and refuses a
+        charge at ``now``: ``charge``'s decision for a refusal, exactly (tat
+        only grows while the slot is the account's), without the key."""
+        key, tat = _SLOT.unpack_from(self._map, at)
+        return key == h and max(tat, now) + interval - now > burst * interval
+
     def tracked(self, now: int | None = None) -> int:
         """Accounts that matter now: those whose ``tat`` is still ahead."""
         now = time.monotonic_ns() if now is None else now
@@ -195,13 +211,26 @@ class QueryLimit:
         self.burst = burst or qps
         self.prefixes = ipv4_prefix, ipv6_prefix
         self.exempt = exempt_test(exempt)
+        # The Python path's shortcut for a flood: raw address -> (slot, key hash) of the
+        # account that refused it (RateTable.refused decides its next queries exactly).
+        self._flooding: dict[bytes, tuple[int, int]] = {}
 
     def allow(self, addr: bytes, now: int) -> bool:
         """Whether a query from raw address ``addr`` at ``now`` (ns) goes on."""
+        known = self._flooding.get(addr)
+        if known is not None and self.table.refused(*known, now, self.interval, self.burst):
+            return False  # a sender over its limit again: its slot read, no network, hash or lock
         net = network(addr, *self.prefixes)
         if net is None or (self.exempt is not None and self.exempt(addr)):
             return True
-        return self.table.charge(net, now, self.interval, self.burst)
+        if self.table.charge(net, now, self.interval, self.burst):
+            return True
+        where = self.table.refuses(net, now, self.interval, self.burst)
+        if where is not None:
+            if len(self._flooding) >= 65536:
+                self._flooding.clear()  # bounded: a spoofed flood has millions of sources
+            self._flooding[addr] = where
+        return False
 
 
 class ResponseLimit:
