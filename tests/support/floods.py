@@ -129,6 +129,19 @@ def junk(count: int, seed: int, names: Sequence[str]) -> list[bytes]:
 
 # -- sendmmsg ------------------------------------------------------------------
 
+def _headers(n: int, name: ctypes.Array) -> tuple[ctypes.Array, ctypes.Array]:
+    """n message headers to ``name`` (a sockaddr buffer), each over its own iovec (base and length unset)."""
+    iov = (mmsg.Iovec * n)()
+    hdrs = (mmsg.Mmsghdr * n)()
+    for i in range(n):
+        hdr = hdrs[i].hdr
+        hdr.name = ctypes.addressof(name)
+        hdr.namelen = len(name)
+        hdr.iov = ctypes.addressof(iov[i])
+        hdr.iovlen = 1
+    return iov, hdrs
+
+
 def _sockaddr_in(host: str, port: int) -> bytes:
     """struct sockaddr_in (16 bytes) for host:port."""
     return struct.pack("=H", socket.AF_INET) + struct.pack("!H", port) + socket.inet_aton(host) + bytes(8)
@@ -145,17 +158,11 @@ class _Ring:
         self.count = len(datagrams)
         self._buffers = [ctypes.create_string_buffer(d, max(1, len(d))) for d in datagrams]
         self._name = ctypes.create_string_buffer(destination, len(destination))
-        self._iov = (mmsg.Iovec * n)()
-        self._hdrs = (mmsg.Mmsghdr * n)()
+        self._iov, self._hdrs = _headers(n, self._name)
         for i in range(n):
             j = i % self.count
             self._iov[i].base = ctypes.addressof(self._buffers[j])
             self._iov[i].len = len(datagrams[j])
-            hdr = self._hdrs[i].hdr
-            hdr.name = ctypes.addressof(self._name)
-            hdr.namelen = len(destination)
-            hdr.iov = ctypes.addressof(self._iov[i])
-            hdr.iovlen = 1
         self._base = ctypes.addressof(self._hdrs)
         self._size = ctypes.sizeof(mmsg.Mmsghdr)
 
@@ -179,15 +186,9 @@ class _Payloads:
         self._room = size
         self._buffer = ctypes.create_string_buffer(BATCH * size)
         self._name = ctypes.create_string_buffer(destination, len(destination))
-        self._iov = (mmsg.Iovec * BATCH)()
-        self._hdrs = (mmsg.Mmsghdr * BATCH)()
+        self._iov, self._hdrs = _headers(BATCH, self._name)
         for i in range(BATCH):
             self._iov[i].base = ctypes.addressof(self._buffer) + i * size
-            hdr = self._hdrs[i].hdr
-            hdr.name = ctypes.addressof(self._name)
-            hdr.namelen = len(destination)
-            hdr.iov = ctypes.addressof(self._iov[i])
-            hdr.iovlen = 1
         self._size = ctypes.sizeof(mmsg.Mmsghdr)
 
     def send(self, fd: int, datagrams: Sequence[bytes]) -> int:
@@ -357,8 +358,8 @@ class Blaster(_Sender):
             while time.monotonic() < quiet_until and not self._stop.is_set():
                 if self._drain(socks):
                     quiet_until = time.monotonic() + 0.5
-                else:
-                    time.sleep(0.01)
+                else:  # until a reply is there (or the quiet half second is up)
+                    select.select(socks, [], [], max(0.0, quiet_until - time.monotonic()))
         for s in socks:
             s.close()
 
