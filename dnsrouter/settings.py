@@ -254,6 +254,11 @@ class Config:
     server_max_in_flight: int = declare(
         "server", "max_in_flight", "20000", positive_int,
         "queries a worker may have waiting for backends; beyond it new ones are dropped")
+    server_udp_receive_buffer: int = declare(
+        "server", "udp_receive_buffer", "4194304", _int_in(65536, 1 << 29),
+        "bytes of datagrams each UDP socket holds for its worker (SO_RCVBUF; about 1 KiB a query, the "
+        "kernel counting twice what is set): what absorbs a burst or a flood while a worker is busy. "
+        "Started as root the router sets it past net.core.rmem_max; otherwise the kernel caps it there")
     server_tcp_connections: int = declare(
         "server", "tcp_connections", "256", positive_int,
         "TCP client connections per worker; more are closed at once")

@@ -19,7 +19,19 @@ from dnsrouter.errors import ConfigError
 
 log = logging.getLogger("dnsrouter")
 
-UDP_BUFFER = 4 << 20  # absorbs bursts while a worker is busy or restarting
+SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; the socket module lacks it
+
+
+def receive_buffer(sock: socket.socket, size: int) -> int:
+    """Give ``sock`` ``size`` bytes of receive buffer (``[server]
+    udp_receive_buffer``), past net.core.rmem_max where the process may
+    (CAP_NET_ADMIN, as unbound and NSD do); what the kernel granted, in the
+    kernel's accounting (twice what was set)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+    except PermissionError:  # not root: capped at net.core.rmem_max
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
 
 
 def _socket(address: Address, kind: int) -> socket.socket:
@@ -28,9 +40,7 @@ def _socket(address: Address, kind: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if address.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        if kind == socket.SOCK_DGRAM:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_BUFFER)
-        else:
+        if kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address.sockaddr)
         if kind == socket.SOCK_STREAM:
@@ -41,11 +51,12 @@ def _socket(address: Address, kind: int) -> socket.socket:
     return sock
 
 
-def bind(addresses: Sequence[Address], workers: int,
-         cpus: Sequence[int | None] = ()) -> list[tuple[list[socket.socket], list[socket.socket]]]:
+def bind(addresses: Sequence[Address], workers: int, cpus: Sequence[int | None] = (),
+         udp_buffer: int = 4 << 20) -> list[tuple[list[socket.socket], list[socket.socket]]]:
     """(udp sockets, tcp sockets) for each worker; with ``cpus`` (the CPU
     each worker is pinned to, None where not: ``[server] socket_affinity``),
-    UDP steered by CPU."""
+    UDP steered by CPU. Each UDP socket holds ``udp_buffer`` bytes of
+    datagrams: what absorbs bursts while a worker is busy or restarting."""
     out = []
     try:
         for _ in range(workers):
@@ -56,6 +67,10 @@ def bind(addresses: Sequence[Address], workers: int,
             for sock in udp + tcp:
                 sock.close()
         raise
+    granted = min((receive_buffer(sock, udp_buffer) for udp, _ in out for sock in udp), default=2 * udp_buffer)
+    if granted < 2 * udp_buffer:
+        log.warning("[server] udp_receive_buffer: the kernel gave %d of the %d bytes asked "
+                    "(raise net.core.rmem_max, or start as root)", granted // 2, udp_buffer)
     if cpus:
         program = cpu_program(cpus)
         if not program:

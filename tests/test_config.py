@@ -173,6 +173,7 @@ def test_same_key_in_another_section_points_at_the_right_line(tmp_path):
     ("[health]\nrise: 0\n", 2, ["rise"]),
     ("[registry]\netcd = ftp://x\n", 2, ["etcd"]),
     ("[metrics]\nlisten = 1.2.3.4:99999\n", 2, ["listen"]),
+    ("[server]\n\nudp_receive_buffer = 4096\n", 3, ["udp_receive_buffer", "65536-536870912"]),
 ])
 def test_bad_value_has_file_and_line(tmp_path, text, line, words):
     path = _ini(tmp_path, text)
