@@ -35,12 +35,12 @@ ldd workers/_fastpath.*.so | grep -q libasan || { echo "asan.sh: the module was 
 # find. Leak checks are off: CPython keeps memory until exit on purpose.
 # abort_on_error: a report ends the process with a signal the tests see.
 # DNSROUTER_PACKET_PATHS: the routers' tests on the compiled path only.
-# DNSROUTER_MOST_EXAMPLES: each property test at most 500 examples here (the
+# DNSROUTER_MOST_EXAMPLES: each property test at most 300 examples here (the
 # ordinary build runs them at full counts after; atheris and the hostile
 # datagrams feed this build the most varied input).
 LD_PRELOAD="$(gcc -print-file-name=libasan.so)" \
 ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:print_summary=1" DNSROUTER_PACKET_PATHS=compiled \
-DNSROUTER_MOST_EXAMPLES=500 \
+DNSROUTER_MOST_EXAMPLES=300 \
     .venv/bin/pytest -q -p no:cacheprovider tests/test_fastpath.py tests/test_fastpath_seam.py \
     tests/test_fastpath_handoffs.py tests/test_cache_compiled.py tests/test_ratelimit.py tests/test_hostile.py \
     tests/test_fuzz.py "$@"
