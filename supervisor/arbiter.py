@@ -125,7 +125,7 @@ class Supervisor:
         workers = self.config.server_workers
         cpus = [self._cpu(i) for i in range(workers)] if self.config.server_socket_affinity else []
         self.sockets = sockets.bind(self.config.server_listen, workers, cpus,
-                                    self.config.server_udp_receive_buffer)
+                                    udp_buffer=self.config.server_udp_receive_buffer)
         self._serve_metrics()
         if self.config.server_pidfile:
             self._write_pidfile(self.config.server_pidfile)

@@ -51,8 +51,8 @@ def _socket(address: Address, kind: int) -> socket.socket:
     return sock
 
 
-def bind(addresses: Sequence[Address], workers: int, cpus: Sequence[int | None] = (),
-         udp_buffer: int = 4 << 20) -> list[tuple[list[socket.socket], list[socket.socket]]]:
+def bind(addresses: Sequence[Address], workers: int, cpus: Sequence[int | None] = (), *,
+         udp_buffer: int) -> list[tuple[list[socket.socket], list[socket.socket]]]:
     """(udp sockets, tcp sockets) for each worker; with ``cpus`` (the CPU
     each worker is pinned to, None where not: ``[server] socket_affinity``),
     UDP steered by CPU. Each UDP socket holds ``udp_buffer`` bytes of
