@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import socket
 import struct
-import time
 
 import dns.flags
 import dns.message
@@ -18,7 +17,7 @@ import dns.rcode
 import pytest
 
 from support.fake_backend import FakeBackend
-from support.metrics import Samples, samples, value
+from support.metrics import Samples, samples, settled, value
 from support.net import HOST, free_port, raw_udp, wait_until
 
 pytestmark = pytest.mark.system  # a real router on the compiled path
@@ -39,19 +38,6 @@ def compiled_router(router, tmp_path, backend: FakeBackend, ini: str = "") -> tu
     wait_until(lambda: dns.query.udp(dns.message.make_query("w.test.", "A"), HOST, port=r.port,
                                      timeout=1).rcode() == dns.rcode.NOERROR, 5, message="not routed")
     return r, mport
-
-
-def settled(mport: int) -> Samples:
-    """/metrics once the workers' reports (about once a second) stop changing the query count."""
-    seen: list[tuple[float, Samples]] = []
-
-    def still():
-        seen.append((time.monotonic(), samples(mport)))
-        older = [s for t, s in seen if t < seen[-1][0] - 1.5]
-        return bool(older) and value(older[-1], QUERIES, transport="udp") == \
-            value(seen[-1][1], QUERIES, transport="udp") and seen[-1][1]
-
-    return wait_until(still, 10, interval=0.3, message="the counters never settled")
 
 
 def after(mport: int, base: Samples, queries: int) -> dict[tuple, float]:

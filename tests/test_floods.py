@@ -34,7 +34,7 @@ import pytest
 from support.floods import (Blaster, PacedClient, PacedReport, Spoofer, Victim, junk, many_sources,
                             udp_drops)
 from support.knot import KnotServer
-from support.metrics import Samples, samples, value
+from support.metrics import Samples, samples, settled, value
 from support.net import HOST, free_port, query, routed, wait_until
 from support.processes import spawn, stop
 from support.zones import zone_text
@@ -93,21 +93,6 @@ TRAFFIC = ("dnsrouter_queries_total", "dnsrouter_responses_total", "dnsrouter_dr
            "dnsrouter_rrl_total", "dnsrouter_rrl_limited_total")
 
 
-def settled(r) -> Samples:
-    """/metrics once the workers' counters stopped moving (they report once a second)."""
-    last: list[Samples] = []
-
-    def still() -> Samples | None:
-        now = samples(r.mport)
-        counted = {k: v for k, v in now.items() if k[0] in TRAFFIC}
-        if last and counted == last[0]:
-            return now
-        last[:] = [counted]
-        return None
-
-    return wait_until(still, 10, interval=1.2, message="counters never settled")
-
-
 def quiet(victim: Victim, for_seconds: float = 0.5, timeout: float = 10.0) -> None:
     """Until the victim got nothing for a while (the router's last replies are in)."""
     seen = [-1, time.monotonic()]
@@ -149,7 +134,7 @@ def test_a_reflection_attack_gets_the_victim_little_and_costs_others_nothing(rou
         finally:
             legit.stop()
         quiet(victim)
-    after = settled(r)
+    after = settled(r.mport, TRAFFIC)
     got = victim.total
     print(f"spoofer sent {spoofer.sent} ({spoofer.sent_bytes} bytes); victim got {got.datagrams} "
           f"({got.bytes} bytes), {got.full} full, {got.truncated} TC; per second "
@@ -211,7 +196,7 @@ def test_floods_from_four_networks_cost_a_fifth_nothing(router, backend, tmp_pat
         finally:
             for p in perfs:
                 stop(p)
-    after = settled(r)
+    after = settled(r.mport, TRAFFIC)
     limited = value(after, "dnsrouter_dropped_total", reason="client_qps") - \
         value(before, "dnsrouter_dropped_total", reason="client_qps")
     seen = sum(v - before.get(k, 0) for k, v in after.items()
@@ -267,7 +252,7 @@ def test_junk_beside_a_client_costs_it_nothing(router, backend, tmp_path):
         finally:
             legit.stop()
         sent = blaster.wait(30)
-    after = settled(r)
+    after = settled(r.mport, TRAFFIC)
     seen = sum(v - before.get(k, 0) for k, v in after.items()
                if k[0] in ("dnsrouter_queries_total", "dnsrouter_dropped_total"))
     print(f"junk sent {sent}, the router counted {seen:.0f} (queries + dropped); legit {report}; "
@@ -319,7 +304,7 @@ def test_a_million_sources_leave_the_limiters_tables_bounded(router, backend, tm
     # Warm up past the tables' size (20,000 networks), so the baseline holds full tables.
     with Spoofer(r.port, payload, source=source, count=20_000) as warm:
         warm.wait(30)
-    settled(r)
+    settled(r.mport, TRAFFIC)
     baseline = _rss(r)
     during: list[tuple[float, float]] = []
     with Spoofer(r.port, payload, source=lambda i: source(20_000 + i), count=1_000_000) as flood:
@@ -330,7 +315,7 @@ def test_a_million_sources_leave_the_limiters_tables_bounded(router, backend, tm
         during.append((total(mid, "dnsrouter_limits_networks") or 0, total(mid, "dnsrouter_rrl_accounts") or 0))
         assert flood.wait(90) == 1_000_000
         took = time.monotonic() - started
-    after = settled(r)
+    after = settled(r.mport, TRAFFIC)
     grown = {pid: rss - baseline.get(pid, rss) for pid, rss in _rss(r).items()}
     networks, accounts = total(after, "dnsrouter_limits_networks"), total(after, "dnsrouter_rrl_accounts")
     print(f"a million spoofed sources in {took:.1f} s; RSS growth per worker {grown}; "

@@ -10,7 +10,7 @@ import dns.rcode
 import pytest
 
 from support.fake_backend import FakeBackend
-from support.metrics import http_get, samples, value
+from support.metrics import http_get, samples, settled, value
 from support.net import HOST, free_port, wait_until
 
 # Every test here runs against both UDP packet paths (conftest.PACKET_PATHS).
@@ -27,15 +27,7 @@ def test_counters_match_the_traffic_sent(router, packet_path):
                                          timeout=1).rcode() == dns.rcode.NOERROR, 3, message="not routed")
 
         # Workers report once a second: wait until the warm-up queries are all counted.
-        seen = []
-
-        def settled():
-            seen.append((time.monotonic(), samples(mport)))
-            first = [s for t, s in seen if t < seen[-1][0] - 1.5]
-            udp = [value(s, "dnsrouter_queries_total", transport="udp") for s in (first or [{}])[-1:] + [seen[-1][1]]]
-            return bool(first) and udp[0] == udp[1] and seen[-1][1]
-
-        base = wait_until(settled, 10, interval=0.3, message="counters never settled")
+        base = settled(mport)
 
         # The router's latency of a forwarded query lies within the client's round trip.
         round_trips = 0.0

@@ -6,13 +6,15 @@ scrapes subtract key by key and a test asserts exact deltas.
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
-from typing import Any
+from typing import Any, Iterable
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from support.net import HOST
+from dnsrouter.control import REPORT_INTERVAL
+from support.net import HOST, wait_until
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -48,6 +50,24 @@ def samples(port: int) -> Samples:
 def value(snapshot: Samples, name: str, **labels: str) -> float:
     """The sample with exactly these labels; 0 when absent (a counter not moved yet)."""
     return snapshot.get((name, tuple(sorted(labels.items()))), 0)
+
+
+def settled(port: int, names: Iterable[str] = ("dnsrouter_queries_total",), timeout: float = 10.0) -> Samples:
+    """/metrics once the counters called ``names`` stopped moving: unchanged for
+    longer than the workers' report interval (each worker reports its counts
+    once in it), so every query sent before the call is in them."""
+    watched = frozenset(names)
+    last: list = [None, 0.0]  # the watched samples, since when they are so
+
+    def still() -> Samples | None:
+        now = samples(port)
+        counted = {k: v for k, v in now.items() if k[0] in watched}
+        if counted != last[0]:
+            last[:] = [counted, time.monotonic()]
+            return None
+        return now if time.monotonic() - last[1] > REPORT_INTERVAL + 0.2 else None
+
+    return wait_until(still, timeout, interval=0.2, message=f"{sorted(watched)} never settled")
 
 
 def first(port: int, name: str) -> float | None:
