@@ -27,7 +27,7 @@ restore() {
 }
 trap restore EXIT
 
-export CFLAGS="-fsanitize=address -fno-omit-frame-pointer -g -O1" LDFLAGS="-fsanitize=address"
+export CFLAGS="-fsanitize=address -fno-omit-frame-pointer -g1 -O1" LDFLAGS="-fsanitize=address"
 build
 unset CFLAGS LDFLAGS
 ldd workers/_fastpath.*.so | grep -q libasan || { echo "asan.sh: the module was built without ASan" >&2; exit 1; }
