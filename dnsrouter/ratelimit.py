@@ -41,7 +41,7 @@ import struct
 import time
 from typing import Any, Callable, Sequence
 
-from . import wire
+from . import acl, wire
 from .errors import WireError
 from .settings import IPNetwork
 from .shared import SharedMap
@@ -180,25 +180,14 @@ def _attach(fd: Any) -> RateTable:
 
 
 def exempt_test(networks: Sequence[IPNetwork]) -> Callable[[bytes], bool] | None:
-    """``exempt`` as a test of a raw client address (None: nobody is): the
-    verdict of workers/acl.py's test of its text (an IPv4-mapped IPv6
-    address is IPv6), which the compiled ``Networks`` gives too."""
-    if not networks:
+    """``exempt`` as a test of a raw client address (None: nobody is):
+    ``acl.make``'s, of the packed host (an IPv4-mapped IPv6 address is
+    IPv6), which the compiled ``Networks`` gives too."""
+    test = acl.make(networks, ipaddress.ip_address)
+    if test is None:
         return None
-    networks = tuple(networks)
-    known: dict[bytes, bool] = {}
-
-    def exempt(addr: bytes) -> bool:
-        host = addr[8:24] if int.from_bytes(addr[:2], "little") == 10 and len(addr) >= 24 else addr[4:8]
-        verdict = known.get(host)
-        if verdict is None:
-            if len(known) >= 65536:
-                known.clear()  # bounded: a spoofed flood has millions of sources
-            address = ipaddress.ip_address(host)
-            verdict = known[host] = any(address in network for network in networks)
-        return verdict
-
-    return exempt
+    return lambda addr: test(addr[8:24] if int.from_bytes(addr[:2], "little") == 10 and len(addr) >= 24
+                             else addr[4:8])
 
 
 class QueryLimit:

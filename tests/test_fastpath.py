@@ -31,7 +31,8 @@ from dnsrouter.workers.forwarder import Forwarder
 from dnsrouter.workers.stats import Stats
 from dnsrouter.workers.types import Counts
 from dnsrouter.workers.upstream import Upstream, serve_together
-from dnsrouter.workers import acl, fastpath, mmsg, udp
+from dnsrouter import acl
+from dnsrouter.workers import fastpath, mmsg, udp
 from support.fake_backend import FakeBackend
 from support.mutations import mutate, mutations
 from support.net import wait_until

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dnsrouter import cache, ecs, ratelimit, wire
+from dnsrouter import acl, cache, ecs, ratelimit, wire
 from dnsrouter.address import Address
 from dnsrouter.control import LATENCY_BUCKETS
 from dnsrouter.purges import PurgeLog
@@ -21,7 +21,7 @@ from dnsrouter.snapshot import Snapshot
 from .stats import Stats, observe_latency
 from .types import Client, Counts, Outbox
 from .upstream import Pending, RandomIds, Upstream, serve_together
-from . import acl, mmsg, tcp_fetch
+from . import mmsg, tcp_fetch
 from .rtt import Rtt
 
 if TYPE_CHECKING:
