@@ -6,7 +6,6 @@ its own. The tests that take ``packet_path`` run on both paths and show the
 same answers and counts from each."""
 from __future__ import annotations
 
-import socket
 import struct
 
 import dns.flags
@@ -61,18 +60,6 @@ def rcode_of(reply: bytes | None) -> int:
     return dns.message.from_wire(reply, question_only=True).rcode()
 
 
-def from_source(source: str, port: int, payload: bytes, timeout: float = 1.0) -> bytes | None:
-    """raw_udp from another loopback address (the whole of 127/8 is local)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((source, 0))
-        s.settimeout(timeout)
-        s.sendto(payload, (HOST, port))
-        try:
-            return s.recv(65535)
-        except socket.timeout:
-            return None
-
-
 def header(flags: int, qdcount: int = 1) -> bytes:
     return struct.pack("!HHHHHH", 0x1234, flags, qdcount, 0, 0, 0)
 
@@ -105,7 +92,7 @@ def test_the_router_s_own_answers_and_drops_are_made_without_python_on_the_compi
             assert rcode_of(raw_udp(r.port, payload)) == rcode, name
         notify = dns.message.make_query("test.", "SOA")
         notify.set_opcode(dns.opcode.NOTIFY)
-        reply = dns.message.from_wire(from_source("127.0.0.2", r.port, notify.to_wire()))
+        reply = dns.message.from_wire(raw_udp(r.port, notify.to_wire(), source="127.0.0.2"))
         assert reply.rcode() == dns.rcode.NOERROR and reply.flags & dns.flags.AA  # purged
         diff = after(mport, base, len(OWN_ANSWERS) + 1)
         assert handoffs(diff) == ({"notify": 1} if packet_path == "compiled" else {})
@@ -126,8 +113,8 @@ def test_an_acl_keeps_allowed_queries_on_the_fast_path_and_refuses_or_drops_the_
         for i in range(10):
             assert dns.query.udp(dns.message.make_query(f"q{i}.test.", "A"), HOST, port=r.port,
                                  timeout=2).rcode() == dns.rcode.NOERROR
-        denied = [from_source("127.0.0.2", r.port, dns.message.make_query(f"d{i}.test.", "A").to_wire(),
-                              timeout=0.5 if deny_action == "drop" else 2) for i in range(3)]
+        denied = [raw_udp(r.port, dns.message.make_query(f"d{i}.test.", "A").to_wire(), source="127.0.0.2",
+                          timeout=0.5 if deny_action == "drop" else 2) for i in range(3)]
         if deny_action == "drop":
             assert denied == [None] * 3
         else:

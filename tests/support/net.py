@@ -144,9 +144,13 @@ def query(
     raise ValueError(f"transport must be 'udp' or 'tcp', not {transport!r}")
 
 
-def raw_udp(port: int, payload: bytes, timeout: float = 2.0, host: str = HOST) -> bytes | None:
-    """Send bytes, return the reply's bytes, or None when nothing comes back."""
+def raw_udp(port: int, payload: bytes, timeout: float = 2.0, host: str = HOST,
+            source: str | None = None) -> bytes | None:
+    """Send bytes (from the address ``source``, if given: the whole of 127/8
+    is local), return the reply's bytes, or None when nothing comes back."""
     with socket.socket(_family(host), socket.SOCK_DGRAM) as s:
+        if source is not None:
+            s.bind((source, 0))
         s.settimeout(timeout)
         s.sendto(payload, (host, port))
         try:
