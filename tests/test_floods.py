@@ -31,8 +31,8 @@ import dns.rcode
 import psutil
 import pytest
 
-from support.floods import (Blaster, PacedClient, PacedReport, Spoofer, Victim, junk, many_sources,
-                            udp_drops)
+from support.flood_watch import PacedClient, PacedReport, Victim, udp_drops
+from support.floods import Blaster, Spoofer, junk, many_sources
 from support.knot import KnotServer
 from support.metrics import Samples, samples, settled, value
 from support.net import HOST, free_port, query, routed, wait_until

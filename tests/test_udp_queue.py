@@ -16,7 +16,7 @@ import dns.rcode
 import pytest
 
 from dnsrouter.supervisor.sockets import receive_buffer
-from support.floods import udp_drops
+from support.flood_watch import udp_drops
 from support.net import HOST, routed, wait_until
 
 pytestmark = pytest.mark.system

@@ -1,6 +1,8 @@
-"""Floods for tests and benches (issue 28): junk, blasters, spoofed sources, a victim, a paced client.
+"""Floods for tests and benches (issue 28): junk, blasters, spoofed sources.
 
-Everything here sends to 127.0.0.0/8 only: ``_loopback`` refuses any other
+Who a flood reaches (a victim, a paced client) and what the kernel dropped: support/flood_watch.py.
+
+Everything here sends to 127.0.0.0/8 only: ``loopback`` refuses any other
 destination or forged source, so a typo cannot flood a real network.
 Linux answers every address of 127/8 on lo without configuration, so a
 "network" of clients is a source address like 127.0.3.1, and a victim is a
@@ -8,13 +10,12 @@ socket bound to 127.0.7.7.
 
 The senders run in processes of their own (multiprocessing, forked, dying
 with their parent): a flood sent from the test's process would share its
-GIL with the threads that measure (the victim, the paced client) and slow
+GIL with the threads that measure (flood_watch.py's victim and paced client) and slow
 both. Datagrams leave in batches through sendmmsg(2), so one process sends
 tens of thousands a second.
 """
 from __future__ import annotations
 
-import collections
 import ctypes
 import functools
 import ipaddress
@@ -24,9 +25,7 @@ import random
 import select
 import socket
 import struct
-import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import dns.flags
@@ -46,7 +45,7 @@ _sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int
 _sendmmsg.restype = ctypes.c_int
 
 
-def _loopback(address: str) -> str:
+def loopback(address: str) -> str:
     """address, if it is in 127.0.0.0/8; ValueError otherwise (never flood anything else)."""
     if ipaddress.IPv4Address(address) not in ipaddress.IPv4Network("127.0.0.0/8"):
         raise ValueError(f"{address} is not in 127.0.0.0/8: floods stay on loopback")
@@ -309,10 +308,10 @@ class Blaster(_Sender):
         if duration is None and count is None:
             raise ValueError("a Blaster needs a duration or a count")
         super().__init__()
-        self.port, self.host = port, _loopback(host)
+        self.port, self.host = port, loopback(host)
         self.datagrams = list(datagrams)
         self.sockets = sockets
-        self.sources = [_loopback(s) for s in sources]
+        self.sources = [loopback(s) for s in sources]
         self.rate, self.duration, self.count, self.listen = rate, duration, count, listen
 
     def run(self) -> None:
@@ -422,10 +421,10 @@ class Spoofer(_Sender):
         if duration is None and count is None:
             raise ValueError("a Spoofer needs a duration or a count")
         super().__init__()
-        self.port, self.host = port, _loopback(host)
+        self.port, self.host = port, loopback(host)
         self.payload, self.source = payload, source
         if not callable(source):
-            _loopback(source[0])
+            loopback(source[0])
         self.rate, self.duration, self.count = rate, duration, count
 
     def run(self) -> None:
@@ -453,7 +452,7 @@ class Spoofer(_Sender):
                 for i in range(sent, sent + n):
                     src = self.source(i) if callable(self.source) else self.source
                     if src[0] not in checked and len(checked) < 4:  # sample the generator
-                        checked.add(_loopback(src[0]))
+                        checked.add(loopback(src[0]))
                     payload = self.payload(i) if callable(self.payload) else self.payload
                     batch.append(ip_udp(src, destination, payload, i))
             sent += out.send(s.fileno(), batch)
@@ -462,203 +461,3 @@ class Spoofer(_Sender):
             self._sent_bytes.value = sent_bytes
             _pace(started, sent, self.rate)
         s.close()
-
-
-# -- receivers in threads -------------------------------------------------------
-
-@dataclass
-class Tally:
-    datagrams: int = 0
-    bytes: int = 0
-    truncated: int = 0  # replies with TC set (an RRL slip, or a reply too big)
-
-    @property
-    def full(self) -> int:
-        """Replies without TC: what a reflection attack gains."""
-        return self.datagrams - self.truncated
-
-
-class Victim:
-    """A UDP socket on 127.0.7.7 counting what arrives (replies to queries it never sent).
-
-    Counted in a thread, in all and per whole second since start() (the
-    ``seconds`` list), so a test can say "at most N full answers a second".
-    """
-
-    def __init__(self, address: str = "127.0.7.7", port: int = 0) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
-        self.sock.bind((_loopback(address), port))
-        self.address: tuple[str, int] = self.sock.getsockname()
-        self.total = Tally()
-        self.seconds: list[Tally] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._started = 0.0
-
-    def _run(self) -> None:
-        self.sock.settimeout(0.05)
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(65535)
-            except socket.timeout:
-                continue
-            except OSError:
-                if self._stop.is_set():
-                    return
-                continue
-            second = int(time.monotonic() - self._started)
-            tc = len(data) >= 3 and bool(data[2] & 0x02)
-            with self._lock:
-                while len(self.seconds) <= second:
-                    self.seconds.append(Tally())
-                for t in (self.total, self.seconds[second]):
-                    t.datagrams += 1
-                    t.bytes += len(data)
-                    t.truncated += tc
-
-    def start(self) -> "Victim":
-        self._started = time.monotonic()
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(2)
-        self.sock.close()
-
-    def __enter__(self) -> "Victim":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-@dataclass
-class PacedReport:
-    sent: int = 0
-    answered: int = 0  # replies that came within the patience, whatever their rcode
-    lost: int = 0  # no reply within the patience
-    truncated: int = 0
-    rcodes: collections.Counter = field(default_factory=collections.Counter)
-    lost_names: list[str] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        return (f"sent {self.sent}, answered {self.answered}, lost {self.lost} ({self.lost_names[:5]}), "
-                f"truncated {self.truncated}, rcodes {dict(self.rcodes)}")
-
-
-class PacedClient:
-    """A well-behaved client: ``qps`` queries a second from one source address for ``duration`` seconds.
-
-    Open loop (a query goes out on time whether or not the one before was
-    answered), one try each: a query not answered within ``patience``
-    seconds is lost, as a stub resolver giving up would see it. In a thread
-    of the test's process (dnspython makes and parses the messages);
-    ``report`` once joined.
-    """
-
-    def __init__(self, port: int, names: Sequence[str], *, qps: float = 50, duration: float = 8.0,
-                 source: str = "127.0.9.9", patience: float = 2.0, rdtype: str = "A", host: str = HOST) -> None:
-        self.port, self.host = port, _loopback(host)
-        self.names, self.qps, self.duration, self.patience, self.rdtype = list(names), qps, duration, patience, rdtype
-        self.source = _loopback(source)
-        self.report = PacedReport()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        report = self.report
-        pending: dict[int, tuple[float, str]] = {}
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.bind((self.source, 0))
-            s.setblocking(False)
-            started = time.monotonic()
-            ends = started + self.duration
-            i = 0
-            while not self._stop.is_set():
-                now = time.monotonic()
-                if now < ends:
-                    due = started + i / self.qps
-                    if now >= due:
-                        name = self.names[i % len(self.names)]
-                        q = dns.message.make_query(name, self.rdtype)
-                        while q.id in pending:
-                            q.id = (q.id + 1) & 0xFFFF
-                        pending[q.id] = (now, name)
-                        s.sendto(q.to_wire(), (self.host, self.port))
-                        report.sent += 1
-                        i += 1
-                        continue
-                elif not pending:
-                    break
-                for qid, (when, name) in list(pending.items()):
-                    if now - when > self.patience:
-                        del pending[qid]
-                        report.lost += 1
-                        report.lost_names.append(name)
-                next_due = started + i / self.qps if now < ends else now + 0.05
-                ready, _, _ = select.select([s], [], [], max(0.0, min(next_due - time.monotonic(), 0.05)))
-                if not ready:
-                    continue
-                while True:
-                    try:
-                        data = s.recv(65535)
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    except OSError:
-                        break
-                    try:
-                        reply = dns.message.from_wire(data, ignore_trailing=True)
-                    except Exception:
-                        continue
-                    if reply.id not in pending:
-                        continue
-                    when, name = pending.pop(reply.id)
-                    if time.monotonic() - when > self.patience:
-                        report.lost += 1
-                        report.lost_names.append(name)
-                        continue
-                    report.answered += 1
-                    report.rcodes[dns.rcode.to_text(reply.rcode())] += 1
-                    report.truncated += bool(reply.flags & dns.flags.TC)
-
-    def start(self) -> "PacedClient":
-        self._thread.start()
-        return self
-
-    def join(self, timeout: float | None = None) -> PacedReport:
-        """Wait until it has sent everything and every query is answered or lost; its report."""
-        self._thread.join(self.duration + self.patience + 5 if timeout is None else timeout)
-        if self._thread.is_alive():
-            self._stop.set()
-            raise AssertionError(f"the paced client did not finish: {self.report}")
-        return self.report
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(self.patience + 2)
-
-    def __enter__(self) -> "PacedClient":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def udp_drops(port: int) -> int:
-    """Datagrams the kernel dropped, for a full receive buffer, on the UDP sockets bound to
-    port (the router's: one per worker; /proc/net/udp's last column): a lost query with this
-    moving was dropped before the router read it (the machine, or a worker too slow to
-    read), not by the router's choice."""
-    total = 0
-    with open("/proc/net/udp") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            if int(fields[1].split(":")[1], 16) == port:
-                total += int(fields[-1])
-    return total
